@@ -1,0 +1,97 @@
+"""One class per route. Each reads state from the source; none runs a subprocess or NVML."""
+
+import falcon
+import msgspec
+
+MAX_BODY = 64 * 1024
+
+
+class PreloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    refresh: bool = False
+
+
+_preload_decoder = msgspec.json.Decoder(PreloadRequest)
+
+
+def respond(resp: falcon.Response, body: dict, status: int = 200) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.cache_control = ["no-store"]
+    resp.data = msgspec.json.encode(body)
+
+
+def read_body(req: falcon.Request) -> bytes:
+    """The request body, refused with 413 past MAX_BODY whether or not it declared a length."""
+    if req.content_length is not None and req.content_length > MAX_BODY:
+        raise falcon.HTTPContentTooLarge(description=f"request body exceeds {MAX_BODY} bytes")
+    raw = req.bounded_stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise falcon.HTTPContentTooLarge(description=f"request body exceeds {MAX_BODY} bytes")
+    return raw
+
+
+def decode_preload(raw: bytes) -> PreloadRequest:
+    if not raw.strip():
+        return PreloadRequest()
+    try:
+        return _preload_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise falcon.HTTPBadRequest(title="Invalid request body",
+                                    description=f"{exc}; expected {{\"refresh\": true|false}}") from None
+    except msgspec.DecodeError as exc:
+        raise falcon.HTTPBadRequest(title="Malformed JSON", description=str(exc)) from None
+
+
+class Health:
+    def __init__(self, source):
+        self.source = source
+
+    def on_get(self, req, resp):
+        respond(resp, self.source.health())
+
+
+class Ready:
+    """For probes: 200 only when every model of every client is ready."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def on_get(self, req, resp):
+        current = self.source.models_status()
+        body = {"ready": current["all_ready"], "in_progress": current["in_progress"],
+                "summary": current["summary"], "errors": current["errors"]}
+        respond(resp, body, 200 if current["all_ready"] else 503)
+
+
+class ModelsStatus:
+    def __init__(self, source):
+        self.source = source
+
+    def on_get(self, req, resp):
+        respond(resp, self.source.models_status())
+
+
+class ModelsPreload:
+    def __init__(self, source):
+        self.source = source
+
+    def on_post(self, req, resp):
+        request = decode_preload(read_body(req))
+        code, body = self.source.request_preload(request.refresh)
+        respond(resp, body, code)
+
+
+class GpuInfo:
+    def __init__(self, source):
+        self.source = source
+
+    def on_get(self, req, resp):
+        respond(resp, self.source.gpu_info())
+
+
+class MpsAllocation:
+    def __init__(self, source):
+        self.source = source
+
+    def on_get(self, req, resp):
+        respond(resp, self.source.mps_allocation())

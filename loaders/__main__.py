@@ -1,0 +1,204 @@
+"""The loader process: one per client, started by the supervisor with exec.
+
+It warms its client's models one after another when told to (a LoadCommand
+line on stdin) and publishes every step to its shared-memory slot, with a
+heartbeat. It exits 0 on SIGTERM and when stdin reaches EOF (the supervisor is
+gone), checking both between every chunk it reads, and exits 78 when it cannot
+boot at all, so the supervisor does not retry what cannot work.
+"""
+
+import argparse
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, warm
+from gpu_orchestrator.loaders.store import ModelStore, StoreError
+from gpu_orchestrator.supervisor.channel import ChannelError, Segment, SlotWriter
+from gpu_orchestrator.supervisor.logs import kv, setup_logging
+from gpu_orchestrator.supervisor.schema import (
+    EXIT_CANNOT_BOOT, FAILED, IDLE, LOADING, PENDING, READY, WORKING,
+    LoadCommand, LoaderState, ModelProgress,
+)
+
+log = logging.getLogger("loader")
+PROGRESS_INTERVAL = 0.2
+
+
+class Stop(Exception):
+    """Told to stop (SIGTERM) or orphaned (stdin EOF)."""
+
+
+class Loader:
+    def __init__(self, client: str, models: list[str], store: ModelStore, writer: SlotWriter,
+                 limit_bytes: int | None, heartbeat_interval: float):
+        self.client = client
+        self.store = store
+        self.writer = writer
+        self.limit_bytes = limit_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self.state = LoaderState(client=client, pid=os.getpid(), generation=0, phase=IDLE,
+                                 heartbeat=time.monotonic(), models=[ModelProgress(m) for m in models])
+        self.command: LoadCommand | None = None
+        self.signals: list[int] = []
+        self.stdin_buffer = b""
+        self.decoder = msgspec.json.Decoder(LoadCommand)
+        self.last_publish = 0.0
+        self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.signals.append(signum))
+
+    def publish(self) -> None:
+        self.state.heartbeat = self.last_publish = time.monotonic()
+        self.writer.publish(self.state)
+
+    def run(self) -> None:
+        self.publish()
+        while True:
+            self.poll(self.heartbeat_interval)
+            if self.command is not None:
+                self.warm_up(self.command)
+            self.publish()
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to `timeout` for a command or a signal; raise Stop when it is time to go."""
+        readable, _, _ = select.select([0, self.wakeup_r], [], [], timeout)
+        if self.wakeup_r in readable:
+            while True:
+                try:
+                    if not os.read(self.wakeup_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+        if self.signals:
+            raise Stop(f"signal {signal.Signals(self.signals[0]).name}")
+        if 0 in readable:
+            self.read_commands()
+
+    def read_commands(self) -> None:
+        data = os.read(0, 65536)
+        if not data:
+            raise Stop("stdin closed: the supervisor is gone")
+        *lines, self.stdin_buffer = (self.stdin_buffer + data).split(b"\n")
+        for line in filter(None, lines):
+            try:
+                self.command = self.decoder.decode(line)
+            except msgspec.DecodeError as exc:
+                log.error(kv("ignored a malformed command", client=self.client, error=exc))
+
+    def tick(self) -> None:
+        """Between chunks: notice commands and signals at once, publish progress now and then."""
+        self.poll(0)
+        if time.monotonic() - self.last_publish >= PROGRESS_INTERVAL:
+            self.publish()
+
+    def warm_up(self, command: LoadCommand) -> None:
+        self.command = None
+        self.state.generation = command.generation
+        self.state.phase = WORKING
+        for model in self.state.models:
+            if command.refresh or model.status != READY:
+                model.status, model.error, model.bytes_done = PENDING, None, 0
+        self.publish()
+        for model in self.state.models:
+            if model.status == PENDING:
+                used = sum(m.weight_bytes for m in self.state.models if m.status == READY)
+                self.load(model, used)
+                self.publish()
+        self.state.phase = IDLE
+        self.publish()  # before the log line: that line is what wakes the supervisor
+        done = sum(m.status == READY for m in self.state.models)
+        log.info(kv("warm-up finished", client=self.client, generation=command.generation,
+                    ready=done, failed=len(self.state.models) - done))
+
+    def load(self, model: ModelProgress, used_bytes: int) -> None:
+        model.status = LOADING
+        self.publish()
+        log.info(kv("model loading", client=self.client, model=model.model))
+        started = time.monotonic()
+        try:
+            snapshot = self.store.resolve(self.client, model.model)
+            model.path = str(snapshot.path)
+            model_plan = plan(snapshot)
+            model.format, model.parameters = model_plan.format, model_plan.parameters
+            model.bytes_total, model.weight_bytes = model_plan.total_bytes, model_plan.weight_bytes
+            check_fits(model_plan, used_bytes, self.limit_bytes)
+            self.publish()
+            model.verified = warm(snapshot, model_plan, self.progress(model))
+        except (StoreError, ModelError) as exc:
+            self.fail(model, str(exc), started)
+        except OSError as exc:
+            self.fail(model, f"{exc.filename or model.path}: {exc.strerror}", started)
+        else:
+            model.status, model.seconds = READY, round(time.monotonic() - started, 3)
+            log.info(kv("model ready", client=self.client, model=model.model, bytes=model.bytes_done,
+                        seconds=model.seconds, verified=model.verified))
+
+    def progress(self, model: ModelProgress):
+        def report(done: int) -> None:
+            model.bytes_done = done
+            self.tick()
+        return report
+
+    def fail(self, model: ModelProgress, error: str, started: float) -> None:
+        model.status, model.error = FAILED, error
+        model.seconds = round(time.monotonic() - started, 3)
+        log.error(kv("model failed", client=self.client, model=model.model, error=error))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gpu_orchestrator.loaders",
+                                     description="Warm one client's models (started by gpu-orchestrator serve).")
+    parser.add_argument("--client", required=True)
+    parser.add_argument("--model", action="append", default=[], dest="models")
+    parser.add_argument("--segment", required=True, help="shared-memory segment name under /dev/shm")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--store-root", required=True)
+    parser.add_argument("--base-model-dir")
+    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--hf-hub")
+    parser.add_argument("--memory-limit-bytes", type=int)
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    return parser.parse_args(argv)
+
+
+def boot(argv: list[str]) -> Loader:
+    """Everything that, failing, no restart can fix: exits 78 with one line."""
+    try:
+        args = parse_args(argv)
+    except SystemExit:
+        sys.exit(EXIT_CANNOT_BOOT)
+
+    def cannot_boot(reason: str):
+        log.error(kv("cannot boot", client=args.client, reason=reason))
+        sys.exit(EXIT_CANNOT_BOOT)
+
+    if not os.path.isdir(args.store_root):
+        cannot_boot(f"model store root {args.store_root} is not a directory")
+    try:
+        writer = SlotWriter(Segment.attach(args.segment), args.slot)
+    except ChannelError as exc:
+        cannot_boot(str(exc))
+    store = ModelStore(args.store_root, args.base_model_dir, args.strict, Path(args.hf_hub) if args.hf_hub else None)
+    return Loader(args.client, args.models, store, writer, args.memory_limit_bytes, args.heartbeat_interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    loader = boot(sys.argv[1:] if argv is None else argv)
+    try:
+        loader.run()
+    except Stop as stop:
+        log.info(kv("loader stopping", client=loader.client, reason=stop))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

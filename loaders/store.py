@@ -1,0 +1,114 @@
+"""The model store: model id -> snapshot directory, never outside the places it may read.
+
+Resolution order for model `org/name` of client `agent` (DESIGN.md, "The model store"):
+1. $MODEL_STORE_ROOT/<agent>/current/<model-id>
+2. $MODEL_STORE_ROOT/$BASE_MODEL_DIR/<agent>/<model-id>   (when BASE_MODEL_DIR is set)
+3. $MODEL_STORE_ROOT/<model-id>
+4. the local Hugging Face cache, read-only, only when not strict
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+
+class StoreError(Exception):
+    """A model cannot be resolved; the message says where to look or what to fix."""
+
+
+def check_model_id(model_id: str) -> None:
+    """Refuse ids that could name anything outside the store. Raises StoreError."""
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise StoreError("model id is empty")
+    if "\0" in model_id or "\\" in model_id:
+        raise StoreError(f"model id {model_id!r} contains a NUL or a backslash")
+    path = PurePosixPath(model_id)
+    if path.is_absolute():
+        raise StoreError(f"model id {model_id!r} is absolute; give it relative to MODEL_STORE_ROOT")
+    if any(part in ("", ".", "..") for part in model_id.split("/")):
+        raise StoreError(f"model id {model_id!r} has an empty, '.' or '..' component")
+
+
+def check_client_name(name: str) -> None:
+    """Client names become path components and systemd instance names."""
+    if not isinstance(name, str) or not name:
+        raise StoreError("client name is empty")
+    if name in (".", "..") or "/" in name or "\0" in name or not name.isprintable():
+        raise StoreError(f"client name {name!r} must be a plain name (no '/', not '.' or '..')")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A resolved model: its directory and the tree every file in it must stay inside."""
+
+    path: Path
+    confined_to: Path
+    source: str  # "agent-current", "base-model-dir", "shared", "hf-cache"
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def hf_hub_dir(env: dict) -> Path:
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"])
+    home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+class ModelStore:
+    def __init__(self, root: str | Path, base_model_dir: str | None = None, strict: bool = False,
+                 hf_hub: Path | None = None):
+        self.root = Path(root)
+        self.base_model_dir = base_model_dir or None
+        self.strict = strict
+        self.hf_hub = None if strict else hf_hub
+
+    def candidates(self, agent: str, model_id: str) -> list[tuple[str, Path]]:
+        found = [("agent-current", self.root / agent / "current" / model_id)]
+        if self.base_model_dir:
+            found.append(("base-model-dir", self.root / self.base_model_dir / agent / model_id))
+        found.append(("shared", self.root / model_id))
+        return found
+
+    def resolve(self, agent: str, model_id: str) -> Snapshot:
+        check_client_name(agent)
+        check_model_id(model_id)
+        real_root = self.root.resolve()
+        tried = []
+        for source, candidate in self.candidates(agent, model_id):
+            tried.append(str(candidate))
+            if not os.path.lexists(candidate):
+                continue
+            real = candidate.resolve()
+            if not is_inside(real, real_root):
+                raise StoreError(f"{candidate} resolves to {real}, outside MODEL_STORE_ROOT {real_root}; refused")
+            if real.is_dir():
+                return Snapshot(real, real_root, source)
+        hf = self._hf_snapshot(model_id, tried)
+        if hf is not None:
+            return hf
+        where = "; ".join(tried)
+        mode = " (STRICT_MODEL_STORE=1: the Hugging Face cache is not consulted)" if self.strict else ""
+        raise StoreError(f"model {model_id} not found for client {agent}{mode}; tried: {where}")
+
+    def _hf_snapshot(self, model_id: str, tried: list[str]) -> Snapshot | None:
+        """The cached snapshot named by refs/main, else the newest one; never downloads."""
+        if self.hf_hub is None:
+            return None
+        repo = self.hf_hub / ("models--" + model_id.replace("/", "--"))
+        snapshots = repo / "snapshots"
+        tried.append(str(snapshots) + "/<revision>")
+        if not snapshots.is_dir():
+            return None
+        ref = repo / "refs" / "main"
+        revision = ref.read_text().strip() if ref.is_file() else ""
+        chosen = snapshots / revision if revision and (snapshots / revision).is_dir() else None
+        if chosen is None:
+            dirs = [d for d in snapshots.iterdir() if d.is_dir()]
+            if not dirs:
+                return None
+            chosen = max(dirs, key=lambda d: d.stat().st_mtime)
+        # Cache snapshots are symlinks into ../../blobs: confine them to the repo folder.
+        return Snapshot(chosen.resolve(), repo.resolve(), "hf-cache")

@@ -1,0 +1,1 @@
+"""The supervisor process: configuration, shared-memory channel, loader lifecycle."""

@@ -1,0 +1,324 @@
+"""The supervisor's main loop, after gunicorn's arbiter.
+
+Signal handlers and HTTP threads only queue and wake the loop through one pipe;
+the loop alone spawns, reaps, restarts, kills and sends commands. HTTP threads
+read state under `lock` and never start a process.
+"""
+
+import dataclasses
+import logging
+import os
+import select
+import signal
+import threading
+import time
+
+import msgspec
+
+from gpu_orchestrator.supervisor import states, status
+from gpu_orchestrator.supervisor.channel import Segment, SlotReader
+from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
+from gpu_orchestrator.supervisor.config import Config
+from gpu_orchestrator.supervisor.logs import kv, relay_line
+from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
+
+log = logging.getLogger("supervisor")
+loader_log = logging.getLogger("loader")
+TICK = 1.0  # heartbeat checks and state promotion need no finer grain
+
+
+def loader_env(config: Config, client: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+    env["GPU_ORCHESTRATOR_CLIENT"] = client
+    return env
+
+
+def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Policy) -> list[str]:
+    argv = ["--client", client, "--segment", segment, "--slot", str(slot),
+            "--store-root", config.model_store_root, "--heartbeat-interval", str(policy.heartbeat_interval)]
+    for model in config.clients[client]:
+        argv += ["--model", model]
+    if config.base_model_dir:
+        argv += ["--base-model-dir", config.base_model_dir]
+    if config.strict_model_store:
+        argv.append("--strict")
+    elif config.hf_hub:
+        argv += ["--hf-hub", config.hf_hub]
+    limit = config.memory_limit_bytes(client)
+    if limit is not None:
+        argv += ["--memory-limit-bytes", str(limit)]
+    return argv
+
+
+class Arbiter:
+    def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None):
+        self.config = config
+        self.segment = segment
+        self.policy = policy
+        self.server = server
+        self.reader = SlotReader(segment, LoaderState)
+        self.lock = threading.Lock()
+        self.loaders = {
+            client: LoaderProcess(client, slot, loader_argv(config, client, segment.name, slot, policy),
+                                  loader_env(config, client), policy)
+            for slot, client in enumerate(config.clients, start=1)
+        }
+        self.warmup = status.Warmup()
+        self.settled = True
+        self.signals: list[int] = []
+        self.stopping = False
+        self.closed = False
+        self.started = time.time()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ---- the loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self.queue_signal)
+        signal.set_wakeup_fd(self.wake_w)
+        if self.server is not None:
+            threading.Thread(target=self.server.run, name="http", daemon=True).start()
+        with self.lock:
+            now = time.monotonic()
+            for loader in self.loaders.values():
+                loader.spawn(now)
+                log.info(kv("loader started", client=loader.client, pid=loader.pid))
+            if self.config.preload:
+                self.start_warmup(refresh=False)
+        try:
+            while not self.stopping:
+                self.tick(self.next_timeout())
+        finally:
+            self.shutdown()
+
+    def queue_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    def next_timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [now + TICK]
+        for loader in self.loaders.values():
+            if loader.state == states.BACKOFF:
+                deadlines.append(loader.restart_at)
+            elif loader.state == states.STARTING:
+                deadlines.append(loader.started_at + self.policy.startsecs)
+        return max(0.0, min(deadlines) - now)
+
+    def tick(self, timeout: float) -> None:
+        streams = [l.proc.stderr for l in self.loaders.values() if l.state in states.ALIVE]
+        try:
+            select.select([self.wake_r, *streams], [], [], timeout)
+        except InterruptedError:
+            pass
+        self.drain_wake_pipe()
+        self.relay_stderr()
+        self.handle_signals()
+        with self.lock:
+            now = time.monotonic()
+            self.reap_loaders(now)
+            for loader in self.loaders.values():
+                if loader.promote_if_started(now):
+                    log.info(kv("loader running", client=loader.client, pid=loader.pid))
+            self.check_heartbeats(now)
+            self.restart_loaders(now)
+            self.send_commands()
+            self.note_warmup_end()
+
+    def drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info(kv("stopping", signal=signal.Signals(signum).name))
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                log.warning(kv("SIGHUP ignored: configuration reload is not supported yet; restart the service"))
+
+    def relay_stderr(self) -> None:
+        for loader in self.loaders.values():
+            if loader.state in states.ALIVE:
+                for line in loader.read_stderr():
+                    relay_line(loader_log, line)
+
+    # ---- loader lifecycle (called with the lock held) ------------------------
+
+    def reap_loaders(self, now: float) -> None:
+        # waitpid per known pid, not waitpid(-1): a -1 would also reap children that
+        # other threads started with subprocess and leave them unable to read a status.
+        for loader in self.loaders.values():
+            if loader.state not in states.ALIVE:
+                continue
+            pid, wait_status = os.waitpid(loader.proc.pid, os.WNOHANG)
+            if pid == 0:
+                continue
+            for line in loader.read_stderr():
+                relay_line(loader_log, line)
+            loader.exited(wait_status, now)
+            level = logging.INFO if loader.state == states.STOPPED else logging.ERROR
+            log.log(level, kv("loader exited", client=loader.client, pid=pid, how=loader.last_exit,
+                              next=loader.state, restart_in_s=round(max(0.0, loader.restart_at - now), 2)
+                              if loader.state == states.BACKOFF else "-", reason=loader.fatal_reason or "-"))
+
+    def check_heartbeats(self, now: float) -> None:
+        for loader in self.loaders.values():
+            if loader.state != states.RUNNING:
+                continue
+            published = self.published(loader)
+            if published is not None:
+                silent_for = now - published.heartbeat
+            else:
+                silent_for = now - loader.started_at - self.policy.startsecs
+            if silent_for > self.policy.heartbeat_timeout:
+                log.error(kv("loader heartbeat lost; killing it", client=loader.client, pid=loader.pid,
+                             silent_s=round(silent_for, 1)))
+                loader.signal(signal.SIGKILL)
+
+    def restart_loaders(self, now: float) -> None:
+        for loader in self.loaders.values():
+            if loader.state == states.BACKOFF and now >= loader.restart_at:
+                loader.spawn(now)
+                loader.restarts += 1
+                log.info(kv("loader restarted", client=loader.client, pid=loader.pid, restarts=loader.restarts))
+
+    def send_commands(self) -> None:
+        generation = self.warmup.generation
+        if generation == 0:
+            return
+        line = msgspec.json.encode(LoadCommand(generation, self.warmup.refresh)) + b"\n"
+        for loader in self.loaders.values():
+            if loader.state in (states.STARTING, states.RUNNING) and loader.sent_generation < generation:
+                if loader.send(line):
+                    loader.sent_generation = generation
+
+    def note_warmup_end(self) -> None:
+        if self.warmup.generation == 0:
+            return
+        current = status.models_status(self.client_views(), self.warmup)
+        if current["in_progress"]:
+            self.settled = False
+            return
+        if not self.settled:
+            self.settled = True
+            self.warmup = dataclasses.replace(self.warmup, finished_at=time.time())
+            summary = current["summary"]
+            log.info(kv("warm-up finished", generation=self.warmup.generation, all_ready=current["all_ready"],
+                        done=summary["done"], failed=summary["failed"], total=summary["total"],
+                        seconds=round(self.warmup.finished_at - self.warmup.started_at, 3)))
+
+    def start_warmup(self, refresh: bool) -> None:
+        """Begin a new generation; the loop sends it to every loader. Lock held."""
+        self.warmup = status.Warmup(self.warmup.generation + 1, refresh, time.time(), None)
+        self.settled = False
+        if refresh:
+            for loader in self.loaders.values():
+                if loader.state == states.FATAL:
+                    loader.reset()
+                    loader.to(states.BACKOFF)
+                    loader.restart_at = time.monotonic()
+        log.info(kv("warm-up started", generation=self.warmup.generation, refresh=refresh))
+        self.wake()
+
+    def published(self, loader: LoaderProcess) -> LoaderState | None:
+        """The loader's slot, only if the live process wrote it."""
+        if loader.pid is None:
+            return None
+        message = self.reader.read(loader.slot)
+        return message if message is not None and message.pid == loader.pid else None
+
+    def client_views(self) -> list[status.ClientView]:
+        return [
+            status.ClientView(
+                client=loader.client, models=self.config.clients[loader.client], state=loader.state,
+                pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
+                fatal_reason=loader.fatal_reason,
+                memory_limit_bytes=self.config.memory_limit_bytes(loader.client),
+                published=self.published(loader))
+            for loader in self.loaders.values()
+        ]
+
+    # ---- shutdown ------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """TERM every loader, wait out the grace period, KILL what lingers, free the segment."""
+        with self.lock:
+            now = time.monotonic()
+            for loader in self.loaders.values():
+                if loader.state in (states.STARTING, states.RUNNING):
+                    loader.to(states.STOPPING)
+                    loader.signal(signal.SIGTERM)
+                elif loader.state in (states.BACKOFF, states.FATAL):
+                    loader.to(states.STOPPED)
+            deadline = now + self.policy.stop_grace
+            while any(l.state == states.STOPPING for l in self.loaders.values()):
+                self.reap_loaders(time.monotonic())
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            for loader in self.loaders.values():
+                if loader.state == states.STOPPING:
+                    log.warning(kv("loader did not stop in time; killing it", client=loader.client, pid=loader.pid))
+                    loader.signal(signal.SIGKILL)
+                    _, wait_status = os.waitpid(loader.proc.pid, 0)
+                    loader.exited(wait_status, time.monotonic())
+            self.closed = True
+            self.segment.close()
+        log.info(kv("stopped"))
+
+    # ---- what the HTTP app asks (any thread) ---------------------------------
+
+    def models_status(self) -> dict:
+        with self.lock:
+            self.check_open()
+            return status.models_status(self.client_views(), self.warmup)
+
+    def request_preload(self, refresh: bool) -> tuple[int, dict]:
+        """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed."""
+        with self.lock:
+            self.check_open()
+            current = status.models_status(self.client_views(), self.warmup)
+            if current["in_progress"]:
+                return 202, {"started": False, **current}
+            if not refresh and self.warmup.generation > 0:
+                if current["all_ready"]:
+                    return 200, {"started": False, **current}
+                if current["summary"]["failed"]:
+                    return 503, {"started": False, **current}
+            self.start_warmup(refresh)
+            return 202, {"started": True, **status.models_status(self.client_views(), self.warmup)}
+
+    def health(self) -> dict:
+        with self.lock:
+            counts: dict[str, int] = {}
+            for loader in self.loaders.values():
+                counts[loader.state] = counts.get(loader.state, 0) + 1
+            return {"status": "stopping" if self.stopping else "ok", "service": "gpu-orchestrator",
+                    "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+                    "clients": len(self.loaders), "loaders": counts}
+
+    def gpu_info(self) -> dict:
+        return status.gpu_info(self.config)
+
+    def mps_allocation(self) -> dict:
+        return status.mps_allocation(self.config)
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ShuttingDown()
+
+
+class ShuttingDown(Exception):
+    """The supervisor has released its state; the HTTP layer answers 503."""

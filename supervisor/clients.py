@@ -1,0 +1,148 @@
+"""One loader process per client: spawn, exit handling, restart backoff."""
+
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+
+from gpu_orchestrator.supervisor import states
+from gpu_orchestrator.supervisor.schema import EXIT_CANNOT_BOOT
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How loaders are supervised (supervisord's startsecs/startretries, with backoff)."""
+
+    startsecs: float = 1.0
+    failed_starts_to_fatal: int = 5
+    window: float = 60.0
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 30.0
+    stop_grace: float = 5.0
+
+    def restart_delay(self, recent_deaths: int) -> float:
+        """0.5 s, 1 s, 2 s, ... up to 30 s, by deaths within the window."""
+        return min(self.backoff_max, self.backoff_min * 2 ** max(0, recent_deaths - 1))
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+@dataclass
+class LoaderProcess:
+    client: str
+    slot: int
+    argv: list[str]
+    env: dict[str, str]
+    policy: Policy
+    state: str = states.STOPPED
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    restarts: int = 0
+    last_exit: str | None = None
+    fatal_reason: str | None = None
+    sent_generation: int = 0
+    stderr_tail: bytes = b""
+    last_line: str | None = None
+    deaths: deque = field(default_factory=deque)
+    failed_starts: deque = field(default_factory=deque)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.state in states.ALIVE else None
+
+    def to(self, new_state: str) -> None:
+        self.state = states.check_transition(self.state, new_state)
+
+    def spawn(self, now: float) -> None:
+        """exec a fresh interpreter (CUDA and NVML are not fork-safe) in its own process group."""
+        self.to(states.STARTING)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=self.env, process_group=0, close_fds=True)
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        self.started_at = now
+        self.sent_generation = 0
+        self.stderr_tail = b""
+
+    def send(self, line: bytes) -> bool:
+        """Write one command line; False if the loader is gone or its pipe is full."""
+        try:
+            return os.write(self.proc.stdin.fileno(), line) == len(line)
+        except (BrokenPipeError, BlockingIOError, ValueError):
+            return False
+
+    def signal(self, signum: int) -> None:
+        """Signal the loader's whole process group (it may have started helpers)."""
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def promote_if_started(self, now: float) -> bool:
+        if self.state == states.STARTING and now - self.started_at >= self.policy.startsecs:
+            self.to(states.RUNNING)
+            return True
+        return False
+
+    def exited(self, status: int, now: float) -> None:
+        """Record a reaped exit and choose what comes next: STOPPED, BACKOFF or FATAL."""
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        for stream in (self.proc.stdin, self.proc.stderr):
+            stream.close()
+        self.last_exit = describe_exit(status)
+        if self.state == states.STOPPING:
+            self.to(states.STOPPED)
+            return
+        self._forget_before(now - self.policy.window)
+        self.deaths.append(now)
+        if self.state == states.STARTING:
+            self.failed_starts.append(now)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_CANNOT_BOOT:
+            self.to(states.FATAL)
+            self.fatal_reason = f"cannot boot: {self.last_line or self.last_exit}"
+        elif len(self.failed_starts) >= self.policy.failed_starts_to_fatal:
+            self.to(states.FATAL)
+            self.fatal_reason = (f"failed to start {len(self.failed_starts)} times within "
+                                 f"{self.policy.window:.0f} s; last: {self.last_line or self.last_exit}")
+        else:
+            self.to(states.BACKOFF)
+            self.restart_at = now + self.policy.restart_delay(len(self.deaths))
+
+    def _forget_before(self, horizon: float) -> None:
+        for times in (self.deaths, self.failed_starts):
+            while times and times[0] < horizon:
+                times.popleft()
+
+    def reset(self) -> None:
+        """An operator asked for another try: forget past failures."""
+        self.deaths.clear()
+        self.failed_starts.clear()
+        self.fatal_reason = None
+
+    def read_stderr(self) -> list[str]:
+        """Complete lines the loader wrote since the last call (and its last words at EOF)."""
+        try:
+            data = self.proc.stderr.read()
+        except (ValueError, OSError):
+            return []
+        if data is None:
+            return []
+        if data:
+            *lines, self.stderr_tail = (self.stderr_tail + data).split(b"\n")
+        else:
+            lines, self.stderr_tail = [self.stderr_tail], b""
+        text = [line.decode(errors="replace") for line in lines if line.strip()]
+        if text:
+            self.last_line = text[-1]
+        return text

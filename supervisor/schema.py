@@ -1,0 +1,49 @@
+"""Messages every process shares. No project imports, so a loader can import it cheaply."""
+
+import msgspec
+
+# Per-model status values, in the order a warm-up moves through them.
+PENDING = "pending"
+LOADING = "loading"
+READY = "ready"
+FAILED = "failed"
+
+# Loader phases: a loader is either working on a generation or idle after it.
+IDLE = "idle"
+WORKING = "loading"
+
+# Exit status a loader uses when it cannot boot (bad arguments, no store, no
+# channel): restarting cannot help, so the supervisor goes straight to FATAL.
+EXIT_CANNOT_BOOT = 78
+
+
+class ModelProgress(msgspec.Struct, omit_defaults=True):
+    model: str
+    status: str = PENDING
+    path: str | None = None
+    format: str | None = None
+    bytes_done: int = 0
+    bytes_total: int = 0
+    weight_bytes: int = 0
+    parameters: int | None = None
+    seconds: float = 0.0
+    verified: bool = False
+    error: str | None = None
+
+
+class LoaderState(msgspec.Struct, tag="loader"):
+    """What a loader publishes to its slot: who it is, which warm-up, how far."""
+
+    client: str
+    pid: int
+    generation: int
+    phase: str
+    heartbeat: float  # time.monotonic(): CLOCK_MONOTONIC is shared by all processes
+    models: list[ModelProgress]
+
+
+class LoadCommand(msgspec.Struct, tag="load"):
+    """Supervisor -> loader, one JSON line on the loader's stdin."""
+
+    generation: int
+    refresh: bool = False

@@ -1,0 +1,177 @@
+"""The views the HTTP API serves, composed from loader records and their slots.
+
+Pure functions over a consistent copy taken under the arbiter's lock, so they
+are tested without processes. A slot counts only when it was written by the
+loader process that is alive now: a dead loader's last words never make a model
+look ready.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from gpu_orchestrator.supervisor import states
+from gpu_orchestrator.supervisor.config import GiB, Config
+from gpu_orchestrator.supervisor.schema import FAILED, IDLE, LOADING, PENDING, READY, LoaderState, ModelProgress
+
+
+@dataclass(frozen=True)
+class ClientView:
+    client: str
+    models: list[str]
+    state: str
+    pid: int | None
+    restarts: int
+    last_exit: str | None
+    fatal_reason: str | None
+    memory_limit_bytes: int | None
+    published: LoaderState | None  # None unless written by the live loader
+
+
+@dataclass(frozen=True)
+class Warmup:
+    generation: int = 0
+    refresh: bool = False
+    started_at: float | None = None  # wall clock
+    finished_at: float | None = None
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def effective_models(view: ClientView) -> list[ModelProgress]:
+    """What is true of each model now, whatever the loader managed to publish."""
+    if view.state == states.FATAL:
+        error = f"loader for client {view.client} is FATAL: {view.fatal_reason}"
+        return [ModelProgress(model, status=FAILED, error=error) for model in view.models]
+    if view.published is None:
+        return [ModelProgress(model) for model in view.models]
+    return view.published.models
+
+
+def client_settled(view: ClientView, generation: int) -> bool:
+    """The client has finished the current warm-up, one way or the other."""
+    if view.state == states.FATAL:
+        return True
+    published = view.published
+    return published is not None and published.generation == generation and published.phase == IDLE
+
+
+def model_detail(model: ModelProgress) -> dict:
+    return {
+        "model": model.model, "status": model.status, "bytes": model.bytes_done,
+        "bytes_total": model.bytes_total, "weight_bytes": model.weight_bytes,
+        "parameters": model.parameters, "format": model.format, "seconds": model.seconds,
+        "verified": model.verified, "path": model.path, "error": model.error,
+    }
+
+
+def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
+    now = time.monotonic() if now is None else now
+    counts = {PENDING: 0, LOADING: 0, READY: 0, FAILED: 0}
+    errors, clients = [], {}
+    in_progress = False
+    for view in views:
+        models = effective_models(view)
+        for model in models:
+            counts[model.status] += 1
+            if model.status == FAILED:
+                errors.append({"agent": view.client, "model": model.model, "error": model.error})
+        settled = client_settled(view, warmup.generation)
+        in_progress |= not settled
+        clients[view.client] = {
+            "state": view.state,
+            "pid": view.pid,
+            "restarts": view.restarts,
+            "ready": settled and all(m.status == READY for m in models),
+            "last_exit": view.last_exit,
+            "error": view.fatal_reason,
+            "memory_limit_bytes": view.memory_limit_bytes,
+            "heartbeat_age_s": round(now - view.published.heartbeat, 3) if view.published else None,
+            "models": [model_detail(m) for m in models],
+        }
+    total = sum(counts.values())
+    return {
+        "in_progress": in_progress,
+        "all_ready": warmup.generation > 0 and not in_progress and counts[READY] == total,
+        "summary": {"total": total, "done": counts[READY], "failed": counts[FAILED],
+                    "loading": counts[LOADING], "pending": counts[PENDING]},
+        "errors": errors,
+        "generation": warmup.generation,
+        "refresh": warmup.refresh,
+        "started_at": iso(warmup.started_at),
+        "finished_at": iso(warmup.finished_at),
+        "clients": clients,
+    }
+
+
+def allocation_summary(config: Config) -> dict:
+    """system_summary recomputed from the validated allocations; the stored one is never trusted."""
+    allocations = config.allocations
+    limits = [a.mps_memory_limit_gb for a in allocations.values()]
+    required = sum(a.calculated_requirement_gb or 0.0 for a in allocations.values())
+    total_limit = sum(limits)
+    summary = {
+        "total_agents": len(allocations),
+        "agents_without_allocation": sorted(set(config.clients) - set(allocations)),
+        "total_mps_memory_limit_gb": round(total_limit, 3),
+        "total_calculated_requirement_gb": round(required, 3),
+        "total_safety_margin_gb": round(sum(a.safety_margin_gb or 0.0 for a in allocations.values()), 3),
+        "min_mps_memory_limit_gb": min(limits, default=None),
+        "max_mps_memory_limit_gb": max(limits, default=None),
+        "average_mps_memory_limit_gb": round(total_limit / len(limits), 3) if limits else None,
+        "memory_efficiency_percent": round(100 * required / total_limit, 1) if total_limit else None,
+    }
+    gpu_total = config.allocation_document.get("mps_configuration", {}).get("total_gpu_memory_gb")
+    if isinstance(gpu_total, (int, float)) and gpu_total > 0:
+        summary["gpu_memory_total_gb"] = gpu_total
+        summary["gpu_memory_total_source"] = "mps_configuration.total_gpu_memory_gb"
+        summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1)
+        summary["overcommitted"] = total_limit > gpu_total
+        summary["overcommit_gb"] = round(max(0.0, total_limit - gpu_total), 3)
+    return summary
+
+
+def mps_allocation(config: Config) -> dict:
+    document = config.allocation_document
+    return {
+        "mps_resource_allocation": {
+            "agent_allocations": document.get("agent_allocations", {}),
+            "mps_configuration": document.get("mps_configuration", {}),
+            "system_summary": allocation_summary(config),
+        },
+        "source": config.allocation_path or None,
+    }
+
+
+def gpu_info(config: Config) -> dict:
+    """GPU state as far as this build knows it; never touches NVML or a subprocess."""
+    if config.enable_nvml:
+        nvml_reason = "NVML telemetry is not implemented in this version; ENABLE_NVML=true has no effect yet"
+    else:
+        nvml_reason = "ENABLE_NVML is not true"
+    if config.enable_mps:
+        mps_reason = "MPS management is not implemented in this version: loaders run without MPS limits"
+    else:
+        mps_reason = "ENABLE_MPS is not true"
+    return {
+        "available": False,
+        "gpus": [],
+        "nvml_enabled": config.enable_nvml,
+        "nvml_supported": False,
+        "nvml_init_error": nvml_reason,
+        "mps_enabled": False,
+        "mps": {
+            "enabled": False,
+            "pipe_dir": config.mps_pipe_dir,
+            "log_dir": config.mps_log_dir,
+            "control_process": False,
+            "control_pid": None,
+            "managed": False,
+            "servers": [],
+            "error": mps_reason,
+        },
+    }
