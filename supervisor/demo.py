@@ -59,8 +59,9 @@ def transformer_tensors(hidden: int, layers: int, vocabulary: int) -> dict[str, 
     return tensors
 
 
-def write_snapshot(directory: Path, model_id: str, seed: int, manifest: bool) -> None:
-    hidden, layers, vocabulary = MODELS[model_id]
+def write_snapshot(directory: Path, shape: tuple[int, int, int], seed: int, manifest: bool) -> None:
+    """A transformer-shaped snapshot: config, tokenizer files, model.safetensors, maybe a manifest."""
+    hidden, layers, vocabulary = shape
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(
         {"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": layers, "vocab_size": vocabulary}))
@@ -77,9 +78,9 @@ def write_demo(directory: str) -> DemoFiles:
     root = Path(directory)
     store = root / "models"
     for seed, model_id in enumerate(MODELS):
-        write_snapshot(store / model_id, model_id, seed, manifest=seed % 2 == 0)
+        write_snapshot(store / model_id, MODELS[model_id], seed, manifest=seed % 2 == 0)
     version = store / "scout" / "versions" / "v1"
-    write_snapshot(version / "demo/news-classifier", "demo/news-classifier", 99, manifest=True)
+    write_snapshot(version / "demo/news-classifier", MODELS["demo/news-classifier"], 99, manifest=True)
     current = store / "scout" / "current"
     if not current.is_symlink():
         os.symlink("versions/v1", current)

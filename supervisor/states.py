@@ -5,8 +5,8 @@ STARTING spawned, not yet up for `startsecs`
 RUNNING  up for at least `startsecs`
 BACKOFF  died; waiting out its restart delay
 STOPPING asked to stop (TERM sent), not yet reaped
-FATAL    will not be restarted until an operator asks (refresh): it cannot boot,
-         or it failed to start too often
+FATAL    will not be restarted until an operator asks (a refresh preload moves it
+         to BACKOFF with no delay): it cannot boot, or it failed to start too often
 """
 
 STOPPED = "STOPPED"
@@ -22,7 +22,7 @@ TRANSITIONS = {
     RUNNING: {BACKOFF, FATAL, STOPPING},
     BACKOFF: {STARTING, STOPPED},
     STOPPING: {STOPPED},
-    FATAL: {STARTING, STOPPED},
+    FATAL: {BACKOFF, STOPPED},
 }
 
 ALIVE = {STARTING, RUNNING, STOPPING}

@@ -1,0 +1,86 @@
+"""Loader deaths, a loader that cannot boot, and supervisor stops, with real signals."""
+
+import os
+import signal
+import time
+
+import psutil
+
+from gpu_orchestrator.supervisor import channel
+from support import Orchestrator, children_of, wait_for, write_config
+
+
+def test_killed_loader_is_restarted_and_ready_again(orchestrator):
+    orchestrator.wait_settled()
+    old_pid = orchestrator.loader_pid("alpha")
+    os.kill(old_pid, signal.SIGKILL)
+
+    def alpha_back():
+        status = orchestrator.status()
+        alpha = status["clients"]["alpha"]
+        if alpha["pid"] == old_pid:
+            return None
+        return status if alpha["ready"] and alpha["restarts"] == 1 else None
+
+    status = wait_for(alpha_back, what="alpha restarted and ready")
+    alpha = status["clients"]["alpha"]
+    assert alpha["last_exit"] == "killed by SIGKILL"
+    assert all(m["status"] == "ready" for m in alpha["models"])
+    assert "loader exited" in orchestrator.output() and "SIGKILL" in orchestrator.output()
+
+
+def test_loader_that_cannot_boot_ends_fatal_with_its_reason_and_refresh_revives_it(orchestrator, store):
+    orchestrator.wait_settled()
+    hidden = store.with_name("store-away")
+    store.rename(hidden)
+    os.kill(orchestrator.loader_pid("gamma"), signal.SIGKILL)
+
+    def gamma_fatal():
+        status = orchestrator.status()
+        return status if status["clients"]["gamma"]["state"] == "FATAL" else None
+
+    status = wait_for(gamma_fatal, what="gamma FATAL")
+    errors = [e for e in status["errors"] if e["agent"] == "gamma"]
+    assert [e["model"] for e in errors] == ["org/g1"]
+    assert "FATAL" in errors[0]["error"] and "cannot boot" in errors[0]["error"]
+    assert "is not a directory" in errors[0]["error"]
+    assert status["clients"]["gamma"]["pid"] is None
+
+    hidden.rename(store)
+    assert orchestrator.post("/models/preload", {"refresh": True})[0] == 202
+    wait_for(lambda: orchestrator.status()["clients"]["gamma"]["ready"], what="gamma revived")
+
+
+def test_sigterm_stops_everything_and_leaves_nothing(orchestrator):
+    orchestrator.wait_settled()
+    loaders = children_of(orchestrator.proc.pid)
+    assert len(loaders) == 3
+    segment = channel.segment_path(orchestrator.segment)
+    assert os.path.exists(segment)
+    started = time.monotonic()
+    assert orchestrator.stop(timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in loaders)
+    assert not os.path.exists(segment)
+
+
+def test_supervisor_killed_loaders_exit_on_their_own_and_next_start_cleans_up(tmp_path, store):
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"], "gamma": ["org/g1"]})
+    first = Orchestrator(tmp_path, store, model_map).start()
+    try:
+        first.wait_settled()
+        loaders = [psutil.Process(pid) for pid in children_of(first.proc.pid)]
+        stale = channel.segment_path(first.segment)
+        first.proc.kill()
+        first.proc.wait(10)
+        gone, alive = psutil.wait_procs(loaders, timeout=5)
+        assert alive == [], "loaders outlived their supervisor"
+        assert os.path.exists(stale)
+    finally:
+        first.kill_everything() if first.proc.poll() is None else first.log.close()
+
+    with Orchestrator(tmp_path, store, model_map) as second:
+        assert not os.path.exists(stale)
+        assert "removed a stale shared-memory segment" in second.output()
+        assert second.wait_settled()["all_ready"]

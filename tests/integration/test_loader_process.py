@@ -1,0 +1,133 @@
+"""The loader as a real process: commands on stdin, state in its slot, prompt exits."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import uuid
+
+import msgspec
+import pytest
+
+from gpu_orchestrator.supervisor.channel import Segment, SlotReader
+from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
+from support import add_model, wait_for
+
+BIG = 4 * 1024**3  # sparse: costs no disk, takes a while to read
+
+
+@pytest.fixture
+def segment():
+    seg = Segment.create(f"gpu-orchestrator-test-{uuid.uuid4().hex[:8]}", slots=2, slot_size=32768)
+    yield seg
+    seg.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "store"
+    add_model(root, "org/small", manifest=True)
+    big = root / "org" / "big"
+    big.mkdir(parents=True)
+    (big / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "U8", "shape": [BIG], "data_offsets": [0, BIG]}}).encode()
+    with open(big / "model.safetensors", "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + BIG)
+    return root
+
+
+def start_loader(segment, store, models, *extra):
+    argv = [sys.executable, "-m", "gpu_orchestrator.loaders", "--client", "c", "--segment", segment.name,
+            "--slot", "1", "--store-root", str(store), "--strict", *extra]
+    for model in models:
+        argv += ["--model", model]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def send(proc, generation, refresh=False):
+    proc.stdin.write(msgspec.json.encode(LoadCommand(generation, refresh)) + b"\n")
+    proc.stdin.flush()
+
+
+def slot_state(segment):
+    return SlotReader(segment, LoaderState).read(1)
+
+
+def settled(segment, generation):
+    state = slot_state(segment)
+    return state if state and state.generation == generation and state.phase == "idle" else None
+
+
+@pytest.fixture
+def cleanup():
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_cannot_boot_exits_78_with_the_reason(segment, tmp_path):
+    proc = start_loader(segment, tmp_path / "missing", ["org/small"])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 78
+    assert b"cannot boot" in err and b"is not a directory" in err
+
+
+def test_loads_on_command_and_reports_each_model(segment, store, cleanup):
+    proc = start_loader(segment, store, ["org/small", "org/missing"])
+    cleanup.append(proc)
+    first = wait_for(lambda: slot_state(segment), what="first publish")
+    assert first.pid == proc.pid and [m.status for m in first.models] == ["pending", "pending"]
+    send(proc, 1)
+    state = wait_for(lambda: settled(segment, 1), what="generation 1")
+    small, missing = state.models
+    assert small.status == "ready" and small.verified and small.bytes_done == small.bytes_total > 0
+    assert small.parameters > 0 and small.format == "safetensors"
+    assert missing.status == "failed" and "tried:" in missing.error and "org/missing" in missing.error
+
+
+def test_refresh_reloads_ready_models_and_plain_load_does_not(segment, store, cleanup):
+    proc = start_loader(segment, store, ["org/small"])
+    cleanup.append(proc)
+    send(proc, 1)
+    assert wait_for(lambda: settled(segment, 1), what="generation 1").models[0].status == "ready"
+    (store / "org" / "small" / "vocab.txt").write_text("changed")
+    send(proc, 2)
+    assert wait_for(lambda: settled(segment, 2)).models[0].status == "ready"  # not re-read
+    send(proc, 3, refresh=True)
+    refreshed = wait_for(lambda: settled(segment, 3)).models[0]
+    assert refreshed.status == "failed" and "checksum mismatch" in refreshed.error
+
+
+def test_model_over_the_memory_limit_is_refused_before_reading(segment, store, cleanup):
+    proc = start_loader(segment, store, ["org/big"], "--memory-limit-bytes", str(1024**3))
+    cleanup.append(proc)
+    send(proc, 1)
+    big = wait_for(lambda: settled(segment, 1)).models[0]
+    assert big.status == "failed" and big.bytes_done == 0
+    assert "limit is 1.00 GiB" in big.error
+
+
+@pytest.mark.parametrize("how", ["sigterm", "stdin-eof"])
+def test_exits_promptly_in_the_middle_of_a_read(segment, store, cleanup, how):
+    proc = start_loader(segment, store, ["org/big"])
+    cleanup.append(proc)
+    send(proc, 1)
+    wait_for(lambda: (s := slot_state(segment)) and 0 < s.models[0].bytes_done < BIG // 2,
+             interval=0.001, what="the big read to be under way")
+    os.kill(proc.pid, signal.SIGSTOP)  # freeze it mid-read, so the test cannot race the read
+    if how == "sigterm":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        proc.stdin.close()
+    os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=10) == 0
+    state = slot_state(segment)
+    assert state.models[0].status == "loading" and state.models[0].bytes_done < BIG
+    reason = b"signal SIGTERM" if how == "sigterm" else b"stdin closed"
+    assert reason in proc.stderr.read()

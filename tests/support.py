@@ -1,0 +1,156 @@
+"""Helpers shared by the tests: model stores, free ports, a real orchestrator process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from gpu_orchestrator.supervisor import channel
+from gpu_orchestrator.supervisor.demo import write_snapshot
+
+SMALL = (32, 1, 256)  # hidden, layers, vocabulary: a ~100 KB model
+
+
+def add_model(store: Path, model_id: str, shape=SMALL, seed: int = 0, manifest: bool = False) -> Path:
+    path = store / model_id
+    write_snapshot(path, shape, seed, manifest)
+    return path
+
+
+def write_config(tmp: Path, clients: dict, allocations: dict | None = None) -> tuple[Path, Path | None]:
+    model_map = tmp / "AGENT_MODEL_MAP.json"
+    model_map.write_text(json.dumps(clients))
+    if allocations is None:
+        return model_map, None
+    allocation = tmp / "mps_allocation_config.json"
+    allocation.write_text(json.dumps({"mps_resource_allocation": {"agent_allocations": allocations}}))
+    return model_map, allocation
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail after a generous deadline."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+
+
+def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON body) for any answer, error statuses included."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def children_of(pid: int) -> list[int]:
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class Orchestrator:
+    """`gpu-orchestrator serve` as a real process on a free loopback port."""
+
+    def __init__(self, tmp: Path, store: Path, model_map: Path, allocation: Path | None = None,
+                 extra_args: tuple = (), env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"orchestrator-{self.port}.log"
+        argv = [sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(self.port),
+                "--model-store", str(store), "--model-map", str(model_map), *extra_args]
+        if allocation is not None:
+            argv += ["--allocation", str(allocation)]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
+        full_env.update({"STRICT_MODEL_STORE": "1", "LOG_LEVEL": "INFO"}, **(env or {}))
+        self.argv, self.env = argv, full_env
+        self.proc = None
+
+    def start(self) -> "Orchestrator":
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self.listening, what=f"orchestrator to listen on {self.port} (log: {self.log_path})")
+        self.segment = channel.segment_name(self.proc.pid)
+        return self
+
+    def listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"orchestrator exited with {self.proc.returncode}:\n{self.output()}")
+        try:
+            return request(self.url + "/health")[0] == 200
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        return request(self.url + path)
+
+    def post(self, path: str, payload, headers: dict | None = None):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return request(self.url + path, "POST", body, {"Content-Type": "application/json", **(headers or {})})
+
+    def status(self) -> dict:
+        return self.get("/models/status")[1]
+
+    def wait_settled(self, timeout: float = 60.0) -> dict:
+        def settled():
+            current = self.status()
+            return current if current["generation"] and not current["in_progress"] else None
+        return wait_for(settled, timeout, what="warm-up to settle")
+
+    def loader_pid(self, client: str) -> int:
+        return self.status()["clients"][client]["pid"]
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def kill_everything(self) -> None:
+        """Last resort in teardown: nothing a test started may outlive it."""
+        if self.proc is None:
+            return
+        for pid in children_of(self.proc.pid) + [self.proc.pid]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait(10)
+        try:
+            os.unlink(channel.segment_path(channel.segment_name(self.proc.pid)))
+        except FileNotFoundError:
+            pass
+        if not self.log.closed:
+            self.log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill_everything()

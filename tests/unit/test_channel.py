@@ -1,0 +1,127 @@
+"""The seqlock channel across real processes: no torn read, no poisoning, no leftovers."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gpu_orchestrator.supervisor import channel
+from gpu_orchestrator.supervisor.channel import ChannelError, Segment, SlotReader, SlotWriter
+from gpu_orchestrator.supervisor.schema import LoaderState, ModelProgress
+
+WORKERS = Path(__file__).resolve().parents[1] / "channel_workers.py"
+sys.path.insert(0, str(WORKERS.parent))
+from channel_workers import consistent, message  # noqa: E402
+
+
+@pytest.fixture
+def segment():
+    seg = Segment.create(f"gpu-orchestrator-test-{uuid.uuid4().hex[:8]}", slots=3, slot_size=16384)
+    yield seg
+    seg.close()
+    assert not os.path.exists(channel.segment_path(seg.name))
+
+
+def worker(mode, segment, slot, seconds, **kwargs):
+    return subprocess.Popen([sys.executable, str(WORKERS), mode, segment.name, str(slot), str(seconds)],
+                            stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_segment_is_private_to_its_user(segment):
+    mode = os.stat(channel.segment_path(segment.name)).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def test_round_trip_and_empty_slot(segment):
+    writer = SlotWriter(segment, 1)
+    reader = SlotReader(segment, LoaderState)
+    assert reader.read(1) is None
+    writer.publish(message(7))
+    assert consistent(reader.read(1))
+    writer.publish(message(8))
+    assert reader.read(1).pid == 8
+
+
+def test_oversized_message_is_refused_and_old_state_kept(segment):
+    writer = SlotWriter(segment, 1)
+    reader = SlotReader(segment, LoaderState)
+    writer.publish(message(3))
+    huge = LoaderState("c", 1, 1, "idle", 0.0, [ModelProgress("m", error="x" * 20000)])
+    with pytest.raises(ChannelError, match="does not fit"):
+        writer.publish(huge)
+    assert reader.read(1).pid == 3
+
+
+def test_foreign_or_missing_segment_is_refused(tmp_path):
+    with pytest.raises(ChannelError, match="does not exist"):
+        Segment.attach("gpu-orchestrator-test-missing")
+    name = f"gpu-orchestrator-test-{uuid.uuid4().hex[:8]}"
+    Path(channel.segment_path(name)).write_bytes(b"x" * 64)
+    try:
+        with pytest.raises(ChannelError, match="not a gpu-orchestrator channel"):
+            Segment.attach(name)
+    finally:
+        os.unlink(channel.segment_path(name))
+
+
+def test_full_speed_writer_and_two_reader_processes_see_no_torn_state(segment):
+    writer = worker("write", segment, 1, 4)
+    assert writer.stdout.readline().strip() == "started"
+    readers = [worker("read", segment, 1, 3) for _ in range(2)]
+    results = [json.loads(r.communicate(timeout=60)[0].splitlines()[-1]) for r in readers]
+    published = json.loads(writer.communicate(timeout=60)[0].splitlines()[-1])["published"]
+    assert published > 1000
+    for result in results:
+        assert result["reads"] > 100
+        assert result["torn"] == 0 and result["backwards"] == 0
+
+
+def test_writer_killed_mid_write_leaves_readers_on_last_good_state(segment):
+    reader = SlotReader(segment, LoaderState)
+    dying = worker("die", segment, 1, 0, stdin=subprocess.PIPE)
+    assert dying.stdout.readline().strip() == "published"
+    assert reader.read(1).pid == 1
+    dying.stdin.write("go\n")
+    dying.stdin.flush()
+    assert dying.wait(30) == -signal.SIGKILL
+    state = reader.read(1)
+    assert state is not None and consistent(state) and state.pid == 1
+    # A restarted writer resumes the sequence and is seen again.
+    SlotWriter(segment, 1).publish(message(2))
+    assert reader.read(1).pid == 2
+
+
+def test_writer_killed_at_random_points_never_yields_a_torn_read(segment):
+    reader = SlotReader(segment, LoaderState)
+    for delay in (0.05, 0.13, 0.31):
+        writer = worker("write", segment, 2, 30)
+        assert writer.stdout.readline().strip() == "started"
+        time.sleep(delay)  # a kill point, not synchronisation
+        writer.kill()
+        writer.wait(30)
+        state = reader.read(2)
+        assert state is not None and consistent(state)
+
+
+def test_stale_segment_of_a_dead_run_is_removed(segment):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = channel.segment_name(dead.pid)
+    Path(channel.segment_path(stale)).write_bytes(b"")
+    live = channel.segment_name(os.getpid())
+    Path(channel.segment_path(live)).write_bytes(b"")
+    try:
+        assert stale in channel.remove_stale_segments()
+        assert not os.path.exists(channel.segment_path(stale))
+        assert os.path.exists(channel.segment_path(live))
+    finally:
+        for name in (stale, live):
+            if os.path.exists(channel.segment_path(name)):
+                os.unlink(channel.segment_path(name))
