@@ -26,6 +26,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (GPU_ORCHESTRATOR_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (GPU_ORCHESTRATOR_PORT, default 8014)")
     parser.add_argument("--no-preload", action="store_true", help="do not start a warm-up at start")
+    parser.add_argument("--heartbeat-timeout", type=float, default=Policy.heartbeat_timeout, metavar="SECONDS",
+                        help="kill and restart a loader silent this long (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,19 +64,23 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None) -> int:
         return EX_UNAVAILABLE
     for name in channel.remove_stale_segments():
         log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
+    # Slot 0 is kept for the telemetry sampler; loaders write slots 1..n.
     segment = channel.Segment.create(channel.segment_name(os.getpid()), slots=len(config.clients) + 1,
                                      slot_size=slot_size_for(config))
-    arbiter = Arbiter(config, segment, policy)
-    app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
-    # channel_timeout drops idle keep-alive clients; connection_limit bounds sockets so
-    # abandoned connections cannot exhaust file descriptors.
-    arbiter.server = waitress.create_server(app, sockets=[sock], threads=HTTP_THREADS, channel_timeout=30,
-                                            connection_limit=256, ident="gpu-orchestrator")
-    host, port = sock.getsockname()[:2]
-    log.info(kv("listening", url=f"http://{host}:{port}", clients=len(config.clients), segment=segment.name))
-    if on_listening is not None:
-        on_listening(port)
-    arbiter.run()
+    try:
+        arbiter = Arbiter(config, segment, policy)
+        app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
+        # channel_timeout drops idle keep-alive clients; connection_limit bounds sockets so
+        # abandoned connections cannot exhaust file descriptors.
+        arbiter.server = waitress.create_server(app, sockets=[sock], threads=HTTP_THREADS, channel_timeout=30,
+                                                connection_limit=256, ident="gpu-orchestrator")
+        host, port = sock.getsockname()[:2]
+        log.info(kv("listening", url=f"http://{host}:{port}", clients=len(config.clients), segment=segment.name))
+        if on_listening is not None:
+            on_listening(port)
+        arbiter.run()
+    finally:
+        segment.close()  # idempotent; covers a failure before the loop owned it
     return 0
 
 
@@ -96,6 +102,12 @@ def overrides_from(args: argparse.Namespace) -> dict:
     }
 
 
+def policy_from(args: argparse.Namespace) -> Policy:
+    if not args.heartbeat_timeout > 0:
+        raise ConfigError(f"--heartbeat-timeout: must be > 0, got {args.heartbeat_timeout}")
+    return Policy(heartbeat_timeout=args.heartbeat_timeout)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     directory = args.dir or tempfile.mkdtemp(prefix="gpu-orchestrator-demo-")
     try:
@@ -105,7 +117,8 @@ def run_demo(args: argparse.Namespace) -> int:
             "mps_allocation_config": files.allocation, "strict_model_store": True}
         config = load_config(env=demo_environment(), overrides=overrides)
         print(f"Demo model store written to {directory}", file=sys.stderr)
-        return serve(config, on_listening=lambda port: print(demo.instructions(config.host, port), file=sys.stderr))
+        return serve(config, policy_from(args),
+                     on_listening=lambda port: print(demo.instructions(config.host, port), file=sys.stderr))
     finally:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo(args)
-        return serve(load_config(overrides=overrides_from(args)))
+        return serve(load_config(overrides=overrides_from(args)), policy_from(args))
     except ConfigError as exc:
         print(f"gpu-orchestrator: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -84,3 +84,16 @@ def test_supervisor_killed_loaders_exit_on_their_own_and_next_start_cleans_up(tm
         assert not os.path.exists(stale)
         assert "removed a stale shared-memory segment" in second.output()
         assert second.wait_settled()["all_ready"]
+
+
+def test_hung_loader_is_killed_after_its_heartbeat_timeout_and_restarted(tmp_path, store):
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    with Orchestrator(tmp_path, store, model_map, extra_args=("--heartbeat-timeout", "3")) as orch:
+        wait_for(lambda: orch.status()["clients"]["alpha"]["state"] == "RUNNING", what="alpha running")
+        hung = orch.loader_pid("alpha")
+        os.kill(hung, signal.SIGSTOP)
+        status = wait_for(lambda: (s := orch.status())["clients"]["alpha"]["ready"]
+                          and s["clients"]["alpha"]["pid"] != hung and s, what="alpha replaced")
+        assert status["clients"]["alpha"]["restarts"] == 1
+        assert status["clients"]["alpha"]["last_exit"] == "killed by SIGKILL"
+        assert "loader heartbeat lost; killing it" in orch.output()
