@@ -97,3 +97,20 @@ def test_hung_loader_is_killed_after_its_heartbeat_timeout_and_restarted(tmp_pat
         assert status["clients"]["alpha"]["restarts"] == 1
         assert status["clients"]["alpha"]["last_exit"] == "killed by SIGKILL"
         assert "loader heartbeat lost; killing it" in orch.output()
+
+
+def test_port_in_use_exits_69_and_starts_nothing(tmp_path, store):
+    import socket
+    import subprocess
+    import sys
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        before = set(os.listdir(channel.SHM_DIR))
+        proc = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(port),
+                               "--model-store", str(store), "--model-map", str(model_map)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 69
+    assert "cannot listen" in proc.stderr and f"port={port}" in proc.stderr
+    assert "loader started" not in proc.stderr
+    assert set(os.listdir(channel.SHM_DIR)) == before
