@@ -29,6 +29,7 @@ from gpu_orchestrator.supervisor.schema import (
 
 log = logging.getLogger("loader")
 PROGRESS_INTERVAL = 0.2
+MAX_ERROR = 4096  # keeps a model's state within its share of the slot
 
 
 class Stop(Exception):
@@ -148,6 +149,8 @@ class Loader:
         return report
 
     def fail(self, model: ModelProgress, error: str, started: float) -> None:
+        if len(error) > MAX_ERROR:
+            error = error[: MAX_ERROR - 15] + " ...(truncated)"
         model.status, model.error = FAILED, error
         model.seconds = round(time.monotonic() - started, 3)
         log.error(kv("model failed", client=self.client, model=model.model, error=error))

@@ -15,16 +15,32 @@ import time
 
 import msgspec
 
-from gpu_orchestrator.supervisor import states, status
+from gpu_orchestrator.supervisor import channel, states, status
 from gpu_orchestrator.supervisor.channel import Segment, SlotReader
 from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
-from gpu_orchestrator.supervisor.config import Config
+from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
 from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
+from gpu_orchestrator.supervisor.systemd import Notifier
 
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
 TICK = 1.0  # heartbeat checks and state promotion need no finer grain
+TELEMETRY_SLOT = 0  # kept for the telemetry sampler; loaders get the others
+SPARE_SLOTS = 16  # room for clients a reload adds, and for replacements of changed ones
+MIN_MODELS_PER_SLOT = 32  # so a reload can grow a client; untouched slot pages cost no memory
+
+
+def slot_size_for(max_models: int) -> int:
+    """Room for a client's state with long errors (the loader caps each at MAX_ERROR)."""
+    return (16 * 1024 + max_models * 6 * 1024 + 4095) // 4096 * 4096
+
+
+def create_segment(config: Config) -> Segment:
+    largest = max([MIN_MODELS_PER_SLOT, *(len(models) for models in config.clients.values())])
+    clients = len(config.clients)
+    return Segment.create(channel.segment_name(os.getpid()), slots=1 + clients + max(SPARE_SLOTS, clients),
+                          slot_size=slot_size_for(largest))
 
 
 def loader_env(config: Config, client: str) -> dict[str, str]:
@@ -52,18 +68,18 @@ def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Po
 
 
 class Arbiter:
-    def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None):
+    def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None,
+                 notifier: Notifier | None = None):
         self.config = config
         self.segment = segment
         self.policy = policy
         self.server = server
+        self.notifier = notifier or Notifier()
         self.reader = SlotReader(segment, LoaderState)
         self.lock = threading.Lock()
-        self.loaders = {
-            client: LoaderProcess(client, slot, loader_argv(config, client, segment.name, slot, policy),
-                                  loader_env(config, client), policy)
-            for slot, client in enumerate(config.clients, start=1)
-        }
+        self.free_slots = [slot for slot in range(segment.slots - 1, 0, -1) if slot != TELEMETRY_SLOT]
+        self.loaders = {client: self.new_loader(config, client) for client in config.clients}
+        self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
         self.warmup = status.Warmup()
         self.settled = True
         self.signals: list[int] = []
@@ -71,6 +87,11 @@ class Arbiter:
         self.closed = False
         self.started = time.time()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def new_loader(self, config: Config, client: str) -> LoaderProcess:
+        slot = self.free_slots.pop()
+        return LoaderProcess(client, slot, loader_argv(config, client, self.segment.name, slot, self.policy),
+                             loader_env(config, client), self.policy)
 
     # ---- the loop ----------------------------------------------------------
 
@@ -87,6 +108,8 @@ class Arbiter:
                 log.info(kv("loader started", client=loader.client, pid=loader.pid))
             if self.config.preload:
                 self.start_warmup(refresh=False)
+            # The socket listens since create_server and the HTTP thread now accepts.
+            self.notifier.ready(self.status_line())
         try:
             while not self.stopping:
                 self.tick(self.next_timeout())
@@ -105,6 +128,8 @@ class Arbiter:
     def next_timeout(self) -> float:
         now = time.monotonic()
         deadlines = [now + TICK]
+        if self.notifier.watchdog_interval is not None:
+            deadlines.append(self.notifier.next_watchdog)
         for loader in self.loaders.values():
             if loader.state == states.BACKOFF:
                 deadlines.append(loader.restart_at)
@@ -112,8 +137,11 @@ class Arbiter:
                 deadlines.append(loader.started_at + self.policy.startsecs)
         return max(0.0, min(deadlines) - now)
 
+    def all_loaders(self) -> list[LoaderProcess]:
+        return [*self.loaders.values(), *self.retiring]
+
     def tick(self, timeout: float) -> None:
-        streams = [l.proc.stderr for l in self.loaders.values() if l.state in states.ALIVE]
+        streams = [l.proc.stderr for l in self.all_loaders() if l.state in states.ALIVE]
         try:
             select.select([self.wake_r, *streams], [], [], timeout)
         except InterruptedError:
@@ -128,9 +156,13 @@ class Arbiter:
                 if loader.promote_if_started(now):
                     log.info(kv("loader running", client=loader.client, pid=loader.pid))
             self.check_heartbeats(now)
+            self.stop_retiring(now)
             self.restart_loaders(now)
             self.send_commands()
             self.note_warmup_end()
+            self.notifier.status(self.status_line())
+        if self.notifier.watchdog_due(now):
+            self.notifier.ping_watchdog(now)
 
     def drain_wake_pipe(self) -> None:
         try:
@@ -146,10 +178,10 @@ class Arbiter:
                 log.info(kv("stopping", signal=signal.Signals(signum).name))
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                log.warning(kv("SIGHUP ignored: configuration reload is not supported yet; restart the service"))
+                self.reload()
 
     def relay_stderr(self) -> None:
-        for loader in self.loaders.values():
+        for loader in self.all_loaders():
             if loader.state in states.ALIVE:
                 for line in loader.read_stderr():
                     relay_line(loader_log, line)
@@ -159,7 +191,7 @@ class Arbiter:
     def reap_loaders(self, now: float) -> None:
         # waitpid per known pid, not waitpid(-1): a -1 would also reap children that
         # other threads started with subprocess and leave them unable to read a status.
-        for loader in self.loaders.values():
+        for loader in self.all_loaders():
             if loader.state not in states.ALIVE:
                 continue
             pid, wait_status = os.waitpid(loader.proc.pid, os.WNOHANG)
@@ -172,6 +204,9 @@ class Arbiter:
             log.log(level, kv("loader exited", client=loader.client, pid=pid, how=loader.last_exit,
                               next=loader.state, restart_in_s=round(max(0.0, loader.restart_at - now), 2)
                               if loader.state == states.BACKOFF else "-", reason=loader.fatal_reason or "-"))
+        for loader in [l for l in self.retiring if l.state == states.STOPPED]:
+            self.retiring.remove(loader)
+            self.free_slots.append(loader.slot)
 
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
@@ -219,6 +254,81 @@ class Arbiter:
                         done=summary["done"], failed=summary["failed"], total=summary["total"],
                         seconds=round(self.warmup.finished_at - self.warmup.started_at, 3)))
 
+    def retire(self, loader: LoaderProcess, now: float) -> None:
+        """Stop a loader the configuration no longer wants; the loop reaps it and frees its slot."""
+        if loader.state in (states.STARTING, states.RUNNING):
+            loader.to(states.STOPPING)
+            loader.signal(signal.SIGTERM)
+            loader.stop_deadline = now + self.policy.stop_grace
+            self.retiring.append(loader)
+            return
+        if loader.state in (states.BACKOFF, states.FATAL):
+            loader.to(states.STOPPED)
+        self.free_slots.append(loader.slot)
+
+    def stop_retiring(self, now: float) -> None:
+        for loader in self.retiring:
+            if loader.state == states.STOPPING and now >= loader.stop_deadline:
+                log.warning(kv("loader did not stop in time; killing it", client=loader.client, pid=loader.pid))
+                loader.signal(signal.SIGKILL)
+                loader.stop_deadline = float("inf")
+
+    def reload(self) -> None:
+        """SIGHUP: start new clients, stop removed ones, restart changed ones, keep the rest."""
+        self.notifier.reloading()
+        try:
+            new = reload_config(self.config)
+            with self.lock:
+                changes = self.apply_config(new, time.monotonic())
+        except ConfigError as exc:
+            log.error(kv("reload refused; the running configuration stays", error=exc))
+        else:
+            for warning in new.warnings:
+                log.warning(warning)
+            log.info(kv("reloaded", **{k: ",".join(v) or "-" for k, v in changes.items()}))
+        self.notifier.ready(self.status_line())
+
+    def apply_config(self, new: Config, now: float) -> dict[str, list[str]]:
+        old = self.config
+        added = [c for c in new.clients if c not in old.clients]
+        removed = [c for c in old.clients if c not in new.clients]
+        changed = [c for c in new.clients if c in old.clients and (
+            new.clients[c] != old.clients[c] or new.allocations.get(c) != old.allocations.get(c))]
+        largest = max((len(new.clients[c]) for c in added + changed), default=0)
+        if slot_size_for(largest) > self.segment.slot_size:
+            raise ConfigError(f"{new.model_map_path}: a client now has {largest} models, more than the shared-memory "
+                              "channel was sized for at start; restart the service to apply this map")
+        if len(added) + len(changed) > len(self.free_slots):
+            raise ConfigError(f"{new.model_map_path}: {len(added) + len(changed)} new or changed clients exceed the "
+                              f"{len(self.free_slots)} free channel slots; restart the service to apply this map")
+        for client in removed + changed:
+            self.retire(self.loaders.pop(client), now)
+        self.config = new
+        for client in added + changed:
+            loader = self.loaders[client] = self.new_loader(new, client)
+            loader.spawn(now)
+            log.info(kv("loader started", client=client, pid=loader.pid))
+        if added or changed:
+            self.settled = False
+        self.wake()
+        return {"added": added, "removed": removed, "changed": changed}
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: what `systemctl status` shows an operator at a glance."""
+        current = status.models_status(self.client_views(), self.warmup)
+        clients = current["clients"]
+        ready = sum(c["ready"] for c in clients.values())
+        failed = sorted(name for name, c in clients.items() if any(m["status"] == "failed" for m in c["models"]))
+        line = f"{ready}/{len(clients)} clients ready"
+        if self.warmup.generation == 0:
+            return f"{line}; no warm-up requested yet"
+        if current["in_progress"]:
+            summary = current["summary"]
+            line = f"warming up: {line}, {summary['done']}/{summary['total']} models"
+        if failed:
+            line += f", {len(failed)} failed: {','.join(failed)}"
+        return line
+
     def start_warmup(self, refresh: bool) -> None:
         """Begin a new generation; the loop sends it to every loader. Lock held."""
         self.warmup = status.Warmup(self.warmup.generation + 1, refresh, time.time(), None)
@@ -254,6 +364,7 @@ class Arbiter:
 
     def shutdown(self) -> None:
         """TERM every loader, wait out the grace period, KILL what lingers, free the segment."""
+        self.notifier.stopping()
         with self.lock:
             now = time.monotonic()
             for loader in self.loaders.values():
@@ -263,12 +374,12 @@ class Arbiter:
                 elif loader.state in (states.BACKOFF, states.FATAL):
                     loader.to(states.STOPPED)
             deadline = now + self.policy.stop_grace
-            while any(l.state == states.STOPPING for l in self.loaders.values()):
+            while any(l.state == states.STOPPING for l in self.all_loaders()):
                 self.reap_loaders(time.monotonic())
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
-            for loader in self.loaders.values():
+            for loader in self.all_loaders():
                 if loader.state == states.STOPPING:
                     log.warning(kv("loader did not stop in time; killing it", client=loader.client, pid=loader.pid))
                     loader.signal(signal.SIGKILL)

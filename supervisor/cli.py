@@ -12,9 +12,10 @@ import waitress
 
 from gpu_orchestrator.http.app import create_app
 from gpu_orchestrator.supervisor import channel, demo
-from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown
+from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
+from gpu_orchestrator.supervisor.gate import run_gate
 from gpu_orchestrator.supervisor.logs import kv, setup_logging
 
 log = logging.getLogger("supervisor")
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="write a small demo model store and serve it")
     add_serve_flags(demo_parser)
     demo_parser.add_argument("--dir", help="write the demo here and keep it (default: a temporary folder, removed at exit)")
+    gate_parser = commands.add_parser("gate", help="wait until a client's models are ready (for ExecStartPre=)")
+    gate_parser.add_argument("instance", nargs="?", help="only this client's models (default: all clients)")
+    gate_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT, "
+                                           "else http://127.0.0.1:8014)")
+    gate_parser.add_argument("--timeout", type=float, help="seconds to wait (GATE_TIMEOUT, default 180)")
     return parser
 
 
@@ -64,9 +70,7 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None) -> int:
         return EX_UNAVAILABLE
     for name in channel.remove_stale_segments():
         log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
-    # Slot 0 is kept for the telemetry sampler; loaders write slots 1..n.
-    segment = channel.Segment.create(channel.segment_name(os.getpid()), slots=len(config.clients) + 1,
-                                     slot_size=slot_size_for(config))
+    segment = create_segment(config)
     try:
         arbiter = Arbiter(config, segment, policy)
         app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
@@ -82,13 +86,6 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None) -> int:
     finally:
         segment.close()  # idempotent; covers a failure before the loop owned it
     return 0
-
-
-def slot_size_for(config: Config) -> int:
-    """Room for the largest client's state with long errors (the list of paths tried)."""
-    largest = max((len(models) for models in config.clients.values()), default=0)
-    size = 16 * 1024 + largest * 6 * 1024
-    return (size + 4095) // 4096 * 4096
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -130,10 +127,25 @@ def demo_environment() -> dict:
     return {name: os.environ[name] for name in keep if name in os.environ}
 
 
+def run_gate_command(args: argparse.Namespace) -> int:
+    env = os.environ
+    url = args.url or "http://{}:{}".format(env.get("GPU_ORCHESTRATOR_HOST", "127.0.0.1"),
+                                            env.get("GPU_ORCHESTRATOR_PORT", "8014"))
+    timeout = args.timeout
+    if timeout is None:
+        try:
+            timeout = float(env.get("GATE_TIMEOUT", "180"))
+        except ValueError:
+            raise ConfigError(f"GATE_TIMEOUT: expected seconds, got {env['GATE_TIMEOUT']!r}") from None
+    return run_gate(args.instance, url, timeout, env.get("GPU_ORCHESTRATOR_TOKEN") or None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
+        if args.command == "gate":
+            return run_gate_command(args)
         if args.command == "demo":
             return run_demo(args)
         return serve(load_config(overrides=overrides_from(args)), policy_from(args))

@@ -46,6 +46,7 @@ class LoaderProcess:
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     restart_at: float = 0.0
+    stop_deadline: float = 0.0
     restarts: int = 0
     last_exit: str | None = None
     fatal_reason: str | None = None

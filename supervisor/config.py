@@ -14,6 +14,7 @@ import msgspec
 from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_model_id, hf_hub_dir
 
 EX_CONFIG = 78
+DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"
 GiB = 1024**3
 
 
@@ -175,20 +176,12 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         raise ConfigError("MODEL_STORE_ROOT: not set; point it (or --model-store) at the model snapshots")
     if not os.path.isdir(root):
         raise ConfigError(f"MODEL_STORE_ROOT: {root} is not a directory")
-    model_map_path = _setting("AGENT_MODEL_MAP", overrides, env, "./AGENT_MODEL_MAP.json")
-    clients = load_model_map(model_map_path)
-    warnings = []
+    model_map_path = os.path.abspath(_setting("AGENT_MODEL_MAP", overrides, env, "./AGENT_MODEL_MAP.json"))
     allocation_path = _setting("MPS_ALLOCATION_CONFIG", overrides, env)
-    allocations, document = {}, {"agent_allocations": {}, "mps_configuration": {}}
-    if allocation_path is not None or os.path.exists("./config/gpu/mps_allocation_config.json"):
-        allocation_path = allocation_path or "./config/gpu/mps_allocation_config.json"
-        allocations, document = load_allocations(allocation_path, clients)
-    else:
-        allocation_path = ""
-        warnings.append("no MPS allocation file (MPS_ALLOCATION_CONFIG): every client runs without a memory limit")
-    for client in clients:
-        if allocation_path and client not in allocations:
-            warnings.append(f"{allocation_path}: client {client} has no allocation: it runs without a memory limit")
+    if allocation_path is None and os.path.exists(DEFAULT_ALLOCATION):
+        allocation_path = DEFAULT_ALLOCATION
+    allocation_path = os.path.abspath(allocation_path) if allocation_path else ""
+    files = load_files(model_map_path, allocation_path)
     base_model_dir = _setting("BASE_MODEL_DIR", overrides, env) or None
     if base_model_dir:
         try:
@@ -205,14 +198,29 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         hf_hub=None if strict else str(hf_hub_dir(env)),
         enable_nvml=parse_bool("ENABLE_NVML", env.get("ENABLE_NVML", "false")),
         enable_mps=parse_bool("ENABLE_MPS", env.get("ENABLE_MPS", "false")),
-        model_map_path=os.path.abspath(model_map_path),
-        allocation_path=os.path.abspath(allocation_path) if allocation_path else "",
+        model_map_path=model_map_path,
+        allocation_path=allocation_path,
         mps_pipe_dir=env.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
         mps_log_dir=env.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
         token=env.get("GPU_ORCHESTRATOR_TOKEN") or None,
         preload=not overrides.get("no_preload", False),
-        clients=clients,
-        allocations=allocations,
-        allocation_document=document,
-        warnings=warnings,
+        **files,
     )
+
+
+def load_files(model_map_path: str, allocation_path: str) -> dict:
+    """The two JSON files, validated together: clients, allocations, the document, warnings."""
+    clients = load_model_map(model_map_path)
+    if not allocation_path:
+        return {"clients": clients, "allocations": {},
+                "allocation_document": {"agent_allocations": {}, "mps_configuration": {}},
+                "warnings": ["no MPS allocation file (MPS_ALLOCATION_CONFIG): every client runs without a memory limit"]}
+    allocations, document = load_allocations(allocation_path, clients)
+    warnings = [f"{allocation_path}: client {client} has no allocation: it runs without a memory limit"
+                for client in clients if client not in allocations]
+    return {"clients": clients, "allocations": allocations, "allocation_document": document, "warnings": warnings}
+
+
+def reload_config(config: Config) -> Config:
+    """Re-read the model map and allocation file (SIGHUP); the environment stays as started."""
+    return msgspec.structs.replace(config, **load_files(config.model_map_path, config.allocation_path))

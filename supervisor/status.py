@@ -53,8 +53,8 @@ def effective_models(view: ClientView) -> list[ModelProgress]:
 
 
 def client_settled(view: ClientView, generation: int) -> bool:
-    """The client has finished the current warm-up, one way or the other."""
-    if view.state == states.FATAL:
+    """The client has finished the current warm-up, one way or the other (or none was asked for)."""
+    if view.state == states.FATAL or generation == 0:
         return True
     published = view.published
     return published is not None and published.generation == generation and published.phase == IDLE
@@ -86,7 +86,8 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
             "state": view.state,
             "pid": view.pid,
             "restarts": view.restarts,
-            "ready": settled and all(m.status == READY for m in models),
+            "ready": warmup.generation > 0 and settled and all(m.status == READY for m in models),
+            "in_progress": not settled,
             "last_exit": view.last_exit,
             "error": view.fatal_reason,
             "memory_limit_bytes": view.memory_limit_bytes,

@@ -53,3 +53,10 @@ def test_no_warmup_requested_is_never_all_ready():
 
 def test_empty_model_map_is_ready_after_a_warmup():
     assert models_status([], Warmup(generation=1))["all_ready"]
+
+
+def test_booting_loaders_are_not_a_warmup_in_progress():
+    # Before any warm-up was asked for, a loader that has not published yet must not
+    # make a preload request look like "already under way" (it would start nothing).
+    result = models_status([view(published=None)], Warmup())
+    assert not result["in_progress"] and not result["clients"]["a"]["ready"]

@@ -1,0 +1,151 @@
+"""`gpu-orchestrator gate [INSTANCE]`: block a dependent service until its models are ready.
+
+Run as ExecStartPre= of the services that use the GPU. Exit 0 when ready; exit 1,
+with one `agent=... model=... error=...` line per failed model and the summary,
+when the warm-up failed, on timeout, or when nothing listens. Every run leaves
+its result in $XDG_CACHE_HOME/gpu-orchestrator/preflight/summary_<instance>.json.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ORCHESTRATOR_NAMES = {"gpu_orchestrator", "gpu-orchestrator"}
+MAX_POLL = 8.0
+
+
+class Unreachable(Exception):
+    pass
+
+
+def fetch(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        try:
+            return err.code, json.loads(err.read())
+        except ValueError:
+            return err.code, {}
+    except (OSError, ValueError) as exc:
+        raise Unreachable(str(getattr(exc, "reason", exc))) from None
+
+
+def verdict(status: dict, instance: str | None) -> tuple[str | None, list[dict]]:
+    """('ready' | 'failed' | None while undecided, the failures that matter to this instance)."""
+    if instance is None:
+        if status["all_ready"]:
+            return "ready", []
+        if not status["in_progress"] and status["generation"]:
+            return "failed", status["errors"]
+        return None, []
+    client = status["clients"][instance]
+    if client["ready"]:
+        return "ready", []
+    failures = [e for e in status["errors"] if e["agent"] == instance]
+    if failures and not client["in_progress"]:
+        return "failed", failures
+    return None, []
+
+
+def cache_path(instance: str | None) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpu-orchestrator" / "preflight" / f"summary_{instance or 'all'}.json"
+
+
+def write_summary(path: Path, result: dict) -> None:
+    """Atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".summary-")
+    with os.fdopen(handle, "w") as out:
+        json.dump(result, out, indent=2)
+        out.write("\n")
+    os.replace(temporary, path)
+
+
+class Gate:
+    def __init__(self, url: str, instance: str | None, timeout: float, token: str | None):
+        self.url = url.rstrip("/")
+        self.instance = instance
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.token = token
+        self.last_status: dict | None = None
+
+    def wait_until_listening(self) -> None:
+        delay = 0.25
+        while True:
+            try:
+                fetch(self.url + "/health")
+                return
+            except Unreachable as exc:
+                if time.monotonic() + delay > self.deadline:
+                    raise Unreachable(f"nothing listens at {self.url} ({exc})") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def status(self) -> dict:
+        code, body = fetch(self.url + "/models/status")
+        if code != 200 or "clients" not in body:
+            raise Unreachable(f"{self.url}/models/status answered {code}")
+        self.last_status = body
+        return body
+
+    def run(self) -> tuple[str, list[dict], str]:
+        """(result, failures, message)."""
+        self.wait_until_listening()
+        status = self.status()
+        if self.instance is not None and self.instance not in status["clients"]:
+            return "ready", [], f"{self.instance} has no models in the orchestrator's model map; nothing to wait for"
+        result, failures = verdict(status, self.instance)
+        if result == "ready":
+            return result, failures, "ready"
+        code, body = fetch(self.url + "/models/preload", "POST", b'{"refresh": false}', self.token)
+        if code == 401:
+            return "failed", [], "the orchestrator refused the preload request (401): set GPU_ORCHESTRATOR_TOKEN"
+        delay = 0.5
+        while True:
+            result, failures = verdict(self.status(), self.instance)
+            if result is not None:
+                return result, failures, result
+            if time.monotonic() + delay > self.deadline:
+                return "timeout", [], f"models not ready after {self.timeout:g} s"
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_POLL)
+
+
+def run_gate(instance: str | None, url: str, timeout: float, token: str | None) -> int:
+    if instance in ORCHESTRATOR_NAMES:
+        print(f"gate: {instance} is the orchestrator itself; nothing to wait for")
+        write_summary(cache_path(instance), {"instance": instance, "result": "skipped", "exit_code": 0})
+        return 0
+    started = time.monotonic()
+    gate = Gate(url, instance, timeout, token)
+    try:
+        result, failures, message = gate.run()
+    except Unreachable as exc:
+        result, failures, message = "unreachable", [], str(exc)
+    code = 0 if result == "ready" else 1
+    summary = (gate.last_status or {}).get("summary")
+    for failure in failures:
+        print(f"agent={failure['agent']} model={failure['model']} error={failure['error']}", file=sys.stderr)
+    line = f"gate: {instance or 'all clients'}: {message}"
+    if summary:
+        line += f" (total={summary['total']} done={summary['done']} failed={summary['failed']})"
+    print(line, file=sys.stderr if code else sys.stdout)
+    write_summary(cache_path(instance), {
+        "instance": instance or "all", "url": url, "result": result, "exit_code": code, "message": message,
+        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "all_ready": (gate.last_status or {}).get("all_ready"), "summary": summary, "errors": failures,
+    })
+    return code
