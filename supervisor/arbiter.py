@@ -8,6 +8,7 @@ read state under `lock` and never start a process.
 import dataclasses
 import logging
 import os
+import re
 import select
 import signal
 import threading
@@ -20,6 +21,7 @@ from gpu_orchestrator.supervisor.channel import Segment, SlotReader
 from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
 from gpu_orchestrator.supervisor.logs import kv, relay_line
+from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
 
@@ -43,11 +45,40 @@ def create_segment(config: Config) -> Segment:
                           slot_size=slot_size_for(largest))
 
 
-def loader_env(config: Config, client: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+def count_gpus() -> int:
+    """NVIDIA device nodes present; no NVML or subprocess needed."""
+    try:
+        return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name))
+    except OSError:
+        return 0
+
+
+def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
+    """The loader's environment: ours, less what is not its business, plus its own limits.
+
+    With `mps` (the daemon answers) it carries the client's MPS limits; without, none,
+    even if our own environment had some.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_LIMITS}
     env["GPU_ORCHESTRATOR_CLIENT"] = client
+    allocation = config.allocations.get(client)
+    if allocation is not None and allocation.devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in allocation.devices)
+    if mps is None:
+        return env
+    env.update(mps_env(mps))
+    if allocation is not None:
+        # Ordinals as the client sees them: CUDA_VISIBLE_DEVICES renumbers from 0.
+        ordinals = range(len(allocation.devices)) if allocation.devices else range(max(gpu_count, 1))
+        mib = int(allocation.mps_memory_limit_gb * 1024)
+        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{o}={mib}M" for o in ordinals)
+        if allocation.active_thread_percentage is not None:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(allocation.active_thread_percentage)
     return env
+
+
+# NOTIFY_SOCKET: only the supervisor talks to systemd. The limits: each loader gets its own.
+INHERITED_LIMITS = {"NOTIFY_SOCKET", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"}
 
 
 def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Policy) -> list[str]:
@@ -69,16 +100,18 @@ def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Po
 
 class Arbiter:
     def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None,
-                 notifier: Notifier | None = None):
+                 notifier: Notifier | None = None, mps: MpsSettings | None = None):
         self.config = config
         self.segment = segment
         self.policy = policy
         self.server = server
         self.notifier = notifier or Notifier()
+        self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
+        self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
         self.lock = threading.Lock()
         self.free_slots = [slot for slot in range(segment.slots - 1, 0, -1) if slot != TELEMETRY_SLOT]
-        self.loaders = {client: self.new_loader(config, client) for client in config.clients}
+        self.loaders: dict[str, LoaderProcess] = {}  # made in run(), once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
         self.warmup = status.Warmup()
         self.settled = True
@@ -90,8 +123,9 @@ class Arbiter:
 
     def new_loader(self, config: Config, client: str) -> LoaderProcess:
         slot = self.free_slots.pop()
+        mps = self.mps.settings if self.mps is not None and self.mps.healthy else None
         return LoaderProcess(client, slot, loader_argv(config, client, self.segment.name, slot, self.policy),
-                             loader_env(config, client), self.policy)
+                             loader_env(config, client, mps, self.gpu_count), self.policy)
 
     # ---- the loop ----------------------------------------------------------
 
@@ -101,9 +135,12 @@ class Arbiter:
         signal.set_wakeup_fd(self.wake_w)
         if self.server is not None:
             threading.Thread(target=self.server.run, name="http", daemon=True).start()
+        if self.mps is not None and not self.mps.start() and self.mps.available:
+            self.mps.schedule_restart(time.monotonic())
         with self.lock:
             now = time.monotonic()
-            for loader in self.loaders.values():
+            for client in self.config.clients:
+                loader = self.loaders[client] = self.new_loader(self.config, client)
                 loader.spawn(now)
                 log.info(kv("loader started", client=loader.client, pid=loader.pid))
             if self.config.preload:
@@ -152,6 +189,7 @@ class Arbiter:
         with self.lock:
             now = time.monotonic()
             self.reap_loaders(now)
+            self.supervise_mps(now)
             for loader in self.loaders.values():
                 if loader.promote_if_started(now):
                     log.info(kv("loader running", client=loader.client, pid=loader.pid))
@@ -207,6 +245,26 @@ class Arbiter:
         for loader in [l for l in self.retiring if l.state == states.STOPPED]:
             self.retiring.remove(loader)
             self.free_slots.append(loader.slot)
+
+    def supervise_mps(self, now: float) -> None:
+        """Restart a dead or hung daemon with backoff; loaders follow it (their MPS clients die with it)."""
+        if self.mps is None:
+            return
+        self.mps.reap(now)
+        self.mps.check_health(now)
+        # Replacing every loader needs a free slot for each; retiring ones free theirs within stop_grace.
+        if len(self.free_slots) >= len(self.loaders) and self.mps.restart_if_due(now):
+            self.replace_loaders(list(self.loaders), now, "the MPS control daemon restarted")
+
+    def replace_loaders(self, clients: list[str], now: float, reason: str) -> None:
+        """Stop these clients' loaders and start fresh ones (new environment, new slot)."""
+        for client in clients:
+            self.retire(self.loaders.pop(client), now)
+            loader = self.loaders[client] = self.new_loader(self.config, client)
+            loader.spawn(now)
+            log.info(kv("loader started", client=client, pid=loader.pid, reason=reason))
+        if clients:
+            self.settled = False
 
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
@@ -301,14 +359,16 @@ class Arbiter:
         if len(added) + len(changed) > len(self.free_slots):
             raise ConfigError(f"{new.model_map_path}: {len(added) + len(changed)} new or changed clients exceed the "
                               f"{len(self.free_slots)} free channel slots; restart the service to apply this map")
-        for client in removed + changed:
+        for client in removed:
             self.retire(self.loaders.pop(client), now)
         self.config = new
-        for client in added + changed:
-            loader = self.loaders[client] = self.new_loader(new, client)
-            loader.spawn(now)
-            log.info(kv("loader started", client=client, pid=loader.pid))
-        if added or changed:
+        for client in added:
+            self.loaders[client] = self.new_loader(new, client)
+        self.replace_loaders(changed, now, "its configuration changed")
+        for client in added:
+            self.loaders[client].spawn(now)
+            log.info(kv("loader started", client=client, pid=self.loaders[client].pid, reason="added"))
+        if added:
             self.settled = False
         self.wake()
         return {"added": added, "removed": removed, "changed": changed}
@@ -327,6 +387,8 @@ class Arbiter:
             line = f"warming up: {line}, {summary['done']}/{summary['total']} models"
         if failed:
             line += f", {len(failed)} failed: {','.join(failed)}"
+        if self.mps is not None and not self.mps.healthy:
+            line += "; MPS down"
         return line
 
     def start_warmup(self, refresh: bool) -> None:
@@ -387,6 +449,8 @@ class Arbiter:
                     loader.exited(wait_status, time.monotonic())
             self.closed = True
             self.segment.close()
+        if self.mps is not None:
+            self.mps.stop(self.policy.stop_grace)
         log.info(kv("stopped"))
 
     # ---- what the HTTP app asks (any thread) ---------------------------------
@@ -394,13 +458,21 @@ class Arbiter:
     def models_status(self) -> dict:
         with self.lock:
             self.check_open()
-            return status.models_status(self.client_views(), self.warmup)
+            return self.compose_status()
+
+    def compose_status(self) -> dict:
+        """/models/status: the warm-up, each client, and whether MPS is up. Lock held."""
+        current = status.models_status(self.client_views(), self.warmup)
+        report = self.mps_report()
+        current["mps"] = {key: report[key] for key in ("enabled", "managed", "restarts", "error")} if report \
+            else {"enabled": False, "error": "ENABLE_MPS is not true"}
+        return current
 
     def request_preload(self, refresh: bool) -> tuple[int, dict]:
         """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed."""
         with self.lock:
             self.check_open()
-            current = status.models_status(self.client_views(), self.warmup)
+            current = self.compose_status()
             if current["in_progress"]:
                 return 202, {"started": False, **current}
             if not refresh and self.warmup.generation > 0:
@@ -409,7 +481,7 @@ class Arbiter:
                 if current["summary"]["failed"]:
                     return 503, {"started": False, **current}
             self.start_warmup(refresh)
-            return 202, {"started": True, **status.models_status(self.client_views(), self.warmup)}
+            return 202, {"started": True, **self.compose_status()}
 
     def health(self) -> dict:
         with self.lock:
@@ -421,7 +493,10 @@ class Arbiter:
                     "clients": len(self.loaders), "loaders": counts}
 
     def gpu_info(self) -> dict:
-        return status.gpu_info(self.config)
+        return status.gpu_info(self.config, self.mps_report())
+
+    def mps_report(self) -> dict | None:
+        return self.mps.report() if self.mps is not None else None
 
     def mps_allocation(self) -> dict:
         return status.mps_allocation(self.config)

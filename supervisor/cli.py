@@ -17,6 +17,8 @@ from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
 from gpu_orchestrator.supervisor.gate import run_gate
 from gpu_orchestrator.supervisor.logs import kv, setup_logging
+from gpu_orchestrator.supervisor.mps import MpsSettings
+from gpu_orchestrator.supervisor.status import allocation_summary
 
 log = logging.getLogger("supervisor")
 EX_UNAVAILABLE = 69
@@ -29,6 +31,10 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preload", action="store_true", help="do not start a warm-up at start")
     parser.add_argument("--heartbeat-timeout", type=float, default=Policy.heartbeat_timeout, metavar="SECONDS",
                         help="kill and restart a loader silent this long (default %(default)s)")
+    parser.add_argument("--mps-probe-interval", type=float, default=MpsSettings.probe_interval, metavar="SECONDS",
+                        help="how often the MPS control daemon is probed (default %(default)s)")
+    parser.add_argument("--mps-timeout", type=float, default=MpsSettings.command_timeout, metavar="SECONDS",
+                        help="how long one MPS control command may take (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +61,14 @@ def listen(config: Config) -> socket.socket:
     return socket.create_server((config.host, config.port), family=family, backlog=1024)
 
 
-def serve(config: Config, policy: Policy = Policy(), on_listening=None) -> int:
+def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None) -> int:
     """Run until SIGTERM/SIGINT. Order matters: nothing is started if the port is taken."""
     for warning in config.warnings:
         log.warning(warning)
-    if config.enable_mps:
-        log.warning(kv("ENABLE_MPS=true, but MPS management is not implemented in this version: "
-                       "loaders run WITHOUT MPS memory limits"))
+    summary = allocation_summary(config)
+    if summary.get("overcommitted"):
+        log.warning(kv("MPS allocations over-commit the GPU memory", limits_gb=summary["total_mps_memory_limit_gb"],
+                       gpu_gb=summary["gpu_memory_total_gb"], over_gb=summary["overcommit_gb"]))
     try:
         sock = listen(config)
     except OSError as exc:
@@ -72,7 +79,7 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None) -> int:
         log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
     segment = create_segment(config)
     try:
-        arbiter = Arbiter(config, segment, policy)
+        arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None)
         app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
         # channel_timeout drops idle keep-alive clients; connection_limit bounds sockets so
         # abandoned connections cannot exhaust file descriptors.
@@ -100,9 +107,15 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def policy_from(args: argparse.Namespace) -> Policy:
-    if not args.heartbeat_timeout > 0:
-        raise ConfigError(f"--heartbeat-timeout: must be > 0, got {args.heartbeat_timeout}")
+    for flag in ("heartbeat_timeout", "mps_probe_interval", "mps_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
     return Policy(heartbeat_timeout=args.heartbeat_timeout)
+
+
+def mps_settings_from(config: Config, args: argparse.Namespace) -> MpsSettings:
+    return MpsSettings(config.mps_pipe_dir, config.mps_log_dir, probe_interval=args.mps_probe_interval,
+                       command_timeout=args.mps_timeout)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -114,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "mps_allocation_config": files.allocation, "strict_model_store": True}
         config = load_config(env=demo_environment(), overrides=overrides)
         print(f"Demo model store written to {directory}", file=sys.stderr)
-        return serve(config, policy_from(args),
+        return serve(config, policy_from(args), mps=mps_settings_from(config, args),
                      on_listening=lambda port: print(demo.instructions(config.host, port), file=sys.stderr))
     finally:
         if not args.dir:
@@ -148,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_gate_command(args)
         if args.command == "demo":
             return run_demo(args)
-        return serve(load_config(overrides=overrides_from(args)), policy_from(args))
+        config = load_config(overrides=overrides_from(args))
+        return serve(config, policy_from(args), mps=mps_settings_from(config, args))
     except ConfigError as exc:
         print(f"gpu-orchestrator: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -148,31 +148,26 @@ def mps_allocation(config: Config) -> dict:
     }
 
 
-def gpu_info(config: Config) -> dict:
+def mps_disabled(config: Config) -> dict:
+    return {"enabled": False, "pipe_dir": config.mps_pipe_dir, "log_dir": config.mps_log_dir,
+            "control_process": False, "control_pid": None, "managed": False, "servers": [],
+            "error": "ENABLE_MPS is not true"}
+
+
+def gpu_info(config: Config, mps: dict | None) -> dict:
     """GPU state as far as this build knows it; never touches NVML or a subprocess."""
     if config.enable_nvml:
         nvml_reason = "NVML telemetry is not implemented in this version; ENABLE_NVML=true has no effect yet"
     else:
         nvml_reason = "ENABLE_NVML is not true"
-    if config.enable_mps:
-        mps_reason = "MPS management is not implemented in this version: loaders run without MPS limits"
-    else:
-        mps_reason = "ENABLE_MPS is not true"
+    mps = mps or mps_disabled(config)
+    summary = allocation_summary(config)
     return {
         "available": False,
         "gpus": [],
         "nvml_enabled": config.enable_nvml,
         "nvml_supported": False,
         "nvml_init_error": nvml_reason,
-        "mps_enabled": False,
-        "mps": {
-            "enabled": False,
-            "pipe_dir": config.mps_pipe_dir,
-            "log_dir": config.mps_log_dir,
-            "control_process": False,
-            "control_pid": None,
-            "managed": False,
-            "servers": [],
-            "error": mps_reason,
-        },
+        "mps_enabled": mps["enabled"],
+        "mps": {**mps, "allocation_overcommitted": summary.get("overcommitted", False)},
     }

@@ -1,0 +1,286 @@
+"""The NVIDIA MPS control daemon: start or adopt it, probe it, restart it, quit it.
+
+We talk to it the way operators do: run `nvidia-cuda-mps-control` (whatever is
+first on PATH) with the pipe and log folders in its environment and write one
+command to its stdin, always with a timeout. The probe runs in its own thread so
+a hung daemon never stalls the supervision loop; the loop alone starts, kills
+and restarts the daemon.
+"""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+from gpu_orchestrator.supervisor.logs import kv
+
+log = logging.getLogger("mps")
+BINARY = "nvidia-cuda-mps-control"
+PID_FILE = "nvidia-cuda-mps-control.pid"
+CONTROL_PIPE = "control"
+
+
+class MpsError(Exception):
+    """The control daemon did not answer, or answered with an error."""
+
+
+@dataclass(frozen=True)
+class MpsSettings:
+    pipe_dir: str
+    log_dir: str
+    probe_interval: float = 5.0
+    command_timeout: float = 5.0
+    start_timeout: float = 15.0
+    failures_to_restart: int = 2
+
+
+def mps_env(settings: MpsSettings) -> dict[str, str]:
+    return {"CUDA_MPS_PIPE_DIRECTORY": settings.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": settings.log_dir}
+
+
+def query(settings: MpsSettings, command: str, timeout: float | None = None) -> str:
+    """Run one control command; return its output or raise MpsError saying what went wrong."""
+    binary = shutil.which(BINARY)
+    if binary is None:
+        raise MpsError(f"{BINARY} not found on PATH")
+    try:
+        result = subprocess.run([binary], input=command + "\n", capture_output=True, text=True,
+                                env={**os.environ, **mps_env(settings)},
+                                timeout=timeout or settings.command_timeout)
+    except subprocess.TimeoutExpired:
+        raise MpsError(f"'{command}' got no answer within {timeout or settings.command_timeout:g} s: "
+                       "the control daemon is hung") from None
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        raise MpsError(f"'{command}' failed (exit {result.returncode}): {output or 'no output'}")
+    return result.stdout.strip()
+
+
+def ensure_folders(settings: MpsSettings) -> None:
+    """0755: MPS servers the daemon starts for other users must reach both folders."""
+    for folder in (settings.pipe_dir, settings.log_dir):
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+
+
+@dataclass
+class Probe:
+    """The last thing the probe learned; what /gpu/info serves."""
+
+    answering: bool = False
+    servers: list[int] = field(default_factory=list)
+    default_active_thread_percentage: str | None = None
+    error: str | None = None
+    probed_at: float | None = None  # wall clock
+    failures: int = 0
+
+
+class MpsDaemon:
+    """Lifecycle of one control daemon. `start`, `reap`, `restart_if_due`, `stop` run in the loop."""
+
+    def __init__(self, settings: MpsSettings, wake=lambda: None):
+        self.settings = settings
+        self.wake = wake
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.managed = False
+        self.available = shutil.which(BINARY) is not None
+        self.probe = Probe(error=None if self.available else f"{BINARY} not found on PATH")
+        self.restarts = 0
+        self.restart_at: float | None = None
+        self.deaths: list[float] = []
+        self.generation = 0  # bumps every time a daemon (re)starts: loaders must follow
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    # ---- loop side ----------------------------------------------------------
+
+    def start(self) -> bool:
+        """Adopt a daemon that answers, or start ours and wait until it answers."""
+        if not self.available:
+            log.error(kv(f"ENABLE_MPS=true but {BINARY} is not on PATH: loaders run WITHOUT MPS limits; "
+                         "install the NVIDIA compute utilities or fix PATH"))
+            return False
+        ensure_folders(self.settings)
+        try:
+            query(self.settings, "get_server_list")
+            self.managed = False
+            log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
+                        pid=self.control_pid()))
+        except MpsError:
+            self.spawn()
+            if not self.wait_answering():
+                return False
+        self.generation += 1
+        self.record_probe()
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.probe_forever, name="mps-probe", daemon=True)
+            self.thread.start()
+        return True
+
+    def spawn(self) -> None:
+        self.proc = subprocess.Popen([shutil.which(BINARY), "-f"], env={**os.environ, **mps_env(self.settings)},
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, process_group=0)
+        self.managed = True
+        log.info(kv("started the MPS control daemon", pid=self.proc.pid, pipe_dir=self.settings.pipe_dir))
+
+    def wait_answering(self) -> bool:
+        deadline = time.monotonic() + self.settings.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.note_failure(f"the control daemon exited with {self.proc.returncode} while starting")
+                return False
+            try:
+                query(self.settings, "get_server_list", timeout=2.0)
+                return True
+            except MpsError:
+                self.stopping.wait(0.1)
+        self.note_failure(f"the control daemon did not answer within {self.settings.start_timeout:g} s")
+        self.kill()
+        return False
+
+    def note_failure(self, reason: str) -> None:
+        with self.lock:
+            self.probe.answering = False
+            self.probe.error = reason
+        log.error(kv("MPS control daemon failed", reason=reason))
+
+    def reap(self, now: float) -> bool:
+        """True when our daemon has died (it is then scheduled for a restart)."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        code = self.proc.returncode
+        self.proc = None
+        if self.stopping.is_set():
+            return False
+        self.note_failure(f"the control daemon exited with {code}")
+        self.schedule_restart(now)
+        return True
+
+    def check_health(self, now: float) -> None:
+        """Act on the probe thread's verdict: kill a managed daemon that stopped answering."""
+        with self.lock:
+            failing = self.probe.failures >= self.settings.failures_to_restart
+        if not failing or self.restart_at is not None:
+            return
+        if self.managed and self.proc is not None:
+            log.error(kv("MPS control daemon stopped answering; killing it", pid=self.proc.pid))
+            self.kill()
+            self.schedule_restart(now)
+        elif not self.managed and self.control_pid() is None:
+            self.schedule_restart(now)  # the adopted daemon is gone: run our own
+
+    def schedule_restart(self, now: float) -> None:
+        self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+        delay = min(30.0, 0.5 * 2 ** (len(self.deaths) - 1))
+        self.restart_at = now + delay
+        log.warning(kv("MPS control daemon restart scheduled", in_s=delay))
+
+    def restart_if_due(self, now: float) -> bool:
+        """True when a daemon was (re)started and loaders must be restarted under it."""
+        if self.restart_at is None or now < self.restart_at:
+            return False
+        self.restart_at = None
+        self.restarts += 1
+        with self.lock:
+            self.probe.failures = 0
+        if self.start():
+            return True
+        self.schedule_restart(time.monotonic())
+        return False
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+        self.remove_pipe_files()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """quit through the control pipe, wait, then TERM and KILL; an adopted daemon is left alone."""
+        self.stopping.set()
+        if self.proc is None:
+            return
+        try:
+            query(self.settings, "quit")
+            self.proc.wait(grace)
+        except (MpsError, subprocess.TimeoutExpired):
+            log.warning(kv("MPS control daemon ignored quit; terminating it", pid=self.proc.pid))
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill()
+        self.proc = None
+        self.remove_pipe_files()
+        log.info(kv("MPS control daemon stopped"))
+
+    def remove_pipe_files(self) -> None:
+        """A killed daemon cannot clean up; leave no pipe a client would try to reach."""
+        for name in (CONTROL_PIPE, PID_FILE):
+            try:
+                os.unlink(os.path.join(self.settings.pipe_dir, name))
+            except FileNotFoundError:
+                pass
+
+    # ---- probe thread ---------------------------------------------------------
+
+    def probe_forever(self) -> None:
+        while not self.stopping.wait(self.settings.probe_interval):
+            self.record_probe()
+
+    def record_probe(self) -> None:
+        try:
+            servers = [int(p) for p in query(self.settings, "get_server_list").split() if p.isdigit()]
+            percentage = query(self.settings, "get_default_active_thread_percentage")
+        except MpsError as exc:
+            with self.lock:
+                self.probe.answering, self.probe.error = False, str(exc)
+                self.probe.failures += 1
+                self.probe.probed_at = time.time()
+            self.wake()
+            return
+        with self.lock:
+            self.probe = Probe(True, servers, percentage, None, time.time(), 0)
+
+    # ---- what /gpu/info serves ---------------------------------------------------
+
+    def control_pid(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.pid
+        try:
+            pid = int(open(os.path.join(self.settings.pipe_dir, PID_FILE)).read().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid > 0 and os.path.exists(f"/proc/{pid}") else None
+
+    @property
+    def healthy(self) -> bool:
+        with self.lock:
+            return self.available and self.probe.answering
+
+    def report(self) -> dict:
+        with self.lock:
+            probe = self.probe
+            return {
+                "enabled": self.available and probe.answering,
+                "pipe_dir": self.settings.pipe_dir,
+                "log_dir": self.settings.log_dir,
+                "control_process": probe.answering,
+                "control_pid": self.control_pid() if self.available else None,
+                "managed": self.managed,
+                "servers": list(probe.servers),
+                "default_active_thread_percentage": probe.default_active_thread_percentage,
+                "restarts": self.restarts,
+                "probed_at": probe.probed_at,
+                "error": probe.error,
+            }

@@ -1,0 +1,155 @@
+"""MPS with the fake nvidia-cuda-mps-control first on PATH: start, adopt, probe, restart, quit."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from support import Orchestrator, wait_for, write_config
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
+FAST = ("--mps-probe-interval", "0.3", "--mps-timeout", "1")
+
+
+@pytest.fixture
+def mps_dirs(tmp_path):
+    return {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "mps-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "mps-log")}
+
+
+@pytest.fixture
+def mps_env(mps_dirs):
+    return {**mps_dirs, "ENABLE_MPS": "true", "PATH": f"{FAKES}:{os.environ['PATH']}",
+            # Ours must never leak into a loader: each gets exactly its own.
+            "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "9=9M"}
+
+
+@pytest.fixture
+def mps_setup(tmp_path, store):
+    return write_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"], "gamma": ["org/g1"]}, {
+        "alpha": {"mps_memory_limit_gb": 1.0, "active_thread_percentage": 50},
+        "beta": {"mps_memory_limit_gb": 0.5, "devices": [1, 2]},
+    })
+
+
+def environ(pid: int) -> dict:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in items if b"=" in item)
+
+
+def mps_vars(pid: int) -> dict:
+    return {k: v for k, v in environ(pid).items() if k.startswith("CUDA_")}
+
+
+def ctl(mps_dirs, command):
+    return subprocess.run([str(FAKES / "nvidia-cuda-mps-control")], input=command + "\n", text=True,
+                          capture_output=True, env={**os.environ, **mps_dirs}, timeout=10)
+
+
+def test_managed_daemon_limits_status_and_quit(tmp_path, store, mps_setup, mps_env, mps_dirs):
+    model_map, allocation = mps_setup
+    with Orchestrator(tmp_path, store, model_map, allocation, extra_args=FAST, env=mps_env) as orch:
+        status = orch.wait_settled()
+        assert status["all_ready"] and status["mps"] == {"enabled": True, "managed": True, "restarts": 0, "error": None}
+        info = orch.get("/gpu/info")[1]
+        mps = info["mps"]
+        assert info["mps_enabled"] is True and mps["enabled"] and mps["managed"] and mps["control_process"]
+        daemon = psutil.Process(mps["control_pid"])
+        assert daemon.ppid() == orch.proc.pid and "-f" in daemon.cmdline()
+        pipe, logs = Path(mps_dirs["CUDA_MPS_PIPE_DIRECTORY"]), Path(mps_dirs["CUDA_MPS_LOG_DIRECTORY"])
+        assert (pipe / "control").exists() and (pipe / "nvidia-cuda-mps-control.pid").exists()
+        for folder in (pipe, logs):
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        common = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+        assert mps_vars(orch.loader_pid("alpha")) == {**common, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1024M",
+                                                      "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}
+        assert mps_vars(orch.loader_pid("beta")) == {**common, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=512M,1=512M",
+                                                     "CUDA_VISIBLE_DEVICES": "1,2"}
+        assert mps_vars(orch.loader_pid("gamma")) == common
+        if shutil.which("jq"):
+            out = subprocess.run(["bash", "-c", f"curl -s {orch.url}/gpu/info | jq '{{mps_enabled, mps}}'"],
+                                 capture_output=True, text=True, check=True).stdout
+            assert json.loads(out)["mps"]["pipe_dir"] == str(pipe)
+        assert orch.stop() == 0
+        assert "Received command: quit" in (logs / "control.log").read_text()
+        assert not daemon.is_running()
+        assert not (pipe / "control").exists() and not (pipe / "nvidia-cuda-mps-control.pid").exists()
+
+
+def test_running_daemon_is_adopted_and_left_running(tmp_path, store, mps_setup, mps_env, mps_dirs):
+    model_map, allocation = mps_setup
+    subprocess.run([str(FAKES / "nvidia-cuda-mps-control"), "-d"], env={**os.environ, **mps_dirs}, check=True)
+    pid = int((Path(mps_dirs["CUDA_MPS_PIPE_DIRECTORY"]) / "nvidia-cuda-mps-control.pid").read_text())
+    try:
+        with Orchestrator(tmp_path, store, model_map, allocation, extra_args=FAST, env=mps_env) as orch:
+            orch.wait_settled()
+            mps = orch.get("/gpu/info")[1]["mps"]
+            assert mps["enabled"] and mps["managed"] is False and mps["control_pid"] == pid
+            assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha"))
+            assert orch.stop() == 0
+        assert psutil.pid_exists(pid) and ctl(mps_dirs, "get_server_list").returncode == 0
+    finally:
+        ctl(mps_dirs, "quit")
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                 what="adopted daemon gone")
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_dead_or_hung_daemon_is_restarted_and_loaders_follow(tmp_path, store, mps_setup, mps_env, fault):
+    model_map, allocation = mps_setup
+    with Orchestrator(tmp_path, store, model_map, allocation, extra_args=FAST, env=mps_env) as orch:
+        orch.wait_settled()
+        first = orch.get("/gpu/info")[1]["mps"]["control_pid"]
+        loaders = {c: orch.loader_pid(c) for c in ("alpha", "beta", "gamma")}
+        os.kill(first, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        try:
+            down = wait_for(lambda: (m := orch.get("/gpu/info")[1]["mps"]) and not m["enabled"] and m,
+                            what="MPS reported down")
+            assert down["error"]
+            assert orch.status()["mps"]["enabled"] is False
+
+            def recovered():
+                status = orch.status()
+                mps = orch.get("/gpu/info")[1]["mps"]
+                fresh = all(status["clients"][c]["pid"] not in (None, loaders[c]) for c in loaders)
+                return (mps, status) if mps["enabled"] and mps["restarts"] >= 1 and fresh and status["all_ready"] else None
+
+            mps, status = wait_for(recovered, what="daemon and loaders back")
+            assert mps["control_pid"] != first and mps["managed"]
+            assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(status["clients"]["alpha"]["pid"])
+            if fault == "hung":
+                assert "stopped answering; killing it" in orch.output()
+            assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+        finally:
+            if psutil.pid_exists(first):
+                os.kill(first, signal.SIGKILL)
+
+
+def test_missing_binary_serves_without_mps_and_says_so(tmp_path, store, mps_setup, mps_dirs):
+    model_map, allocation = mps_setup
+    env = {**mps_dirs, "ENABLE_MPS": "true", "PATH": "/usr/bin:/bin"}
+    with Orchestrator(tmp_path, store, model_map, allocation, env=env) as orch:
+        assert orch.wait_settled()["all_ready"]
+        info = orch.get("/gpu/info")[1]
+        assert info["mps_enabled"] is False and "not found on PATH" in info["mps"]["error"]
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in mps_vars(orch.loader_pid("alpha"))
+        assert "loaders run WITHOUT MPS limits" in orch.output()
+
+
+def test_overcommit_is_flagged_not_refused(tmp_path, store):
+    model_map = tmp_path / "AGENT_MODEL_MAP.json"
+    model_map.write_text(json.dumps({"alpha": ["org/a1"], "gamma": ["org/g1"]}))
+    allocation = tmp_path / "alloc.json"
+    allocation.write_text(json.dumps({"mps_resource_allocation": {
+        "agent_allocations": {"alpha": {"mps_memory_limit_gb": 1.0}, "gamma": {"mps_memory_limit_gb": 0.75}},
+        "mps_configuration": {"total_gpu_memory_gb": 1.5}}}))
+    with Orchestrator(tmp_path, store, model_map, allocation) as orch:
+        summary = orch.get("/mps/allocation")[1]["mps_resource_allocation"]["system_summary"]
+        assert summary["overcommitted"] is True and summary["overcommit_gb"] == 0.25
+        assert orch.get("/gpu/info")[1]["mps"]["allocation_overcommitted"] is True
+        assert "MPS allocations over-commit the GPU memory" in orch.output()
