@@ -21,7 +21,7 @@ setup(
     },
     install_requires=[
         "psutil>=5.9",
-        "pynvml>=11.5",
+        "nvidia-ml-py>=12.535",
         "msgspec>=0.18",
         "falcon>=3.1",
         "waitress>=2.1",

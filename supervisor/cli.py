@@ -15,6 +15,7 @@ from gpu_orchestrator.supervisor import channel, demo
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
+from gpu_orchestrator.supervisor.diag import run_diag
 from gpu_orchestrator.supervisor.gate import run_gate
 from gpu_orchestrator.supervisor.logs import kv, setup_logging
 from gpu_orchestrator.supervisor.mps import MpsSettings
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     gate_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT, "
                                            "else http://127.0.0.1:8014)")
     gate_parser.add_argument("--timeout", type=float, help="seconds to wait (GATE_TIMEOUT, default 180)")
+    diag_parser = commands.add_parser("mps-diag", help="diagnose the MPS pipe and log folders, daemon and limits")
+    diag_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    diag_parser.add_argument("--pipe-dir", help="CUDA_MPS_PIPE_DIRECTORY (default from the environment, else /tmp/nvidia-mps)")
+    diag_parser.add_argument("--log-dir", help="CUDA_MPS_LOG_DIRECTORY (default from the environment, else /var/log/nvidia-mps)")
+    diag_parser.add_argument("--timeout", type=float, default=5.0, help="seconds the daemon has to answer")
     return parser
 
 
@@ -159,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "gate":
             return run_gate_command(args)
+        if args.command == "mps-diag":
+            return run_diag(MpsSettings(
+                args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
+                args.log_dir or os.environ.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
+                command_timeout=args.timeout), args.json)
         if args.command == "demo":
             return run_demo(args)
         config = load_config(overrides=overrides_from(args))

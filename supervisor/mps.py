@@ -16,12 +16,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import psutil
+
 from gpu_orchestrator.supervisor.logs import kv
 
 log = logging.getLogger("mps")
 BINARY = "nvidia-cuda-mps-control"
 PID_FILE = "nvidia-cuda-mps-control.pid"
 CONTROL_PIPE = "control"
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not merely a zombie nobody has reaped yet."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class MpsError(Exception):
@@ -261,7 +271,7 @@ class MpsDaemon:
             pid = int(open(os.path.join(self.settings.pipe_dir, PID_FILE)).read().strip())
         except (OSError, ValueError):
             return None
-        return pid if pid > 0 and os.path.exists(f"/proc/{pid}") else None
+        return pid if pid > 0 and process_alive(pid) else None
 
     @property
     def healthy(self) -> bool:
