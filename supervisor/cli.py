@@ -11,7 +11,7 @@ import tempfile
 import waitress
 
 from gpu_orchestrator.http.app import create_app
-from gpu_orchestrator.supervisor import channel, demo
+from gpu_orchestrator.supervisor import channel, demo, gpucheck
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag_parser.add_argument("--pipe-dir", help="CUDA_MPS_PIPE_DIRECTORY (default from the environment, else /tmp/nvidia-mps)")
     diag_parser.add_argument("--log-dir", help="CUDA_MPS_LOG_DIRECTORY (default from the environment, else /var/log/nvidia-mps)")
     diag_parser.add_argument("--timeout", type=float, default=5.0, help="seconds the daemon has to answer")
+    commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host; print what it saw")
     return parser
 
 
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "gate":
             return run_gate_command(args)
+        if args.command == "gpu-check":
+            return gpucheck.check()
         if args.command == "mps-diag":
             return run_diag(MpsSettings(
                 args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
