@@ -25,6 +25,7 @@ setup(
         "msgspec>=0.18",
         "falcon>=3.1",
         "waitress>=2.1",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

@@ -12,6 +12,7 @@ import falcon
 import msgspec
 
 from gpu_orchestrator.http import resources
+from gpu_orchestrator.http.metrics import Metrics, RequestCounter
 
 log = logging.getLogger("http")
 
@@ -54,7 +55,8 @@ def unavailable(req, resp, exc, params):
 
 def create_app(source, token: str | None = None, unavailable_errors: tuple = ()) -> falcon.App:
     """`unavailable_errors`: exception types the source raises when it cannot answer (503)."""
-    app = falcon.App(middleware=[BearerToken(token)] if token else [])
+    requests = RequestCounter()
+    app = falcon.App(middleware=[requests, *([BearerToken(token)] if token else [])])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, unexpected_error)
     for error in unavailable_errors:
@@ -65,4 +67,5 @@ def create_app(source, token: str | None = None, unavailable_errors: tuple = ())
     app.add_route("/models/preload", resources.ModelsPreload(source))
     app.add_route("/gpu/info", resources.GpuInfo(source))
     app.add_route("/mps/allocation", resources.MpsAllocation(source))
+    app.add_route("/metrics", Metrics(source, requests))
     return app

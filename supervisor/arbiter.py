@@ -24,6 +24,7 @@ from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
+from gpu_orchestrator.supervisor.telemetry import Sampler, Telemetry
 
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
@@ -100,7 +101,7 @@ def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Po
 
 class Arbiter:
     def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None,
-                 notifier: Notifier | None = None, mps: MpsSettings | None = None):
+                 notifier: Notifier | None = None, mps: MpsSettings | None = None, telemetry_interval: float = 2.0):
         self.config = config
         self.segment = segment
         self.policy = policy
@@ -109,7 +110,10 @@ class Arbiter:
         self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
         self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
-        self.lock = threading.Lock()
+        self.telemetry_reader = SlotReader(segment, Telemetry)
+        self.sampler = Sampler(segment, TELEMETRY_SLOT, telemetry_interval, self.sampler_owners) \
+            if config.enable_nvml else None
+        self.lock = threading.RLock()  # re-entrant: status_line() is used both inside and outside the loop's lock
         self.free_slots = [slot for slot in range(segment.slots - 1, 0, -1) if slot != TELEMETRY_SLOT]
         self.loaders: dict[str, LoaderProcess] = {}  # made in run(), once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
@@ -145,8 +149,10 @@ class Arbiter:
                 log.info(kv("loader started", client=loader.client, pid=loader.pid))
             if self.config.preload:
                 self.start_warmup(refresh=False)
-            # The socket listens since create_server and the HTTP thread now accepts.
-            self.notifier.ready(self.status_line())
+        if self.sampler is not None:
+            self.sampler.start()  # after the loaders exist, so the first sample can attribute them
+        # The socket listens since create_server and the HTTP thread now accepts.
+        self.notifier.ready(self.status_line())
         try:
             while not self.stopping:
                 self.tick(self.next_timeout())
@@ -193,6 +199,7 @@ class Arbiter:
             for loader in self.loaders.values():
                 if loader.promote_if_started(now):
                     log.info(kv("loader running", client=loader.client, pid=loader.pid))
+                loader.measure_rss()
             self.check_heartbeats(now)
             self.stop_retiring(now)
             self.restart_loaders(now)
@@ -375,7 +382,8 @@ class Arbiter:
 
     def status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status` shows an operator at a glance."""
-        current = status.models_status(self.client_views(), self.warmup)
+        with self.lock:
+            current = status.models_status(self.client_views(), self.warmup)
         clients = current["clients"]
         ready = sum(c["ready"] for c in clients.values())
         failed = sorted(name for name, c in clients.items() if any(m["status"] == "failed" for m in c["models"]))
@@ -411,14 +419,29 @@ class Arbiter:
         message = self.reader.read(loader.slot)
         return message if message is not None and message.pid == loader.pid else None
 
+    def sampler_owners(self) -> tuple[dict[int, str], list[int]]:
+        """For the sampler thread: which pid is whose loader, and the MPS servers."""
+        with self.lock:
+            loaders = {l.pid: l.client for l in self.loaders.values() if l.pid is not None}
+        report = self.mps_report()
+        return loaders, report["servers"] if report else []
+
+    def telemetry(self) -> Telemetry | None:
+        """The sampler's last snapshot. Lock held."""
+        return self.telemetry_reader.read(TELEMETRY_SLOT) if self.sampler is not None else None
+
     def client_views(self) -> list[status.ClientView]:
+        telemetry = self.telemetry()
+        gpu_memory = telemetry.clients if telemetry is not None and telemetry.nvml_supported else None
         return [
             status.ClientView(
                 client=loader.client, models=self.config.clients[loader.client], state=loader.state,
                 pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
                 fatal_reason=loader.fatal_reason,
                 memory_limit_bytes=self.config.memory_limit_bytes(loader.client),
-                published=self.published(loader))
+                published=self.published(loader),
+                gpu_memory_bytes=gpu_memory.get(loader.client, 0) if gpu_memory is not None else None,
+                rss_bytes=loader.rss_bytes if loader.pid is not None else None)
             for loader in self.loaders.values()
         ]
 
@@ -448,6 +471,8 @@ class Arbiter:
                     _, wait_status = os.waitpid(loader.proc.pid, 0)
                     loader.exited(wait_status, time.monotonic())
             self.closed = True
+            if self.sampler is not None:
+                self.sampler.stop()
             self.segment.close()
         if self.mps is not None:
             self.mps.stop(self.policy.stop_grace)
@@ -493,13 +518,19 @@ class Arbiter:
                     "clients": len(self.loaders), "loaders": counts}
 
     def gpu_info(self) -> dict:
-        return status.gpu_info(self.config, self.mps_report())
+        with self.lock:
+            self.check_open()
+            telemetry = self.telemetry()
+        return status.gpu_info(self.config, self.mps_report(), telemetry)
 
     def mps_report(self) -> dict | None:
         return self.mps.report() if self.mps is not None else None
 
     def mps_allocation(self) -> dict:
-        return status.mps_allocation(self.config)
+        with self.lock:
+            self.check_open()
+            telemetry = self.telemetry()
+        return status.mps_allocation(self.config, telemetry)
 
     def check_open(self) -> None:
         if self.closed:

@@ -20,6 +20,7 @@ from gpu_orchestrator.supervisor.gate import run_gate
 from gpu_orchestrator.supervisor.logs import kv, setup_logging
 from gpu_orchestrator.supervisor.mps import MpsSettings
 from gpu_orchestrator.supervisor.status import allocation_summary
+from gpu_orchestrator.supervisor.statusview import run_status
 
 log = logging.getLogger("supervisor")
 EX_UNAVAILABLE = 69
@@ -32,6 +33,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preload", action="store_true", help="do not start a warm-up at start")
     parser.add_argument("--heartbeat-timeout", type=float, default=Policy.heartbeat_timeout, metavar="SECONDS",
                         help="kill and restart a loader silent this long (default %(default)s)")
+    parser.add_argument("--telemetry-interval", type=float, default=2.0, metavar="SECONDS",
+                        help="NVML sampling period with ENABLE_NVML=true (default %(default)s)")
     parser.add_argument("--mps-probe-interval", type=float, default=MpsSettings.probe_interval, metavar="SECONDS",
                         help="how often the MPS control daemon is probed (default %(default)s)")
     parser.add_argument("--mps-timeout", type=float, default=MpsSettings.command_timeout, metavar="SECONDS",
@@ -60,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     diag_parser.add_argument("--log-dir", help="CUDA_MPS_LOG_DIRECTORY (default from the environment, else /var/log/nvidia-mps)")
     diag_parser.add_argument("--timeout", type=float, default=5.0, help="seconds the daemon has to answer")
     commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host; print what it saw")
+    status_parser = commands.add_parser("status", help="show a running orchestrator: GPUs, clients, models, MPS")
+    status_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT)")
+    status_parser.add_argument("--json", action="store_true", help="print /models/status and /gpu/info as JSON")
+    status_parser.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                               help="refresh every SECONDS (default 2) until Ctrl-C")
     return parser
 
 
@@ -68,7 +76,8 @@ def listen(config: Config) -> socket.socket:
     return socket.create_server((config.host, config.port), family=family, backlog=1024)
 
 
-def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None) -> int:
+def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None,
+          telemetry_interval: float = 2.0) -> int:
     """Run until SIGTERM/SIGINT. Order matters: nothing is started if the port is taken."""
     for warning in config.warnings:
         log.warning(warning)
@@ -86,7 +95,8 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
         log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
     segment = create_segment(config)
     try:
-        arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None)
+        arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
+                          telemetry_interval=telemetry_interval)
         app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
         # channel_timeout drops idle keep-alive clients; connection_limit bounds sockets so
         # abandoned connections cannot exhaust file descriptors.
@@ -114,7 +124,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def policy_from(args: argparse.Namespace) -> Policy:
-    for flag in ("heartbeat_timeout", "mps_probe_interval", "mps_timeout"):
+    for flag in ("heartbeat_timeout", "mps_probe_interval", "mps_timeout", "telemetry_interval"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
     return Policy(heartbeat_timeout=args.heartbeat_timeout)
@@ -135,6 +145,7 @@ def run_demo(args: argparse.Namespace) -> int:
         config = load_config(env=demo_environment(), overrides=overrides)
         print(f"Demo model store written to {directory}", file=sys.stderr)
         return serve(config, policy_from(args), mps=mps_settings_from(config, args),
+                     telemetry_interval=args.telemetry_interval,
                      on_listening=lambda port: print(demo.instructions(config.host, port), file=sys.stderr))
     finally:
         if not args.dir:
@@ -142,15 +153,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def demo_environment() -> dict:
-    """The demo ignores any production settings in the environment but the listen address."""
-    keep = ("GPU_ORCHESTRATOR_HOST", "GPU_ORCHESTRATOR_PORT", "GPU_ORCHESTRATOR_TOKEN", "LOG_LEVEL")
+    """The demo uses its own store and files; of the environment it keeps where to listen and what to run."""
+    keep = ("GPU_ORCHESTRATOR_HOST", "GPU_ORCHESTRATOR_PORT", "GPU_ORCHESTRATOR_TOKEN", "LOG_LEVEL",
+            "ENABLE_NVML", "ENABLE_MPS", "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
     return {name: os.environ[name] for name in keep if name in os.environ}
+
+
+def default_url() -> str:
+    env = os.environ
+    return "http://{}:{}".format(env.get("GPU_ORCHESTRATOR_HOST", "127.0.0.1"), env.get("GPU_ORCHESTRATOR_PORT", "8014"))
 
 
 def run_gate_command(args: argparse.Namespace) -> int:
     env = os.environ
-    url = args.url or "http://{}:{}".format(env.get("GPU_ORCHESTRATOR_HOST", "127.0.0.1"),
-                                            env.get("GPU_ORCHESTRATOR_PORT", "8014"))
+    url = args.url or default_url()
     timeout = args.timeout
     if timeout is None:
         try:
@@ -166,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "gate":
             return run_gate_command(args)
+        if args.command == "status":
+            return run_status(args.url or default_url(), args.json, args.watch)
         if args.command == "gpu-check":
             return gpucheck.check()
         if args.command == "mps-diag":
@@ -176,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return run_demo(args)
         config = load_config(overrides=overrides_from(args))
-        return serve(config, policy_from(args), mps=mps_settings_from(config, args))
+        return serve(config, policy_from(args), mps=mps_settings_from(config, args),
+                     telemetry_interval=args.telemetry_interval)
     except ConfigError as exc:
         print(f"gpu-orchestrator: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -7,6 +7,8 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 
+import psutil
+
 from gpu_orchestrator.supervisor import states
 from gpu_orchestrator.supervisor.schema import EXIT_CANNOT_BOOT
 
@@ -53,6 +55,7 @@ class LoaderProcess:
     sent_generation: int = 0
     stderr_tail: bytes = b""
     last_line: str | None = None
+    rss_bytes: int | None = None
     deaths: deque = field(default_factory=deque)
     failed_starts: deque = field(default_factory=deque)
 
@@ -130,6 +133,16 @@ class LoaderProcess:
         self.deaths.clear()
         self.failed_starts.clear()
         self.fatal_reason = None
+
+    def measure_rss(self) -> None:
+        """Resident memory of the live loader (read by the loop, served by HTTP)."""
+        if self.pid is None:
+            self.rss_bytes = None
+            return
+        try:
+            self.rss_bytes = psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            self.rss_bytes = None
 
     def read_stderr(self) -> list[str]:
         """Complete lines the loader wrote since the last call (and its last words at EOF)."""

@@ -10,9 +10,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import msgspec
+
 from gpu_orchestrator.supervisor import states
 from gpu_orchestrator.supervisor.config import GiB, Config
 from gpu_orchestrator.supervisor.schema import FAILED, IDLE, LOADING, PENDING, READY, LoaderState, ModelProgress
+from gpu_orchestrator.supervisor.telemetry import Telemetry
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class ClientView:
     fatal_reason: str | None
     memory_limit_bytes: int | None
     published: LoaderState | None  # None unless written by the live loader
+    gpu_memory_bytes: int | None = None  # from the last NVML sample, when there is one
+    rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
             "last_exit": view.last_exit,
             "error": view.fatal_reason,
             "memory_limit_bytes": view.memory_limit_bytes,
+            "gpu_memory_bytes": view.gpu_memory_bytes,
+            "rss_bytes": view.rss_bytes,
             "heartbeat_age_s": round(now - view.published.heartbeat, 3) if view.published else None,
             "models": [model_detail(m) for m in models],
         }
@@ -109,8 +116,12 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
     }
 
 
-def allocation_summary(config: Config) -> dict:
-    """system_summary recomputed from the validated allocations; the stored one is never trusted."""
+def allocation_summary(config: Config, gpu_memory_bytes: int | None = None) -> dict:
+    """system_summary recomputed from the validated allocations; the stored one is never trusted.
+
+    Over-commit is judged against the GPU memory NVML found (`gpu_memory_bytes`), else
+    against mps_configuration.total_gpu_memory_gb.
+    """
     allocations = config.allocations
     limits = [a.mps_memory_limit_gb for a in allocations.values()]
     required = sum(a.calculated_requirement_gb or 0.0 for a in allocations.values())
@@ -127,22 +138,32 @@ def allocation_summary(config: Config) -> dict:
         "memory_efficiency_percent": round(100 * required / total_limit, 1) if total_limit else None,
     }
     gpu_total = config.allocation_document.get("mps_configuration", {}).get("total_gpu_memory_gb")
+    source = "mps_configuration.total_gpu_memory_gb"
+    if gpu_memory_bytes:
+        gpu_total, source = round(gpu_memory_bytes / GiB, 3), "nvml"
     if isinstance(gpu_total, (int, float)) and gpu_total > 0:
         summary["gpu_memory_total_gb"] = gpu_total
-        summary["gpu_memory_total_source"] = "mps_configuration.total_gpu_memory_gb"
+        summary["gpu_memory_total_source"] = source
         summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1)
         summary["overcommitted"] = total_limit > gpu_total
         summary["overcommit_gb"] = round(max(0.0, total_limit - gpu_total), 3)
     return summary
 
 
-def mps_allocation(config: Config) -> dict:
+def gpu_memory_present(telemetry: Telemetry | None) -> int | None:
+    """Total memory of the GPUs NVML sees healthy, or None without telemetry."""
+    if telemetry is None or not telemetry.nvml_supported:
+        return None
+    return sum(g.memory_total_bytes or 0 for g in telemetry.gpus if g.error is None) or None
+
+
+def mps_allocation(config: Config, telemetry: Telemetry | None = None) -> dict:
     document = config.allocation_document
     return {
         "mps_resource_allocation": {
             "agent_allocations": document.get("agent_allocations", {}),
             "mps_configuration": document.get("mps_configuration", {}),
-            "system_summary": allocation_summary(config),
+            "system_summary": allocation_summary(config, gpu_memory_present(telemetry)),
         },
         "source": config.allocation_path or None,
     }
@@ -154,20 +175,38 @@ def mps_disabled(config: Config) -> dict:
             "error": "ENABLE_MPS is not true"}
 
 
-def gpu_info(config: Config, mps: dict | None) -> dict:
-    """GPU state as far as this build knows it; never touches NVML or a subprocess."""
-    if config.enable_nvml:
-        nvml_reason = "NVML telemetry is not implemented in this version; ENABLE_NVML=true has no effect yet"
-    else:
-        nvml_reason = "ENABLE_NVML is not true"
+def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now: float | None = None) -> dict:
+    """GPU state from the sampler's last snapshot; never touches NVML or a subprocess."""
+    now = time.monotonic() if now is None else now
     mps = mps or mps_disabled(config)
-    summary = allocation_summary(config)
-    return {
+    info = {
         "available": False,
         "gpus": [],
+        "clients": {},
         "nvml_enabled": config.enable_nvml,
         "nvml_supported": False,
-        "nvml_init_error": nvml_reason,
+        "nvml_init_error": "ENABLE_NVML is not true",
+        "driver_version": None,
+        "cuda_driver_version": None,
+        "sampled_at": None,
+        "age_s": None,
         "mps_enabled": mps["enabled"],
-        "mps": {**mps, "allocation_overcommitted": summary.get("overcommitted", False)},
+        "mps": {**mps, "allocation_overcommitted":
+                allocation_summary(config, gpu_memory_present(telemetry)).get("overcommitted", False)},
+    }
+    if not config.enable_nvml:
+        return info
+    if telemetry is None:
+        return {**info, "nvml_init_error": "no sample yet: the NVML sampler is starting"}
+    return {
+        **info,
+        "available": any(gpu.error is None for gpu in telemetry.gpus),
+        "gpus": [msgspec.structs.asdict(gpu) for gpu in telemetry.gpus],
+        "clients": {client: {"gpu_memory_bytes": used} for client, used in telemetry.clients.items()},
+        "nvml_supported": telemetry.nvml_supported,
+        "nvml_init_error": telemetry.nvml_init_error,
+        "driver_version": telemetry.driver_version,
+        "cuda_driver_version": telemetry.cuda_driver_version,
+        "sampled_at": iso(telemetry.sampled_at),
+        "age_s": round(now - telemetry.sampled_monotonic, 3),
     }

@@ -19,6 +19,7 @@ from gpu_orchestrator.supervisor.schema import LoaderState, ModelProgress
 WORKERS = Path(__file__).resolve().parents[1] / "channel_workers.py"
 sys.path.insert(0, str(WORKERS.parent))
 from channel_workers import consistent, message  # noqa: E402
+from support import wait_for  # noqa: E402
 
 
 @pytest.fixture
@@ -103,6 +104,7 @@ def test_writer_killed_at_random_points_never_yields_a_torn_read(segment):
     for delay in (0.05, 0.13, 0.31):
         writer = worker("write", segment, 2, 30)
         assert writer.stdout.readline().strip() == "started"
+        wait_for(lambda: reader.read(2) is not None, what="a first good copy")
         time.sleep(delay)  # a kill point, not synchronisation
         writer.kill()
         writer.wait(30)

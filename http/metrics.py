@@ -1,0 +1,156 @@
+"""GET /metrics: Prometheus exposition from the same state /models/status and /gpu/info serve.
+
+A custom collector (prometheus_client) reads the source at scrape time; nothing is
+sampled here, and NVML is never called.
+"""
+
+import platform
+import threading
+from importlib import metadata
+
+import falcon
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from gpu_orchestrator.supervisor.states import TRANSITIONS
+
+PREFIX = "gpu_orchestrator_"
+GPU_LABELS = ["gpu", "uuid"]
+LOADER_STATES = sorted(TRANSITIONS)
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("gpu-orchestrator")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class RequestCounter:
+    """Falcon middleware: requests by route template, method and status."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts: dict[tuple[str, str, str], int] = {}
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        key = (req.uri_template or "unmatched", req.method, str(resp.status_code))
+        with self.lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return dict(self.counts)
+
+
+def gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, documentation, labels=labels)
+
+
+def gpu_families(info: dict):
+    families = {
+        "memory_total_bytes": ("gpu_memory_total_bytes", "GPU memory in total", 1),
+        "memory_used_bytes": ("gpu_memory_used_bytes", "GPU memory in use", 1),
+        "memory_free_bytes": ("gpu_memory_free_bytes", "GPU memory free", 1),
+        "utilization_gpu_percent": ("gpu_utilization_ratio", "Share of time a kernel ran (0-1)", 0.01),
+        "utilization_memory_percent": ("gpu_memory_utilization_ratio", "Share of time memory was read or written (0-1)", 0.01),
+        "temperature_celsius": ("gpu_temperature_celsius", "GPU core temperature", 1),
+        "power_draw_watts": ("gpu_power_watts", "Power draw", 1),
+        "power_limit_watts": ("gpu_power_limit_watts", "Enforced power limit", 1),
+        "clock_sm_mhz": ("gpu_sm_clock_hertz", "SM clock", 1e6),
+        "clock_memory_mhz": ("gpu_memory_clock_hertz", "Memory clock", 1e6),
+    }
+    metrics = {field: gauge(name, doc, GPU_LABELS) for field, (name, doc, _) in families.items()}
+    up = gauge("gpu_up", "1 when the GPU answered NVML in the last sample", GPU_LABELS)
+    gpu_info = gauge("gpu_info", "GPU identity", GPU_LABELS + ["name", "pci_bus_id", "driver_version"])
+    ecc = CounterMetricFamily(PREFIX + "gpu_ecc_uncorrected_errors", "Aggregate uncorrected ECC errors",
+                              labels=GPU_LABELS)
+    throttled = gauge("gpu_throttled", "1 for each clock throttle reason active now", GPU_LABELS + ["reason"])
+    for gpu in info["gpus"]:
+        labels = [str(gpu["index"]), gpu["uuid"] or ""]
+        up.add_metric(labels, 0 if gpu["error"] else 1)
+        if gpu["error"]:
+            continue
+        gpu_info.add_metric(labels + [gpu["name"] or "", gpu["pci_bus_id"] or "", info["driver_version"] or ""], 1)
+        for field, (_, _, scale) in families.items():
+            if gpu[field] is not None:
+                metrics[field].add_metric(labels, gpu[field] * scale)
+        if gpu["ecc_uncorrected_errors"] is not None:
+            ecc.add_metric(labels, gpu["ecc_uncorrected_errors"])
+        for reason in gpu["throttle_reasons"] or []:
+            throttled.add_metric(labels + [reason], 1)
+    yield from (up, gpu_info, *metrics.values(), ecc, throttled)
+    nvml_up = gauge("nvml_up", "1 when NVML telemetry is enabled and working", [])
+    nvml_up.add_metric([], 1 if info["nvml_supported"] else 0)
+    yield nvml_up
+    if info["age_s"] is not None:
+        age = gauge("telemetry_age_seconds", "Age of the last NVML sample", [])
+        age.add_metric([], info["age_s"])
+        yield age
+
+
+def client_families(status: dict):
+    ready = gauge("client_ready", "1 when every model of the client is ready", ["client"])
+    models_ready = gauge("client_models_ready", "Models ready", ["client"])
+    models_failed = gauge("client_models_failed", "Models failed", ["client"])
+    restarts = CounterMetricFamily(PREFIX + "loader_restarts", "Loader restarts", labels=["client"])
+    state = gauge("loader_state", "1 for the loader's current state", ["client", "state"])
+    gpu_memory = gauge("client_gpu_memory_bytes", "GPU memory used by the client's loader and its children", ["client"])
+    rss = gauge("loader_rss_bytes", "Resident memory of the client's loader", ["client"])
+    warmup = gauge("model_warmup_seconds", "Seconds the model's last warm-up took", ["client", "model"])
+    for name, client in status["clients"].items():
+        ready.add_metric([name], 1 if client["ready"] else 0)
+        models_ready.add_metric([name], sum(m["status"] == "ready" for m in client["models"]))
+        models_failed.add_metric([name], sum(m["status"] == "failed" for m in client["models"]))
+        restarts.add_metric([name], client["restarts"])
+        for each in LOADER_STATES:
+            state.add_metric([name, each], 1 if client["state"] == each else 0)
+        if client["gpu_memory_bytes"] is not None:
+            gpu_memory.add_metric([name], client["gpu_memory_bytes"])
+        if client["rss_bytes"] is not None:
+            rss.add_metric([name], client["rss_bytes"])
+        for model in client["models"]:
+            if model["status"] in ("ready", "failed"):
+                warmup.add_metric([name, model["model"]], model["seconds"])
+    yield from (ready, models_ready, models_failed, restarts, state, gpu_memory, rss, warmup)
+    all_ready = gauge("all_ready", "1 when every model of every client is ready", [])
+    all_ready.add_metric([], 1 if status["all_ready"] else 0)
+    in_progress = gauge("warmup_in_progress", "1 while a warm-up runs", [])
+    in_progress.add_metric([], 1 if status["in_progress"] else 0)
+    yield all_ready
+    yield in_progress
+
+
+class OrchestratorCollector:
+    def __init__(self, source, requests: RequestCounter):
+        self.source = source
+        self.requests = requests
+        self.version = package_version()
+
+    def collect(self):
+        status = self.source.models_status()
+        info = self.source.gpu_info()
+        build = gauge("build_info", "Build and runtime versions", ["version", "python"])
+        build.add_metric([self.version, platform.python_version()], 1)
+        yield build
+        yield from gpu_families(info)
+        yield from client_families(status)
+        mps_up = gauge("mps_up", "1 when the MPS control daemon answers (0 also when MPS is off)", [])
+        mps_up.add_metric([], 1 if info["mps_enabled"] else 0)
+        yield mps_up
+        http = CounterMetricFamily(PREFIX + "http_requests", "HTTP requests by route, method and status",
+                                   labels=["route", "method", "status"])
+        for (route, method, code), count in sorted(self.requests.snapshot().items()):
+            http.add_metric([route, method, code], count)
+        yield http
+
+
+class Metrics:
+    def __init__(self, source, requests: RequestCounter):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(OrchestratorCollector(source, requests))
+
+    def on_get(self, req, resp):
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.cache_control = ["no-store"]
+        resp.data = generate_latest(self.registry)

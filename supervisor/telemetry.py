@@ -1,0 +1,210 @@
+"""NVML telemetry: a sampler thread in the supervisor publishes one snapshot per interval
+to the channel's telemetry slot. Requests only ever read that snapshot.
+
+A field a GPU does not support becomes None and is named, with the reason, in the
+GPU's `unsupported` list; a GPU that fails as a whole carries its `error` while the
+others are still reported; NVML that cannot start gives nvml_supported=False.
+"""
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import msgspec
+import psutil
+
+from gpu_orchestrator.supervisor import nvml
+from gpu_orchestrator.supervisor.channel import Segment, SlotWriter
+from gpu_orchestrator.supervisor.logs import kv
+
+log = logging.getLogger("telemetry")
+
+THROTTLE_REASONS = {
+    0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+    0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
+    0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting", 0x200: "board_limit", 0x400: "reliability",
+}
+COMPUTE_MODES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
+
+
+class GpuProcess(msgspec.Struct):
+    pid: int
+    used_memory_bytes: int | None = None
+    client: str | None = None
+    role: str | None = None  # "loader", "loader-child", "mps-server"
+
+
+class GpuSample(msgspec.Struct):
+    index: int
+    uuid: str | None = None
+    name: str | None = None
+    pci_bus_id: str | None = None
+    memory_total_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    memory_free_bytes: int | None = None
+    utilization_gpu_percent: int | None = None
+    utilization_memory_percent: int | None = None
+    temperature_celsius: int | None = None
+    power_draw_watts: float | None = None
+    power_limit_watts: float | None = None
+    clock_sm_mhz: int | None = None
+    clock_memory_mhz: int | None = None
+    compute_mode: str | None = None
+    persistence_mode: bool | None = None
+    ecc_enabled: bool | None = None
+    ecc_uncorrected_errors: int | None = None
+    throttle_reasons: list[str] | None = None
+    processes: list[GpuProcess] = []
+    unsupported: list[str] = []
+    error: str | None = None
+
+
+class Telemetry(msgspec.Struct, tag="telemetry"):
+    nvml_supported: bool
+    nvml_init_error: str | None
+    sampled_at: float  # wall clock
+    sampled_monotonic: float
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    gpus: list[GpuSample] = []
+    clients: dict[str, int] = {}  # client -> GPU memory bytes of its loader and the loader's children
+
+
+class GpuLost(Exception):
+    pass
+
+
+def sample_gpu(module, index: int, owners: dict[int, tuple[str | None, str]]) -> GpuSample:
+    gpu = GpuSample(index)
+    try:
+        handle = module.nvmlDeviceGetHandleByIndex(index)
+        gpu.uuid = nvml.text(module.nvmlDeviceGetUUID(handle))
+        gpu.name = nvml.text(module.nvmlDeviceGetName(handle))
+    except module.NVMLError as exc:
+        gpu.error = nvml.describe(exc)
+        return gpu
+
+    def read(name: str, function, *args):
+        try:
+            return getattr(module, function)(handle, *args)
+        except module.NVMLError as exc:
+            if type(exc).__name__ == "NVMLError_GpuIsLost":
+                raise GpuLost(nvml.describe(exc)) from None
+            gpu.unsupported.append(f"{name}: {nvml.describe(exc)}")
+            return None
+
+    try:
+        fill(gpu, module, read, owners)
+    except GpuLost as lost:
+        return GpuSample(index, uuid=gpu.uuid, name=gpu.name, error=str(lost))
+    return gpu
+
+
+def fill(gpu: GpuSample, module, read, owners) -> None:
+    pci = read("pci_bus_id", "nvmlDeviceGetPciInfo")
+    gpu.pci_bus_id = nvml.text(pci.busId) if pci is not None else None
+    memory = read("memory", "nvmlDeviceGetMemoryInfo")
+    if memory is not None:
+        gpu.memory_total_bytes, gpu.memory_used_bytes, gpu.memory_free_bytes = memory.total, memory.used, memory.free
+    rates = read("utilization", "nvmlDeviceGetUtilizationRates")
+    if rates is not None:
+        gpu.utilization_gpu_percent, gpu.utilization_memory_percent = rates.gpu, rates.memory
+    gpu.temperature_celsius = read("temperature_celsius", "nvmlDeviceGetTemperature", module.NVML_TEMPERATURE_GPU)
+    power = read("power_draw_watts", "nvmlDeviceGetPowerUsage")
+    gpu.power_draw_watts = power / 1000 if power is not None else None
+    limit = read("power_limit_watts", "nvmlDeviceGetEnforcedPowerLimit")
+    gpu.power_limit_watts = limit / 1000 if limit is not None else None
+    gpu.clock_sm_mhz = read("clock_sm_mhz", "nvmlDeviceGetClockInfo", module.NVML_CLOCK_SM)
+    gpu.clock_memory_mhz = read("clock_memory_mhz", "nvmlDeviceGetClockInfo", module.NVML_CLOCK_MEM)
+    mode = read("compute_mode", "nvmlDeviceGetComputeMode")
+    gpu.compute_mode = COMPUTE_MODES.get(mode, str(mode)) if mode is not None else None
+    persistence = read("persistence_mode", "nvmlDeviceGetPersistenceMode")
+    gpu.persistence_mode = bool(persistence) if persistence is not None else None
+    ecc = read("ecc_enabled", "nvmlDeviceGetEccMode")
+    gpu.ecc_enabled = bool(ecc[0]) if ecc is not None else None
+    if gpu.ecc_enabled:
+        gpu.ecc_uncorrected_errors = read("ecc_uncorrected_errors", "nvmlDeviceGetTotalEccErrors",
+                                          module.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, module.NVML_AGGREGATE_ECC)
+    reasons = read("throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+    if reasons is not None:
+        gpu.throttle_reasons = [name for bit, name in THROTTLE_REASONS.items() if reasons & bit]
+    processes = read("processes", "nvmlDeviceGetComputeRunningProcesses") or []
+    gpu.processes = [process_entry(p, owners) for p in processes]
+
+
+def process_entry(process, owners: dict[int, tuple[str | None, str]]) -> GpuProcess:
+    used = process.usedGpuMemory
+    client, role = owners.get(process.pid, (None, None))
+    # NVML reports None (or a huge sentinel) where it cannot attribute memory, e.g. under MPS.
+    return GpuProcess(process.pid, used if isinstance(used, int) and used < 2**63 else None, client, role)
+
+
+def attribute(loaders: dict[int, str], mps_servers: list[int]) -> dict[int, tuple[str | None, str]]:
+    """pid -> (client, role) for every loader, every child of a loader, and the MPS servers."""
+    owners: dict[int, tuple[str | None, str]] = {pid: (None, "mps-server") for pid in mps_servers}
+    for pid, client in loaders.items():
+        owners[pid] = (client, "loader")
+        try:
+            for child in psutil.Process(pid).children(recursive=True):
+                owners[child.pid] = (client, "loader-child")
+        except psutil.Error:
+            pass
+    return owners
+
+
+def client_memory(gpus: list[GpuSample]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for gpu in gpus:
+        for process in gpu.processes:
+            if process.client is not None and process.used_memory_bytes is not None:
+                totals[process.client] = totals.get(process.client, 0) + process.used_memory_bytes
+    return totals
+
+
+def take_sample(owners: dict[int, tuple[str | None, str]]) -> Telemetry:
+    module, error = nvml.nvml()
+    now, mono = time.time(), time.monotonic()
+    if module is None:
+        return Telemetry(False, error, now, mono)
+    try:
+        count = module.nvmlDeviceGetCount()
+        driver = nvml.text(module.nvmlSystemGetDriverVersion())
+        cuda = module.nvmlSystemGetCudaDriverVersion()
+    except module.NVMLError as exc:
+        return Telemetry(False, nvml.describe(exc), now, mono)
+    gpus = [sample_gpu(module, index, owners) for index in range(count)]
+    return Telemetry(True, None, now, mono, driver, f"{cuda // 1000}.{cuda % 1000 // 10}", gpus, client_memory(gpus))
+
+
+class Sampler:
+    """Samples every `interval` seconds in its own thread; stops when NVML cannot start."""
+
+    def __init__(self, segment: Segment, slot: int, interval: float,
+                 owners: Callable[[], tuple[dict[int, str], list[int]]]):
+        self.writer = SlotWriter(segment, slot)
+        self.interval = interval
+        self.owners = owners
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="nvml-sampler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            loaders, servers = self.owners()
+            snapshot = take_sample(attribute(loaders, servers))
+            try:
+                self.writer.publish(snapshot)
+            except Exception as exc:  # a snapshot too big for the slot must not kill telemetry silently
+                log.error(kv("telemetry snapshot not published", error=exc))
+            if not snapshot.nvml_supported:
+                log.warning(kv("NVML unavailable: no GPU telemetry", reason=snapshot.nvml_init_error))
+                return
+            if self.stopping.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)

@@ -1,0 +1,157 @@
+"""Telemetry end to end: the fake pynvml first on PYTHONPATH, a real orchestrator, /gpu/info,
+/metrics parsed by prometheus_client, the `status` command, and NVML kept off the request path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import nvml_hosts
+from support import Orchestrator, free_port, request, wait_for, write_config
+
+FAKE_NVML = Path(__file__).resolve().parents[1] / "fakes" / "nvml"
+
+
+def nvml_env(tmp_path, **extra):
+    return {"ENABLE_NVML": "true", "PYTHONPATH": str(FAKE_NVML),
+            "FAKE_NVML_CONFIG": str(nvml_hosts.write(tmp_path / "nvml.json")), **extra}
+
+
+@pytest.fixture
+def telemetry_orch(tmp_path, store):
+    model_map, allocation = write_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1", "org/missing"]},
+                                         {"alpha": {"mps_memory_limit_gb": 1.0}})
+    calls = tmp_path / "nvml-calls.log"
+    env = nvml_env(tmp_path, FAKE_NVML_CALL_LOG=str(calls))
+    with Orchestrator(tmp_path, store, model_map, allocation, env=env,
+                      extra_args=("--telemetry-interval", "3600")) as orch:
+        orch.wait_settled()
+        wait_for(lambda: all(c["state"] == "RUNNING" for c in orch.status()["clients"].values()), what="loaders up")
+        orch.calls = calls
+        yield orch
+
+
+def wait_for_sample(orch):
+    return wait_for(lambda: (info := orch.get("/gpu/info")[1])["sampled_at"] and info, what="first NVML sample")
+
+
+def test_gpu_info_from_the_snapshot_with_clients_attributed(telemetry_orch):
+    info = wait_for_sample(telemetry_orch)
+    assert info["available"] and info["nvml_supported"] and info["nvml_init_error"] is None
+    assert info["driver_version"] == "550.54.15" and info["age_s"] >= 0
+    assert [g["name"] for g in info["gpus"]] == ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 3090", None]
+    assert info["gpus"][2]["error"] == "GPU is lost"
+    assert "power_draw_watts: Not Supported" in info["gpus"][1]["unsupported"]
+    roles = {p["pid"]: (p["client"], p["role"]) for p in info["gpus"][0]["processes"]}
+    for client in ("alpha", "beta"):
+        assert roles[telemetry_orch.loader_pid(client)] == (client, "loader")
+    assert roles[1] == (None, None)
+    assert info["clients"] == {"alpha": {"gpu_memory_bytes": 256 * 1024**2}, "beta": {"gpu_memory_bytes": 256 * 1024**2}}
+    status = telemetry_orch.status()
+    assert status["clients"]["alpha"]["gpu_memory_bytes"] == 256 * 1024**2
+    assert status["clients"]["alpha"]["rss_bytes"] > 0
+
+
+def test_request_path_never_calls_nvml(telemetry_orch):
+    wait_for_sample(telemetry_orch)
+    before = telemetry_orch.calls.read_text().splitlines()
+    assert before.count("nvmlInit") == 1
+    for _ in range(100):
+        for path in ("/gpu/info", "/metrics", "/models/status", "/mps/allocation", "/health"):
+            assert telemetry_orch.get(path)[0] in (200, 503) if path != "/metrics" else True
+    assert telemetry_orch.calls.read_text().splitlines() == before
+
+
+def metrics(orch) -> dict:
+    import urllib.request
+    with urllib.request.urlopen(orch.url + "/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=")
+        text = resp.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def samples(family) -> dict:
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples if not s.name.endswith("_created")}
+
+
+def test_metrics_parse_and_match_the_json_views(telemetry_orch):
+    info = wait_for_sample(telemetry_orch)
+    status = telemetry_orch.status()
+    assert telemetry_orch.post("/models/preload", b"{bad")[0] == 400
+    families = metrics(telemetry_orch)
+    h100 = info["gpus"][0]
+    labels = (("gpu", "0"), ("uuid", h100["uuid"]))
+    prefix = "gpu_orchestrator_"
+    assert samples(families[prefix + "gpu_memory_used_bytes"])[labels] == h100["memory_used_bytes"]
+    assert samples(families[prefix + "gpu_memory_total_bytes"])[labels] == h100["memory_total_bytes"]
+    assert samples(families[prefix + "gpu_utilization_ratio"])[labels] == pytest.approx(0.37)
+    assert samples(families[prefix + "gpu_temperature_celsius"])[labels] == 54
+    assert samples(families[prefix + "gpu_power_watts"])[labels] == 245
+    assert samples(families[prefix + "gpu_sm_clock_hertz"])[labels] == 1.98e9
+    assert families[prefix + "gpu_ecc_uncorrected_errors"].type == "counter"
+    assert samples(families[prefix + "gpu_ecc_uncorrected_errors"])[labels] == 2
+    rtx = (("gpu", "1"), ("uuid", info["gpus"][1]["uuid"]))
+    assert rtx not in samples(families[prefix + "gpu_power_watts"])  # unsupported: absent, not zero
+    assert samples(families[prefix + "gpu_up"])[(("gpu", "2"), ("uuid", ""))] == 0
+    assert samples(families[prefix + "nvml_up"])[()] == 1
+
+    beta = (("client", "beta"),)
+    assert samples(families[prefix + "client_ready"])[beta] == 0
+    assert samples(families[prefix + "client_models_failed"])[beta] == 1
+    assert samples(families[prefix + "client_models_ready"])[beta] == 1
+    assert samples(families[prefix + "client_gpu_memory_bytes"])[beta] == status["clients"]["beta"]["gpu_memory_bytes"]
+    assert samples(families[prefix + "loader_restarts"])[beta] == 0
+    states = samples(families[prefix + "loader_state"])
+    assert states[(("client", "beta"), ("state", status["clients"]["beta"]["state"]))] == 1
+    assert sum(v for k, v in states.items() if ("client", "beta") in k) == 1
+    warmups = samples(families[prefix + "model_warmup_seconds"])
+    a1 = status["clients"]["alpha"]["models"][0]
+    assert warmups[(("client", "alpha"), ("model", "org/a1"))] == pytest.approx(a1["seconds"])
+    assert samples(families[prefix + "all_ready"])[()] == 0
+    assert samples(families[prefix + "mps_up"])[()] == 0
+    http = samples(families[prefix + "http_requests"])
+    assert http[(("method", "POST"), ("route", "/models/preload"), ("status", "400"))] == 1
+    assert http[(("method", "GET"), ("route", "/models/status"), ("status", "200"))] >= 1
+    build = families[prefix + "build_info"].samples[0]
+    assert build.labels["version"] and build.labels["python"]
+
+
+def run_status(*args):
+    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_status_command_live_and_closed_port(telemetry_orch):
+    wait_for_sample(telemetry_orch)
+    human = run_status("--url", telemetry_orch.url)
+    assert human.returncode == 0, human.stderr
+    out = human.stdout
+    assert "NOT READY - 2/3 models ready, 1 failed" in out
+    assert "NVIDIA H100 80GB HBM3" in out and "error: GPU is lost" in out
+    assert "MPS: off (ENABLE_MPS is not true)" in out
+    assert "beta org/missing: model org/missing not found" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("alpha", "beta"))}
+    assert "RUNNING" in lines["alpha"] and "1/1" in lines["alpha"] and "256 MiB" in lines["alpha"]
+    as_json = json.loads(run_status("--url", telemetry_orch.url, "--json").stdout)
+    assert set(as_json) == {"models_status", "gpu_info"} and as_json["gpu_info"]["nvml_supported"]
+
+    closed = run_status("--url", f"http://127.0.0.1:{free_port()}")
+    assert closed.returncode == 1 and "nothing answers at" in closed.stderr and closed.stdout == ""
+
+
+def test_nvml_absent_service_still_serves(tmp_path, store):
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    env = {"ENABLE_NVML": "true", "PYTHONPATH": ""}  # the real pynvml, and no NVIDIA library on this host
+    with Orchestrator(tmp_path, store, model_map, env=env) as orch:
+        assert orch.wait_settled()["all_ready"]
+        info = wait_for(lambda: (i := orch.get("/gpu/info")[1])["sampled_at"] and i, what="failed init recorded")
+        if info["nvml_supported"]:
+            pytest.skip("this host has a working NVML")
+        assert info["available"] is False and info["gpus"] == []
+        assert "NVML" in info["nvml_init_error"]
+        assert "NVML unavailable: no GPU telemetry" in orch.output()
+        assert orch.status()["clients"]["alpha"]["gpu_memory_bytes"] is None
