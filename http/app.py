@@ -34,6 +34,16 @@ class BearerToken:
                 challenges=["Bearer"])
 
 
+class JsonOptions:
+    """Falcon answers OPTIONS itself with an empty body; say the same thing in JSON."""
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        if req.method == "OPTIONS" and not resp.data and resp.status_code == 200:
+            resp.content_type = falcon.MEDIA_JSON
+            allowed = [m.strip() for m in (resp.get_header("Allow") or "").split(",") if m.strip()]
+            resp.data = msgspec.json.encode({"allow": allowed})
+
+
 def serialize_error(req, resp, exception: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
     body = {"error": exception.title, "status": int(exception.status_code)}
@@ -56,7 +66,7 @@ def unavailable(req, resp, exc, params):
 def create_app(source, token: str | None = None, unavailable_errors: tuple = ()) -> falcon.App:
     """`unavailable_errors`: exception types the source raises when it cannot answer (503)."""
     requests = RequestCounter()
-    app = falcon.App(middleware=[requests, *([BearerToken(token)] if token else [])])
+    app = falcon.App(middleware=[requests, JsonOptions(), *([BearerToken(token)] if token else [])])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, unexpected_error)
     for error in unavailable_errors:

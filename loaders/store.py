@@ -20,8 +20,8 @@ def check_model_id(model_id: str) -> None:
     """Refuse ids that could name anything outside the store. Raises StoreError."""
     if not isinstance(model_id, str) or not model_id.strip():
         raise StoreError("model id is empty")
-    if "\0" in model_id or "\\" in model_id:
-        raise StoreError(f"model id {model_id!r} contains a NUL or a backslash")
+    if "\\" in model_id or not model_id.isprintable():
+        raise StoreError(f"model id {model_id!r} contains a backslash or an unprintable character")
     path = PurePosixPath(model_id)
     if path.is_absolute():
         raise StoreError(f"model id {model_id!r} is absolute; give it relative to MODEL_STORE_ROOT")

@@ -22,7 +22,7 @@ from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
 from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
-from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
+from gpu_orchestrator.supervisor.schema import IDLE, LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import Sampler, Telemetry
 
@@ -197,8 +197,11 @@ class Arbiter:
             self.reap_loaders(now)
             self.supervise_mps(now)
             for loader in self.loaders.values():
-                if loader.promote_if_started(now):
+                finished = self.finished_warmup(loader)
+                if loader.promote_if_started(now, finished):
                     log.info(kv("loader running", client=loader.client, pid=loader.pid))
+                if finished:
+                    loader.deaths.clear()  # proven healthy: the next death restarts at the shortest delay
                 loader.measure_rss()
             self.check_heartbeats(now)
             self.stop_retiring(now)
@@ -411,6 +414,10 @@ class Arbiter:
                     loader.restart_at = time.monotonic()
         log.info(kv("warm-up started", generation=self.warmup.generation, refresh=refresh))
         self.wake()
+
+    def finished_warmup(self, loader: LoaderProcess) -> bool:
+        published = self.published(loader)
+        return published is not None and published.phase == IDLE and published.generation == self.warmup.generation
 
     def published(self, loader: LoaderProcess) -> LoaderState | None:
         """The loader's slot, only if the live process wrote it."""

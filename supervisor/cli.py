@@ -98,10 +98,12 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
         arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
                           telemetry_interval=telemetry_interval)
         app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
-        # channel_timeout drops idle keep-alive clients; connection_limit bounds sockets so
-        # abandoned connections cannot exhaust file descriptors.
-        arbiter.server = waitress.create_server(app, sockets=[sock], threads=HTTP_THREADS, channel_timeout=30,
-                                                connection_limit=256, ident="gpu-orchestrator")
+        # waitress reads requests in its event loop, so slow clients hold a socket, never a
+        # thread. channel_timeout closes a connection idle for 15 s (abandoned or trickling);
+        # connection_limit caps sockets well under the default 1024-descriptor limit while
+        # leaving a host's real clients (Prometheus, gates, operators) plenty of room.
+        arbiter.server = waitress.create_server(app, sockets=[sock], threads=HTTP_THREADS, channel_timeout=15,
+                                                connection_limit=512, ident="gpu-orchestrator")
         host, port = sock.getsockname()[:2]
         log.info(kv("listening", url=f"http://{host}:{port}", clients=len(config.clients), segment=segment.name))
         if on_listening is not None:

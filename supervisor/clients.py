@@ -27,7 +27,8 @@ class Policy:
     stop_grace: float = 5.0
 
     def restart_delay(self, recent_deaths: int) -> float:
-        """0.5 s, 1 s, 2 s, ... up to 30 s, by deaths within the window."""
+        """0.5 s, 1 s, 2 s, ... up to 30 s, by deaths within the window since the loader last
+        finished a warm-up (a loader that proved healthy starts over at 0.5 s)."""
         return min(self.backoff_max, self.backoff_min * 2 ** max(0, recent_deaths - 1))
 
 
@@ -93,8 +94,9 @@ class LoaderProcess:
         except ProcessLookupError:
             pass
 
-    def promote_if_started(self, now: float) -> bool:
-        if self.state == states.STARTING and now - self.started_at >= self.policy.startsecs:
+    def promote_if_started(self, now: float, finished_warmup: bool) -> bool:
+        """RUNNING after `startsecs` up, or sooner once it has finished a warm-up: it clearly booted."""
+        if self.state == states.STARTING and (finished_warmup or now - self.started_at >= self.policy.startsecs):
             self.to(states.RUNNING)
             return True
         return False

@@ -95,6 +95,13 @@ def _read_json(path: str, what: str) -> Any:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
 
 
+def field_path(base: str, key: str) -> str:
+    """A JSON path that stays on one line whatever the key holds: $.analyst or $["odd\\nname"]."""
+    if key and all(c.isalnum() or c in "_-" for c in key):
+        return f"{base}.{key}"
+    return f"{base}[{msgspec.json.encode(key).decode()}]"
+
+
 def _convert(value: Any, kind: Any, path: str, field: str) -> Any:
     """msgspec.convert with the error rewritten to name the field by its JSON path."""
     try:
@@ -112,7 +119,7 @@ def load_model_map(path: str) -> dict[str, list[str]]:
         raise ConfigError(f"{path}: expected an object {{\"client\": [\"model-id\", ...]}}, got {type(document).__name__}")
     clients = {}
     for client, models in document.items():
-        field = f"$.{client}" if client else '$[""]'
+        field = field_path("$", client)
         try:
             check_client_name(client)
         except StoreError as exc:
@@ -142,7 +149,7 @@ def load_allocations(path: str, clients: dict[str, list[str]]) -> tuple[dict[str
         raise ConfigError(f"{path}: $.mps_resource_allocation.mps_configuration: expected an object")
     allocations = {}
     for client, entry in raw.items():
-        field = f"$.mps_resource_allocation.agent_allocations.{client}"
+        field = field_path("$.mps_resource_allocation.agent_allocations", client)
         if client not in clients:
             raise ConfigError(f"{path}: {field}: client {client!r} is not in the model map; remove it or add the client there")
         allocation = _convert(entry, AgentAllocation, path, field)

@@ -15,6 +15,7 @@ from gpu_orchestrator.supervisor import channel
 from gpu_orchestrator.supervisor.demo import write_snapshot
 
 SMALL = (32, 1, 256)  # hidden, layers, vocabulary: a ~100 KB model
+SOAK = os.environ.get("GPU_ORCHESTRATOR_SOAK") == "1"  # the fault suite's long variants
 
 
 def add_model(store: Path, model_id: str, shape=SMALL, seed: int = 0, manifest: bool = False) -> Path:
@@ -73,11 +74,11 @@ class Orchestrator:
     """`gpu-orchestrator serve` as a real process on a free loopback port."""
 
     def __init__(self, tmp: Path, store: Path, model_map: Path, allocation: Path | None = None,
-                 extra_args: tuple = (), env: dict | None = None):
+                 extra_args: tuple = (), env: dict | None = None, prefix: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"orchestrator-{self.port}.log"
-        argv = [sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(self.port),
+        argv = [*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(self.port),
                 "--model-store", str(store), "--model-map", str(model_map), *extra_args]
         if allocation is not None:
             argv += ["--allocation", str(allocation)]

@@ -1,16 +1,8 @@
 import pytest
 
-from support import Orchestrator, add_model, write_config
+from support import Orchestrator, write_config
 
 CLIENTS = {"alpha": ["org/a1", "org/a2"], "beta": ["org/b1", "org/missing"], "gamma": ["org/g1"]}
-
-
-@pytest.fixture
-def store(tmp_path):
-    root = tmp_path / "store"
-    for seed, model in enumerate(["org/a1", "org/a2", "org/b1", "org/g1"]):
-        add_model(root, model, seed=seed, manifest=seed % 2 == 0)
-    return root
 
 
 @pytest.fixture

@@ -1,0 +1,82 @@
+"""Malformed model maps and allocation files: always one line and exit 78, never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from support import SOAK
+from gpu_orchestrator.supervisor import channel
+from gpu_orchestrator.supervisor.config import ConfigError, load_config
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                       max_leaves=12)
+FILES = st.one_of(st.binary(max_size=200), JSONISH.map(lambda v: json.dumps(v).encode()))
+BAD_MODEL = st.one_of(st.integers(), st.none(), st.just(""), st.just("/abs/path"), st.just("a/../b"),
+                      st.just("a//b"), st.lists(st.text(max_size=3), max_size=2))
+BAD_LIMIT = st.one_of(st.floats(max_value=0), st.integers(max_value=0), st.text(max_size=5), st.none())
+
+
+def attempt(tmp: Path, model_map: bytes, allocation: bytes | None):
+    (tmp / "store").mkdir(exist_ok=True)
+    (tmp / "map.json").write_bytes(model_map)
+    env = {"MODEL_STORE_ROOT": str(tmp / "store"), "AGENT_MODEL_MAP": str(tmp / "map.json")}
+    if allocation is not None:
+        (tmp / "alloc.json").write_bytes(allocation)
+        env["MPS_ALLOCATION_CONFIG"] = str(tmp / "alloc.json")
+    return load_config(env)
+
+
+def refused(tmp: Path, model_map: bytes, allocation: bytes | None) -> str | None:
+    try:
+        attempt(tmp, model_map, allocation)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message and "\n" not in message
+        return message
+    return None
+
+
+@settings(max_examples=1000 if SOAK else 250, deadline=None)
+@given(model_map=FILES, allocation=st.none() | FILES)
+def test_anything_is_accepted_or_refused_in_one_line(model_map, allocation):
+    with tempfile.TemporaryDirectory() as tmp:
+        refused(Path(tmp), model_map, allocation)  # any other exception fails the test
+
+
+@settings(max_examples=500 if SOAK else 150, deadline=None)
+@given(client=st.text(min_size=1, max_size=8).filter(lambda c: "/" not in c and c not in (".", "..") and c.isprintable()),
+       bad_model=BAD_MODEL, bad_limit=BAD_LIMIT, which=st.sampled_from(["model", "limit", "unknown-client"]))
+def test_known_bad_documents_are_always_refused(client, bad_model, bad_limit, which):
+    model_map = {client: ["org/good"]}
+    allocations = {client: {"mps_memory_limit_gb": 1.0}}
+    if which == "model":
+        model_map[client] = ["org/good", bad_model]
+    elif which == "limit":
+        allocations[client] = {"mps_memory_limit_gb": bad_limit}
+    else:
+        allocations[client + "-ghost"] = {"mps_memory_limit_gb": 1.0}
+    document = {"mps_resource_allocation": {"agent_allocations": allocations}}
+    with tempfile.TemporaryDirectory() as tmp:
+        assert refused(Path(tmp), json.dumps(model_map).encode(), json.dumps(document).encode()) is not None
+
+
+@settings(max_examples=40 if SOAK else 12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model_map=FILES)
+def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, model_map):
+    if refused(tmp_path, model_map, None) is None:
+        return  # hypothesis found a valid map; only refusals are under test here
+    before = set(os.listdir(channel.SHM_DIR))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
+    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0",
+                             "--model-store", str(tmp_path / "store"), "--model-map", str(tmp_path / "map.json")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 78
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "loader" not in result.stderr and set(os.listdir(channel.SHM_DIR)) == before

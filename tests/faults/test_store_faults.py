@@ -1,0 +1,73 @@
+"""Model store faults during a warm-up: each hit model fails clearly, the rest is unaffected,
+and a refresh after repair recovers.
+
+The orchestrator runs without CAP_DAC_OVERRIDE (setpriv), so a file mode of 000 denies
+even root, as it would deny the service's own user.
+"""
+
+import json
+import os
+import shutil
+import signal
+import struct
+
+from support import Orchestrator, add_model, wait_for, write_config
+
+NO_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+BIG = 2 * 1024**3  # sparse
+
+
+def write_big(directory, fill: bytes = b"") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "U8", "shape": [BIG], "data_offsets": [0, BIG]}}).encode()
+    temporary = directory / ".model.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header + fill)
+        handle.truncate(8 + len(header) + BIG)
+    os.replace(temporary, directory / "model.safetensors")
+
+
+def test_truncated_replaced_unreadable_and_removed(tmp_path, record):
+    store = tmp_path / "store"
+    for model in ("org/good", "org/truncated", "org/unreadable", "org/removed"):
+        add_model(store, model)
+    write_big(store / "org" / "swapped")
+    clients = {"bystander": ["org/good"], "victims": ["org/truncated", "org/unreadable", "org/removed"],
+               "swapper": ["org/swapped"]}
+    model_map, _ = write_config(tmp_path, clients)
+    truncated = store / "org" / "truncated" / "model.safetensors"
+    intact = truncated.read_bytes()
+    with Orchestrator(tmp_path, store, model_map, extra_args=("--no-preload",), prefix=NO_DAC) as orch:
+        truncated.write_bytes(intact[: len(intact) // 2])
+        os.chmod(store / "org" / "unreadable" / "model.safetensors", 0)
+        shutil.rmtree(store / "org" / "removed")
+        assert orch.post("/models/preload", {"refresh": False})[0] == 202
+
+        def swapper_reading():
+            model = orch.status()["clients"]["swapper"]["models"][0]
+            return model["status"] == "loading" and 0 < model["bytes"] < BIG // 2
+
+        wait_for(swapper_reading, interval=0.001, what="the big read under way")
+        swapper = orch.loader_pid("swapper")
+        os.kill(swapper, signal.SIGSTOP)  # hold it mid-read while the file is replaced
+        write_big(store / "org" / "swapped", fill=b"new")
+        os.kill(swapper, signal.SIGCONT)
+
+        status = orch.wait_settled(timeout=120)
+        errors = {e["model"]: e["error"] for e in status["errors"]}
+        assert set(errors) == {"org/truncated", "org/unreadable", "org/removed", "org/swapped"}
+        assert "truncated or corrupt" in errors["org/truncated"]
+        assert "Permission denied" in errors["org/unreadable"]
+        assert "not found" in errors["org/removed"] and "tried:" in errors["org/removed"]
+        assert "changed while it was being read" in errors["org/swapped"]
+        assert status["clients"]["bystander"]["ready"]
+
+        truncated.write_bytes(intact)
+        os.chmod(store / "org" / "unreadable" / "model.safetensors", 0o644)
+        add_model(store, "org/removed")
+        assert orch.post("/models/preload", {"refresh": True})[0] == 202
+        recovered = orch.wait_settled(timeout=120)
+        assert recovered["all_ready"], recovered["errors"]
+        record("model store faults", faults=4, failed_clearly=len(errors), bystander_ready=True,
+               recovered_after_refresh=recovered["all_ready"])
