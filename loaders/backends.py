@@ -86,10 +86,16 @@ def check_safetensors(path: Path) -> int:
             raise ModelError(f"{path.name}: tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {count * SAFETENSORS_DTYPES[dtype]}")
         ranges.append((begin, end))
         parameters += count
-    ranges.sort()
-    for (_, previous_end), (begin, _) in zip(ranges, ranges[1:]):
-        if begin < previous_end:
+    # The format indexes the whole data buffer: no overlap, no hole, nothing after the last tensor.
+    expected = 0
+    for begin, end in sorted(ranges):
+        if begin < expected:
             raise ModelError(f"{path.name}: tensor byte ranges overlap at offset {begin}")
+        if begin > expected:
+            raise ModelError(f"{path.name}: {begin - expected} bytes at offset {expected} belong to no tensor")
+        expected = end
+    if expected != data_size:
+        raise ModelError(f"{path.name}: {data_size - expected} bytes after the last tensor belong to no tensor")
     return parameters
 
 
@@ -107,7 +113,7 @@ def check_zip_checkpoint(path: Path) -> None:
 def check_magic(path: Path, magic: bytes, what: str) -> None:
     with open(path, "rb") as handle:
         if handle.read(len(magic)) != magic:
-            raise ModelError(f"{path.name}: does not start like a {what} file")
+            raise ModelError(f"{path.name}: does not start the way {what} files do; it is corrupt or not {what}")
 
 
 def check_weight(path: Path) -> int | None:
@@ -119,8 +125,9 @@ def check_weight(path: Path) -> int | None:
         check_zip_checkpoint(path)
     elif suffix == ".gguf":
         check_magic(path, b"GGUF", "GGUF")
-    elif suffix == ".onnx" and path.stat().st_size == 0:
-        raise ModelError(f"{path.name}: empty ONNX file")
+    elif suffix == ".onnx":
+        # An ONNX model is a protobuf ModelProto whose first field is ir_version (tag 0x08).
+        check_magic(path, b"\x08", "ONNX")
     return None
 
 
@@ -151,6 +158,7 @@ def plan(snapshot: Snapshot) -> Plan:
     if not weights:
         raise ModelError(f"{root}: no weight file ({', '.join(WEIGHT_SUFFIXES)}); the snapshot is incomplete")
     check_shard_index(root, relative)
+    check_configs(root, relative)
     counts = [c for c in map(check_weight, weights) if c is not None]
     sizes = {f: f.stat().st_size for f in files}
     return Plan(
@@ -176,6 +184,41 @@ def check_shard_index(root: Path, relative: set[str]) -> None:
         missing = sorted(s for s in shards if s not in relative)
         if missing:
             raise ModelError(f"{index_name} names shards that are missing: {', '.join(missing)}")
+
+
+# sentence-transformers modules that load nothing from their folder, which may then be absent.
+PARAMETERLESS_MODULES = {"sentence_transformers.models.Normalize"}
+
+
+def read_json(root: Path, name: str):
+    try:
+        return json.loads((root / name).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{name}: not valid JSON ({exc})") from None
+
+
+def check_configs(root: Path, relative: set[str]) -> None:
+    """config.json parses; tokenizer files it names exist; sentence-transformers modules have their folders."""
+    if not isinstance(read_json(root, "config.json"), dict):
+        raise ModelError("config.json: not a JSON object")
+    if "tokenizer_config.json" in relative:
+        tokenizer = read_json(root, "tokenizer_config.json")
+        named = [v for k, v in tokenizer.items() if k.endswith("_file") and isinstance(v, str)] \
+            if isinstance(tokenizer, dict) else []
+        missing = sorted(n for n in named if not os.path.isabs(n) and n not in relative)
+        if missing:
+            raise ModelError(f"tokenizer_config.json names files that are missing: {', '.join(missing)}")
+    if "modules.json" in relative:
+        modules = read_json(root, "modules.json")
+        if not isinstance(modules, list):
+            raise ModelError("modules.json: not a list of modules")
+        for module in modules:
+            folder = module.get("path", "") if isinstance(module, dict) else None
+            if folder is None:
+                raise ModelError("modules.json: an entry is not an object with a path")
+            if folder and module.get("type") not in PARAMETERLESS_MODULES and not (root / folder).is_dir():
+                raise ModelError(f"modules.json: module {module.get('name', '?')} ({module.get('type')}) "
+                                 f"needs folder {folder}, which is missing")
 
 
 def read_manifest(root: Path) -> dict:

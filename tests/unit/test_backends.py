@@ -145,3 +145,45 @@ def test_memory_limit_is_checked_before_reading(tmp_path):
     with pytest.raises(ModelError, match="client's limit is"):
         check_fits(model_plan, 1, model_plan.weight_bytes)
     check_fits(model_plan, 10**12, None)
+
+
+def test_holes_and_trailing_bytes_in_the_data_buffer_are_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_raw_safetensors(path, {"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+                                 "b": {"dtype": "F16", "shape": [2], "data_offsets": [8, 12]}}, 12)
+    with pytest.raises(ModelError, match="4 bytes at offset 4 belong to no tensor"):
+        check_safetensors(path)
+    write_raw_safetensors(path, {"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}, 10)
+    with pytest.raises(ModelError, match="6 bytes after the last tensor"):
+        check_safetensors(path)
+
+
+def test_config_tokenizer_and_sentence_transformers_modules(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        plan(snapshot_of(path))
+    (path / "config.json").write_text("{}")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_file": "tokenizer.json", "vocab_file": "vocab.txt"}))
+    with pytest.raises(ModelError, match="names files that are missing: tokenizer.json"):
+        plan(snapshot_of(path))
+    (path / "tokenizer.json").write_text("{}")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ModelError, match="module 1 .*Pooling.* needs folder 1_Pooling"):
+        plan(snapshot_of(path))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text("{}")
+    assert plan(snapshot_of(path)).format == "safetensors"  # Normalize loads nothing: no folder needed
+
+
+def test_onnx_must_look_like_a_model_proto(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    (path / "model.safetensors").unlink()
+    (path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    assert plan(snapshot_of(path)).format == "onnx"
+    (path / "model.onnx").write_bytes(b"<html>not a model</html>")
+    with pytest.raises(ModelError, match="does not start the way ONNX files do"):
+        plan(snapshot_of(path))
