@@ -13,11 +13,12 @@ class PreloadRequest(msgspec.Struct, forbid_unknown_fields=True):
 _preload_decoder = msgspec.json.Decoder(PreloadRequest)
 
 
-def respond(resp: falcon.Response, body: dict, status: int = 200) -> None:
+def respond(resp: falcon.Response, body: dict | bytes, status: int = 200) -> None:
+    """JSON, never cached by a proxy: every answer is the state now. Bytes are sent as they are."""
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.cache_control = ["no-store"]
-    resp.data = msgspec.json.encode(body)
+    resp.data = body if isinstance(body, bytes) else msgspec.json.encode(body)
 
 
 def read_body(req: falcon.Request) -> bytes:
@@ -68,7 +69,7 @@ class ModelsStatus:
         self.source = source
 
     def on_get(self, req, resp):
-        respond(resp, self.source.models_status())
+        respond(resp, self.source.models_status_json())
 
 
 class ModelsPreload:

@@ -29,6 +29,7 @@ from gpu_orchestrator.supervisor.telemetry import Sampler, Telemetry
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
 TICK = 1.0  # heartbeat checks and state promotion need no finer grain
+STATUS_REUSE_S = 0.1
 TELEMETRY_SLOT = 0  # kept for the telemetry sampler; loaders get the others
 SPARE_SLOTS = 16  # room for clients a reload adds, and for replacements of changed ones
 MIN_MODELS_PER_SLOT = 32  # so a reload can grow a client; untouched slot pages cost no memory
@@ -118,6 +119,7 @@ class Arbiter:
         self.loaders: dict[str, LoaderProcess] = {}  # made in run(), once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
         self.warmup = status.Warmup()
+        self.status_cache: tuple | None = None
         self.settled = True
         self.signals: list[int] = []
         self.stopping = False
@@ -197,11 +199,7 @@ class Arbiter:
             self.reap_loaders(now)
             self.supervise_mps(now)
             for loader in self.loaders.values():
-                finished = self.finished_warmup(loader)
-                if loader.promote_if_started(now, finished):
-                    log.info(kv("loader running", client=loader.client, pid=loader.pid))
-                if finished:
-                    loader.deaths.clear()  # proven healthy: the next death restarts at the shortest delay
+                self.observe(loader, now)
                 loader.measure_rss()
             self.check_heartbeats(now)
             self.stop_retiring(now)
@@ -247,6 +245,8 @@ class Arbiter:
                 continue
             for line in loader.read_stderr():
                 relay_line(loader_log, line)
+            if loader.state != states.STOPPING:
+                self.observe(loader, now)  # what it achieved before dying decides how it is judged
             loader.exited(wait_status, now)
             level = logging.INFO if loader.state == states.STOPPED else logging.ERROR
             log.log(level, kv("loader exited", client=loader.client, pid=pid, how=loader.last_exit,
@@ -415,6 +415,15 @@ class Arbiter:
         log.info(kv("warm-up started", generation=self.warmup.generation, refresh=refresh))
         self.wake()
 
+    def observe(self, loader: LoaderProcess, now: float) -> None:
+        """Promote a loader that has been up `startsecs` or finished a warm-up; a finished
+        warm-up also proves it healthy, so its next death restarts at the shortest delay."""
+        finished = self.finished_warmup(loader)
+        if loader.promote_if_started(now, finished):
+            log.info(kv("loader running", client=loader.client, pid=loader.pid))
+        if finished:
+            loader.deaths.clear()
+
     def finished_warmup(self, loader: LoaderProcess) -> bool:
         published = self.published(loader)
         return published is not None and published.phase == IDLE and published.generation == self.warmup.generation
@@ -490,21 +499,37 @@ class Arbiter:
     def models_status(self) -> dict:
         with self.lock:
             self.check_open()
-            return self.compose_status()
+            return self.compose_status()[0]
 
-    def compose_status(self) -> dict:
-        """/models/status: the warm-up, each client, and whether MPS is up. Lock held."""
-        current = status.models_status(self.client_views(), self.warmup)
+    def models_status_json(self) -> bytes:
+        with self.lock:
+            self.check_open()
+            return self.compose_status()[1]
+
+    def compose_status(self) -> tuple[dict, bytes]:
+        """/models/status as a dict and as JSON: the warm-up, each client, MPS. Lock held.
+
+        Composing it is most of a status request's cost, so it is reused while nothing it
+        depends on has changed: no slot written, no loader record changed, the same warm-up
+        and MPS state, and at most STATUS_REUSE_S old (ages in it are that stale at most).
+        """
         report = self.mps_report()
-        current["mps"] = {key: report[key] for key in ("enabled", "managed", "restarts", "error")} if report \
+        mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")} if report \
             else {"enabled": False, "error": "ENABLE_MPS is not true"}
-        return current
+        key = (self.warmup, tuple(mps.values()), int(time.monotonic() / STATUS_REUSE_S),
+               self.reader.peek(TELEMETRY_SLOT) if self.sampler is not None else 0,
+               tuple((l.client, l.state, l.pid, l.restarts, l.last_exit, l.fatal_reason, l.rss_bytes,
+                      self.reader.peek(l.slot)) for l in self.loaders.values()))
+        if self.status_cache is None or self.status_cache[0] != key:
+            current = {**status.models_status(self.client_views(), self.warmup), "mps": mps}
+            self.status_cache = (key, current, msgspec.json.encode(current))
+        return self.status_cache[1], self.status_cache[2]
 
     def request_preload(self, refresh: bool) -> tuple[int, dict]:
         """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed."""
         with self.lock:
             self.check_open()
-            current = self.compose_status()
+            current = self.compose_status()[0]
             if current["in_progress"]:
                 return 202, {"started": False, **current}
             if not refresh and self.warmup.generation > 0:
@@ -513,7 +538,7 @@ class Arbiter:
                 if current["summary"]["failed"]:
                     return 503, {"started": False, **current}
             self.start_warmup(refresh)
-            return 202, {"started": True, **self.compose_status()}
+            return 202, {"started": True, **self.compose_status()[0]}
 
     def health(self) -> dict:
         with self.lock:

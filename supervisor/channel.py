@@ -158,6 +158,10 @@ class SlotReader:
         self._decoder = msgspec.msgpack.Decoder(message_type)
         self._last: dict[int, tuple[int, object]] = {}
 
+    def peek(self, index: int) -> int:
+        """The slot's sequence number now: a cheap way to tell whether it was written since."""
+        return _SEQ.unpack_from(self._segment.view, self._segment.slot_offset(index))[0]
+
     def read(self, index: int):
         """The newest consistent message in slot `index`, the last good one, or None."""
         view = self._segment.view

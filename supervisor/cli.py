@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     diag_parser.add_argument("--log-dir", help="CUDA_MPS_LOG_DIRECTORY (default from the environment, else /var/log/nvidia-mps)")
     diag_parser.add_argument("--timeout", type=float, default=5.0, help="seconds the daemon has to answer")
     commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host; print what it saw")
+    commands.add_parser("bench", help="benchmarks (scripts/bench): prints a table, writes BENCHMARKS.md",
+                        add_help=False)
     status_parser = commands.add_parser("status", help="show a running orchestrator: GPUs, clients, models, MPS")
     status_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT)")
     status_parser.add_argument("--json", action="store_true", help="print /models/status and /gpu/info as JSON")
@@ -179,6 +181,10 @@ def run_gate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from gpu_orchestrator.supervisor import bench  # only the benchmark needs its helpers
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging()
     try:

@@ -114,3 +114,18 @@ def test_port_in_use_exits_69_and_starts_nothing(tmp_path, store):
     assert "cannot listen" in proc.stderr and f"port={port}" in proc.stderr
     assert "loader started" not in proc.stderr
     assert set(os.listdir(channel.SHM_DIR)) == before
+
+
+def test_loader_killed_as_soon_as_it_is_ready_is_never_a_failed_start(tmp_path, store):
+    # Six deaths within the window, each right after the loader finished its warm-up
+    # (often before startsecs): a loader that did its work booted, so none may count
+    # towards FATAL, and each restart comes at the shortest delay.
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    with Orchestrator(tmp_path, store, model_map) as orch:
+        for kill in range(6):
+            alpha = wait_for(lambda: (c := orch.status()["clients"]["alpha"])["ready"] and c, what="alpha ready")
+            os.kill(alpha["pid"], signal.SIGKILL)
+            wait_for(lambda: orch.status()["clients"]["alpha"]["restarts"] == kill + 1, what="restart")
+        final = wait_for(lambda: (c := orch.status()["clients"]["alpha"])["ready"] and c, what="alpha ready")
+        assert final["state"] != "FATAL" and final["restarts"] == 6
+        assert "restart_in_s=0.5 " in orch.output() and "restart_in_s=1.0 " not in orch.output()

@@ -1,6 +1,7 @@
 """The Falcon app through falcon.testing, with a source that records what it was asked."""
 
 import falcon.testing
+import msgspec
 import pytest
 
 from gpu_orchestrator.http.app import create_app
@@ -18,6 +19,9 @@ class RecordingSource:
     def models_status(self):
         return {"in_progress": False, "all_ready": self.all_ready,
                 "summary": {"total": 1, "done": int(self.all_ready), "failed": 0}, "errors": []}
+
+    def models_status_json(self):
+        return msgspec.json.encode(self.models_status())
 
     def request_preload(self, refresh):
         self.preloads.append(refresh)
@@ -107,7 +111,7 @@ def test_token_guards_posts_only(source):
 
 def test_source_failures_become_json_errors():
     class Broken(RecordingSource):
-        def models_status(self):
+        def models_status_json(self):
             raise Closed()
 
         def gpu_info(self):
