@@ -55,6 +55,10 @@ def count_gpus() -> int:
         return 0
 
 
+# NOTIFY_SOCKET: only the supervisor talks to systemd. The limits: each loader gets its own.
+INHERITED_LIMITS = {"NOTIFY_SOCKET", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"}
+
+
 def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
     """The loader's environment: ours, less what is not its business, plus its own limits.
 
@@ -77,10 +81,6 @@ def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: 
         if allocation.active_thread_percentage is not None:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(allocation.active_thread_percentage)
     return env
-
-
-# NOTIFY_SOCKET: only the supervisor talks to systemd. The limits: each loader gets its own.
-INHERITED_LIMITS = {"NOTIFY_SOCKET", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"}
 
 
 def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Policy) -> list[str]:
@@ -115,7 +115,7 @@ class Arbiter:
         self.sampler = Sampler(segment, TELEMETRY_SLOT, telemetry_interval, self.sampler_owners) \
             if config.enable_nvml else None
         self.lock = threading.RLock()  # re-entrant: status_line() is used both inside and outside the loop's lock
-        self.free_slots = [slot for slot in range(segment.slots - 1, 0, -1) if slot != TELEMETRY_SLOT]
+        self.free_slots = list(range(segment.slots - 1, TELEMETRY_SLOT, -1))  # popped from the end: 1, 2, ...
         self.loaders: dict[str, LoaderProcess] = {}  # made in run(), once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
         self.warmup = status.Warmup()
@@ -310,7 +310,7 @@ class Arbiter:
     def note_warmup_end(self) -> None:
         if self.warmup.generation == 0:
             return
-        current = status.models_status(self.client_views(), self.warmup)
+        current = self.compose_status()[0]
         if current["in_progress"]:
             self.settled = False
             return
@@ -372,12 +372,11 @@ class Arbiter:
         for client in removed:
             self.retire(self.loaders.pop(client), now)
         self.config = new
-        for client in added:
-            self.loaders[client] = self.new_loader(new, client)
         self.replace_loaders(changed, now, "its configuration changed")
         for client in added:
-            self.loaders[client].spawn(now)
-            log.info(kv("loader started", client=client, pid=self.loaders[client].pid, reason="added"))
+            loader = self.loaders[client] = self.new_loader(new, client)
+            loader.spawn(now)
+            log.info(kv("loader started", client=client, pid=loader.pid, reason="added"))
         if added:
             self.settled = False
         self.wake()
@@ -386,7 +385,7 @@ class Arbiter:
     def status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status` shows an operator at a glance."""
         with self.lock:
-            current = status.models_status(self.client_views(), self.warmup)
+            current = self.compose_status()[0]
         clients = current["clients"]
         ready = sum(c["ready"] for c in clients.values())
         failed = sorted(name for name, c in clients.items() if any(m["status"] == "failed" for m in c["models"]))
