@@ -29,6 +29,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
+        "torch": ["torch>=2.1", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": ["gpu-orchestrator=gpu_orchestrator.supervisor.cli:main"],

@@ -38,14 +38,18 @@ class Stop(Exception):
 
 class Loader:
     def __init__(self, client: str, models: list[str], store: ModelStore, writer: SlotWriter,
-                 limit_bytes: int | None, heartbeat_interval: float):
+                 limit_bytes: int | None, heartbeat_interval: float, backend: str = "default",
+                 warmup_inference: bool = False):
         self.client = client
+        self.backend = backend
+        self.warmup_inference = warmup_inference
         self.store = store
         self.writer = writer
         self.limit_bytes = limit_bytes
         self.heartbeat_interval = heartbeat_interval
         self.state = LoaderState(client=client, pid=os.getpid(), generation=0, phase=IDLE,
-                                 heartbeat=time.monotonic(), models=[ModelProgress(m) for m in models])
+                                 heartbeat=time.monotonic(),
+                                 models=[ModelProgress(m, backend=backend) for m in models])
         self.command: LoadCommand | None = None
         self.signals: list[int] = []
         self.stdin_buffer = b""
@@ -133,6 +137,8 @@ class Loader:
             check_fits(model_plan, used_bytes, self.limit_bytes)
             self.publish()
             model.verified = warm(snapshot, model_plan, self.progress(model))
+            if self.backend == "torch":
+                self.place_on_device(model, snapshot, model_plan, used_bytes)
         except (StoreError, ModelError) as exc:
             self.fail(model, str(exc), started)
         except OSError as exc:
@@ -141,6 +147,13 @@ class Loader:
             model.status, model.seconds = READY, round(time.monotonic() - started, 3)
             log.info(kv("model ready", client=self.client, model=model.model, bytes=model.bytes_done,
                         seconds=model.seconds, verified=model.verified))
+
+    def place_on_device(self, model: ModelProgress, snapshot, model_plan, used_bytes: int) -> None:
+        from gpu_orchestrator.loaders.torch_backend import load_torch  # torch is optional and slow to import
+        result = load_torch(snapshot, model_plan, used_bytes, self.limit_bytes, self.warmup_inference)
+        model.device, model.device_memory_bytes = result.device, result.memory_bytes
+        model.embedding_dim, model.note = result.embedding_dim, result.note
+        self.tick()
 
     def progress(self, model: ModelProgress):
         def report(done: int) -> None:
@@ -169,6 +182,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hf-hub")
     parser.add_argument("--memory-limit-bytes", type=int)
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    parser.add_argument("--backend", choices=("default", "torch"), default="default")
+    parser.add_argument("--warmup-inference", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -190,7 +205,8 @@ def boot(argv: list[str]) -> Loader:
     except ChannelError as exc:
         cannot_boot(str(exc))
     store = ModelStore(args.store_root, args.base_model_dir, args.strict, Path(args.hf_hub) if args.hf_hub else None)
-    return Loader(args.client, args.models, store, writer, args.memory_limit_bytes, args.heartbeat_interval)
+    return Loader(args.client, args.models, store, writer, args.memory_limit_bytes, args.heartbeat_interval,
+                  args.backend, args.warmup_inference)
 
 
 def main(argv: list[str] | None = None) -> int:

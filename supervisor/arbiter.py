@@ -97,6 +97,10 @@ def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Po
     limit = config.memory_limit_bytes(client)
     if limit is not None:
         argv += ["--memory-limit-bytes", str(limit)]
+    argv += ["--backend", config.backend_for(client)]
+    allocation = config.allocations.get(client)
+    if allocation is not None and allocation.warmup:
+        argv.append("--warmup-inference")
     return argv
 
 

@@ -14,6 +14,7 @@ import msgspec
 from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_model_id, hf_hub_dir
 
 EX_CONFIG = 78
+BACKENDS = ("default", "torch")
 DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"
 GiB = 1024**3
 
@@ -32,6 +33,8 @@ class AgentAllocation(msgspec.Struct):
     models: list[str] = []
     active_thread_percentage: int | None = None
     devices: list[int] | None = None
+    backend: str | None = None  # "default" or "torch"; unset: GPU_ORCHESTRATOR_BACKEND
+    warmup: bool = False  # torch backend: embed one sentence when the snapshot is sentence-transformers
 
 
 class Config(msgspec.Struct, kw_only=True):
@@ -48,11 +51,16 @@ class Config(msgspec.Struct, kw_only=True):
     mps_pipe_dir: str = "/tmp/nvidia-mps"
     mps_log_dir: str = "/var/log/nvidia-mps"
     token: str | None = None
+    backend: str = "default"
     preload: bool = True
     clients: dict[str, list[str]]
     allocations: dict[str, AgentAllocation] = {}
     allocation_document: dict[str, Any] = {}  # the file as read, for /mps/allocation
     warnings: list[str] = []
+
+    def backend_for(self, client: str) -> str:
+        allocation = self.allocations.get(client)
+        return allocation.backend if allocation is not None and allocation.backend else self.backend
 
     def memory_limit_bytes(self, client: str) -> int | None:
         allocation = self.allocations.get(client)
@@ -155,6 +163,8 @@ def load_allocations(path: str, clients: dict[str, list[str]]) -> tuple[dict[str
         allocation = _convert(entry, AgentAllocation, path, field)
         if not allocation.mps_memory_limit_gb > 0:
             raise ConfigError(f"{path}: {field}.mps_memory_limit_gb: must be > 0, got {allocation.mps_memory_limit_gb}")
+        if allocation.backend not in (None, *BACKENDS):
+            raise ConfigError(f"{path}: {field}.backend: must be one of {', '.join(BACKENDS)}, got {allocation.backend!r}")
         percentage = allocation.active_thread_percentage
         if percentage is not None and not 1 <= percentage <= 100:
             raise ConfigError(f"{path}: {field}.active_thread_percentage: must be 1-100, got {percentage}")
@@ -196,6 +206,9 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         except StoreError as exc:
             raise ConfigError(f"BASE_MODEL_DIR: {exc}") from None
     strict = parse_bool("STRICT_MODEL_STORE", _setting("STRICT_MODEL_STORE", overrides, env, "0"))
+    backend = env.get("GPU_ORCHESTRATOR_BACKEND") or "default"
+    if backend not in BACKENDS:
+        raise ConfigError(f"GPU_ORCHESTRATOR_BACKEND: must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return Config(
         host=_setting("GPU_ORCHESTRATOR_HOST", overrides, env, "127.0.0.1"),
         port=parse_port("GPU_ORCHESTRATOR_PORT", _setting("GPU_ORCHESTRATOR_PORT", overrides, env, 8014)),
@@ -210,6 +223,7 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         mps_pipe_dir=env.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
         mps_log_dir=env.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
         token=env.get("GPU_ORCHESTRATOR_TOKEN") or None,
+        backend=backend,
         preload=not overrides.get("no_preload", False),
         **files,
     )

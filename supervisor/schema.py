@@ -28,6 +28,11 @@ class ModelProgress(msgspec.Struct, omit_defaults=True):
     parameters: int | None = None
     seconds: float = 0.0
     verified: bool = False
+    backend: str = "default"
+    device: str | None = None  # torch backend: where the weights went
+    device_memory_bytes: int | None = None  # torch backend: what they took there
+    embedding_dim: int | None = None  # torch backend with warm-up inference
+    note: str | None = None
     error: str | None = None
 
 

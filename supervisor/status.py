@@ -70,7 +70,9 @@ def model_detail(model: ModelProgress) -> dict:
         "model": model.model, "status": model.status, "bytes": model.bytes_done,
         "bytes_total": model.bytes_total, "weight_bytes": model.weight_bytes,
         "parameters": model.parameters, "format": model.format, "seconds": model.seconds,
-        "verified": model.verified, "path": model.path, "error": model.error,
+        "verified": model.verified, "backend": model.backend, "device": model.device,
+        "device_memory_bytes": model.device_memory_bytes, "embedding_dim": model.embedding_dim,
+        "note": model.note, "path": model.path, "error": model.error,
     }
 
 

@@ -114,3 +114,29 @@ def test_corrupted_copies_fail_clearly(tmp_path, snapshot_dir, damage, message):
     snapshot = corrupt_copy(tmp_path, snapshot_dir, damage)
     with pytest.raises(ModelError, match=message):
         warm(snapshot, plan(snapshot), lambda n: None)
+
+
+def test_torch_backend_loads_the_real_snapshot_on_the_cpu(tmp_path, snapshot_dir):
+    try:
+        import torch  # noqa: F401
+        import safetensors  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the torch backend needs the [torch] extra ({exc.name} is not installed)")
+    store = tmp_path / "store"
+    copy_into(store, snapshot_dir)
+    model_map, allocation = write_config(tmp_path, {"embedder": [MODEL_ID]}, {
+        "embedder": {"mps_memory_limit_gb": 1.0, "backend": "torch", "warmup": True}})
+    with Orchestrator(tmp_path, store, model_map, allocation) as orch:
+        status = orch.wait_settled(timeout=300)
+        assert status["all_ready"], status["errors"]
+        model = status["clients"]["embedder"]["models"][0]
+        assert model["backend"] == "torch" and model["device"] in ("cpu", "cuda:0")
+        with open(snapshot_dir / "model.safetensors", "rb") as handle:
+            (header,) = struct.unpack("<Q", handle.read(8))
+        tensor_bytes = (snapshot_dir / "model.safetensors").stat().st_size - 8 - header
+        assert model["device_memory_bytes"] == tensor_bytes  # every tensor, F32 weights and int64 buffers
+        try:
+            import sentence_transformers  # noqa: F401
+            assert model["embedding_dim"] == 384
+        except ImportError:
+            assert model["note"] == "warm-up inference skipped: sentence-transformers is not installed"

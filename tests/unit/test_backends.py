@@ -187,3 +187,12 @@ def test_onnx_must_look_like_a_model_proto(tmp_path):
     (path / "model.onnx").write_bytes(b"<html>not a model</html>")
     with pytest.raises(ModelError, match="does not start the way ONNX files do"):
         plan(snapshot_of(path))
+
+
+def test_torch_backend_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+    from gpu_orchestrator.loaders.torch_backend import load_torch
+    monkeypatch.setitem(sys.modules, "torch", None)
+    path = add_model(tmp_path, "org/m")
+    with pytest.raises(ModelError, match=r"torch is not installed: pip install 'gpu-orchestrator\[torch\]'"):
+        load_torch(snapshot_of(path), plan(snapshot_of(path)), 0, None, warmup=False)

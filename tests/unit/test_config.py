@@ -53,6 +53,7 @@ REFUSALS = [
     ("limit missing", {"a": ["x/y"]}, allocation(a={"priority": "high"}), "missing required field `mps_memory_limit_gb`"),
     ("unknown client", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1}, ghost={"mps_memory_limit_gb": 1}), "client 'ghost' is not in the model map"),
     ("thread percentage", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "active_thread_percentage": 0}), "active_thread_percentage: must be 1-100"),
+    ("unknown backend", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "backend": "jax"}), "backend: must be one of default, torch, got 'jax'"),
 ]
 
 
