@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     diag_parser.add_argument("--pipe-dir", help="CUDA_MPS_PIPE_DIRECTORY (default from the environment, else /tmp/nvidia-mps)")
     diag_parser.add_argument("--log-dir", help="CUDA_MPS_LOG_DIRECTORY (default from the environment, else /var/log/nvidia-mps)")
     diag_parser.add_argument("--timeout", type=float, default=5.0, help="seconds the daemon has to answer")
-    commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host; print what it saw")
+    check_parser = commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host")
+    check_parser.add_argument("--model-dir", help="a safetensors snapshot to load with the torch backend under MPS")
     commands.add_parser("bench", help="benchmarks (scripts/bench): prints a table, writes BENCHMARKS.md",
                         add_help=False)
     status_parser = commands.add_parser("status", help="show a running orchestrator: GPUs, clients, models, MPS")
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return run_status(args.url or default_url(), args.json, args.watch)
         if args.command == "gpu-check":
-            return gpucheck.check()
+            return gpucheck.check(args.model_dir)
         if args.command == "mps-diag":
             return run_diag(MpsSettings(
                 args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
