@@ -8,7 +8,6 @@ import platform
 import threading
 from importlib import metadata
 
-import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

@@ -32,8 +32,9 @@ PROGRESS_INTERVAL = 0.2
 MAX_ERROR = 4096  # keeps a model's state within its share of the slot
 
 
-class Stop(Exception):
-    """Told to stop (SIGTERM) or orphaned (stdin EOF)."""
+class Stop(BaseException):
+    """Told to stop (SIGTERM) or orphaned (stdin EOF). Not an Exception, so that the
+    last-resort handler around one model's load can never swallow it."""
 
 
 class Loader:
@@ -143,6 +144,9 @@ class Loader:
             self.fail(model, str(exc), started)
         except OSError as exc:
             self.fail(model, f"{exc.filename or model.path}: {exc.strerror}", started)
+        except Exception as exc:  # a bug or a framework error must fail this model, not crash-loop the loader
+            log.exception(kv("unexpected error loading a model", client=self.client, model=model.model))
+            self.fail(model, f"unexpected {type(exc).__name__}: {exc}", started)
         else:
             model.status, model.seconds = READY, round(time.monotonic() - started, 3)
             log.info(kv("model ready", client=self.client, model=model.model, bytes=model.bytes_done,

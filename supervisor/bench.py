@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from gpu_orchestrator.loaders.backends import plan, snapshot_checksum, warm
+from gpu_orchestrator.loaders.backends import plan, warm
 from gpu_orchestrator.loaders.store import Snapshot
 from gpu_orchestrator.supervisor.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.supervisor.cli import HTTP_THREADS

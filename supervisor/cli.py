@@ -1,4 +1,4 @@
-"""`gpu-orchestrator`: serve (the systemd service) and demo (a built-in store to try it on)."""
+"""`gpu-orchestrator`: serve (what systemd runs), demo, gate, status, mps-diag, gpu-check and bench."""
 
 import argparse
 import logging

@@ -63,7 +63,7 @@ def check_folder(name: str, folder: str) -> list[Check]:
     detail = f"{folder}: owner {owner_name(info.st_uid)}, mode {describe_mode(info.st_mode)}"
     found = [Check(name, "ok", detail)]
     if not stat.S_ISDIR(info.st_mode):
-        return [Check(name, "problem", f"{folder} is not a directory", f"remove it and restart the daemon")]
+        return [Check(name, "problem", f"{folder} is not a directory", "remove it and restart the daemon")]
     if (info.st_mode & 0o005) != 0o005:
         found = [Check(name, "problem", detail + "; other users cannot enter it",
                        f"chmod 0755 {folder}: MPS servers started for other users crash-loop otherwise")]

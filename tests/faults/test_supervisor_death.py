@@ -1,7 +1,6 @@
 """The supervisor stopped (SIGTERM) or killed (SIGKILL): nothing is left behind either way."""
 
 import os
-import signal
 import time
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 /metrics parsed by prometheus_client, the `status` command, and NVML kept off the request path."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import nvml_hosts
-from support import Orchestrator, free_port, request, wait_for, write_config
+from support import Orchestrator, free_port, wait_for, write_config
 
 FAKE_NVML = Path(__file__).resolve().parents[1] / "fakes" / "nvml"
 
