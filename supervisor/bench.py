@@ -224,10 +224,9 @@ def bench_channel(clients: int) -> list[tuple]:
         publish_us = (time.perf_counter() - started) / rounds * 1e6
         for writer in writers:
             writer.publish(state)
-        reader = SlotReader(segment, LoaderState)
         started = time.perf_counter()
         for _ in range(200):
-            reader._last.clear()  # force a full decode, as after every publish
+            reader = SlotReader(segment, LoaderState)  # a fresh reader decodes every slot, as after publishes
             for slot in range(1, clients + 1):
                 reader.read(slot)
         read_us = (time.perf_counter() - started) / 200 * 1e6

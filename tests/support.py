@@ -62,6 +62,25 @@ def request(url: str, method: str = "GET", body: bytes | None = None, headers: d
         return err.code, json.loads(err.read())
 
 
+def status_code(url: str) -> int:
+    """Only the status of a GET, whatever the body (for /metrics, which is not JSON)."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def write_figures(fault: str, **figures) -> None:
+    """A fault test's figures: to stdout (pytest -s) and, with $FAULT_FIGURES, a JSON-lines file."""
+    line = json.dumps({"fault": fault, **figures})
+    print(f"\nFIGURES {line}")
+    if os.environ.get("FAULT_FIGURES"):
+        with open(os.environ["FAULT_FIGURES"], "a") as out:
+            out.write(line + "\n")
+
+
 def children_of(pid: int) -> list[int]:
     import psutil
     try:
