@@ -1,8 +1,9 @@
 """The Falcon app: `create_app(source)`, as in falcon's tutorial.
 
 `source` answers health(), models_status() (and models_status_json(), the same
-already encoded), request_preload(refresh), gpu_info() and mps_allocation(); the supervisor's Arbiter is the real one and
-tests may pass their own. Every answer, errors included, is JSON.
+already encoded), request_preload(refresh), gpu_info() and mps_allocation(); the
+supervisor's Arbiter is the real one and tests may pass their own. Every answer,
+errors included, is JSON (`/metrics` aside: Prometheus text).
 """
 
 import hmac
