@@ -115,8 +115,9 @@ def timed(command: list[str]) -> float:
 
 # ---- load generation --------------------------------------------------------------------
 
-def load_worker(url: str, path: str, seconds: float) -> None:
-    """One keep-alive connection, as fast as it goes; prints latencies in ms (sampled)."""
+def load_worker(url: str, paths: list[str], seconds: float) -> None:
+    """One keep-alive connection cycling through `paths` as fast as it goes; prints latencies
+    in ms (sampled) and counts as an error every answer that is not 200 or that fails."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     latencies, errors = [], 0
@@ -124,26 +125,34 @@ def load_worker(url: str, path: str, seconds: float) -> None:
     while time.monotonic() < deadline:
         started = time.perf_counter()
         try:
-            conn.request("GET", path)
+            conn.request("GET", paths[len(latencies) % len(paths)])
             response = conn.getresponse()
             response.read()
             if response.status != 200:
                 errors += 1
-        except OSError:
+        except (OSError, http.client.HTTPException):
             errors += 1
             conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
         latencies.append((time.perf_counter() - started) * 1000)
     print(json.dumps({"count": len(latencies), "errors": errors, "latencies": latencies[:: max(1, len(latencies) // 20000)]}))
 
 
-def load(url: str, path: str, seconds: float, connections: int) -> dict:
-    workers = [subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.bench", "--load-worker", url, path,
-                                 str(seconds)], stdout=subprocess.PIPE, text=True) for _ in range(connections)]
-    results = [json.loads(w.communicate()[0]) for w in workers]
+def start_load(url: str, paths: list[str], seconds: float, connections: int) -> list[subprocess.Popen]:
+    """Loopback load from `connections` processes (not threads: the generator must not share a GIL)."""
+    return [subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.bench", "--load-worker", url,
+                              str(seconds), *paths], stdout=subprocess.PIPE, text=True) for _ in range(connections)]
+
+
+def finish_load(workers: list[subprocess.Popen], seconds: float) -> dict:
+    results = [json.loads(w.communicate(timeout=seconds + 120)[0]) for w in workers]
     latencies = [v for r in results for v in r["latencies"]]
     count = sum(r["count"] for r in results)
-    return {"rps": count / seconds, "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
-            "errors": sum(r["errors"] for r in results)}
+    return {"requests": count, "rps": count / seconds, "p50": percentile(latencies, 0.5),
+            "p99": percentile(latencies, 0.99), "errors": sum(r["errors"] for r in results)}
+
+
+def load(url: str, path: str, seconds: float, connections: int) -> dict:
+    return finish_load(start_load(url, [path], seconds, connections), seconds)
 
 
 def ceiling_server(port: int, size: int) -> None:
@@ -416,7 +425,7 @@ not absolute figures, across machines.
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--load-worker"]:
-        load_worker(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        load_worker(sys.argv[2], sys.argv[4:], float(sys.argv[3]))
     elif sys.argv[1:2] == ["--ceiling"]:
         ceiling_server(int(sys.argv[2]), int(sys.argv[3]))
     else:

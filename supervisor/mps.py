@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -86,6 +87,7 @@ class Probe:
     error: str | None = None
     probed_at: float | None = None  # wall clock
     failures: int = 0
+    control_pid: int | None = None
 
 
 class MpsDaemon:
@@ -249,6 +251,8 @@ class MpsDaemon:
             self.record_probe()
 
     def record_probe(self) -> None:
+        """Ask the daemon (and read its pid file) here, so that report() reads only memory."""
+        control_pid = self.control_pid()
         try:
             servers = [int(p) for p in query(self.settings, "get_server_list").split() if p.isdigit()]
             percentage = query(self.settings, "get_default_active_thread_percentage")
@@ -256,11 +260,11 @@ class MpsDaemon:
             with self.lock:
                 self.probe.answering, self.probe.error = False, str(exc)
                 self.probe.failures += 1
-                self.probe.probed_at = time.time()
+                self.probe.probed_at, self.probe.control_pid = time.time(), control_pid
             self.wake()
             return
         with self.lock:
-            self.probe = Probe(True, servers, percentage, None, time.time(), 0)
+            self.probe = Probe(True, servers, percentage, None, time.time(), 0, control_pid)
 
     # ---- what /gpu/info serves ---------------------------------------------------
 
@@ -268,7 +272,7 @@ class MpsDaemon:
         if self.proc is not None:
             return self.proc.pid
         try:
-            pid = int(open(os.path.join(self.settings.pipe_dir, PID_FILE)).read().strip())
+            pid = int(Path(self.settings.pipe_dir, PID_FILE).read_text().strip())
         except (OSError, ValueError):
             return None
         return pid if pid > 0 and process_alive(pid) else None
@@ -286,7 +290,7 @@ class MpsDaemon:
                 "pipe_dir": self.settings.pipe_dir,
                 "log_dir": self.settings.log_dir,
                 "control_process": probe.answering,
-                "control_pid": self.control_pid() if self.available else None,
+                "control_pid": probe.control_pid,
                 "managed": self.managed,
                 "servers": list(probe.servers),
                 "default_active_thread_percentage": probe.default_active_thread_percentage,

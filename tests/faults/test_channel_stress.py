@@ -6,8 +6,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from support import SOAK
 from gpu_orchestrator.supervisor.channel import Segment
+from support import SOAK
 
 WORKERS = Path(__file__).resolve().parents[1] / "channel_workers.py"
 

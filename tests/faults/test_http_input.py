@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import SOAK
-from support import Orchestrator, write_config, write_figures
+from support import SOAK, Orchestrator, write_config, write_figures
 
 ROUTES = ["/health", "/ready", "/models/status", "/models/preload", "/gpu/info", "/mps/allocation", "/metrics"]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]

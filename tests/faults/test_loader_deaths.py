@@ -5,9 +5,8 @@ import random
 import signal
 import time
 
-from support import SOAK
-from mps_liveness import gone
-from support import Orchestrator, add_model, wait_for, write_config
+from gpu_orchestrator.supervisor.mps import process_alive
+from support import SOAK, Orchestrator, add_model, wait_for, write_config
 
 MEDIUM = (384, 4, 30000)  # ~37 MB each: a warm-up long enough to be interrupted
 
@@ -52,7 +51,7 @@ def test_sigkill_during_warmups(tmp_path, record):
             pid = victim["pid"]
             killed.add(pid)
             mid_warmup += any(m["status"] != "ready" for m in victim["models"])  # where the kill landed
-            wait_for(lambda: gone(pid), what="the killed loader reaped")
+            wait_for(lambda: not process_alive(pid), what="the killed loader reaped")
 
             def back():
                 nonlocal responses

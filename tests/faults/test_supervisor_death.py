@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from gpu_orchestrator.supervisor import channel
-from mps_liveness import gone
+from gpu_orchestrator.supervisor.mps import process_alive
 from support import Orchestrator, children_of, wait_for, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
@@ -26,7 +26,7 @@ def test_sigterm_stops_loaders_and_the_mps_daemon_it_started(tmp_path, store, re
         started = time.monotonic()
         assert orch.stop(timeout=10) == 0
         took = time.monotonic() - started
-        assert all(gone(pid) for pid in children)
+        assert all(not process_alive(pid) for pid in children)
         assert not os.path.exists(channel.segment_path(orch.segment))
         assert not (tmp_path / "pipe" / "control").exists()
         assert "Received command: quit" in (tmp_path / "log" / "control.log").read_text()
@@ -43,7 +43,7 @@ def test_sigkill_loaders_leave_by_themselves_and_next_start_is_clean(tmp_path, s
         first.proc.wait(10)
         killed_at = time.monotonic()
         # A zombie has exited; whether PID 1 has reaped it yet is not the loader's doing.
-        wait_for(lambda: all(gone(pid) for pid in loaders), timeout=2, interval=0.01,
+        wait_for(lambda: all(not process_alive(pid) for pid in loaders), timeout=2, interval=0.01,
                  what="every loader to exit within 2 s of the supervisor's death")
         exited_within = time.monotonic() - killed_at
         stale = channel.segment_path(first.segment)

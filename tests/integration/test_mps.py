@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gpu_orchestrator.supervisor.mps import process_alive
 from support import Orchestrator, wait_for, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
@@ -92,11 +93,10 @@ def test_running_daemon_is_adopted_and_left_running(tmp_path, store, mps_setup, 
             assert mps["enabled"] and mps["managed"] is False and mps["control_pid"] == pid
             assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha"))
             assert orch.stop() == 0
-        assert psutil.pid_exists(pid) and ctl(mps_dirs, "get_server_list").returncode == 0
+        assert process_alive(pid) and ctl(mps_dirs, "get_server_list").returncode == 0
     finally:
         ctl(mps_dirs, "quit")
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                 what="adopted daemon gone")
+        wait_for(lambda: not process_alive(pid), what="adopted daemon gone")
 
 
 @pytest.mark.parametrize("fault", ["killed", "hung"])
@@ -124,9 +124,9 @@ def test_dead_or_hung_daemon_is_restarted_and_loaders_follow(tmp_path, store, mp
             assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(status["clients"]["alpha"]["pid"])
             if fault == "hung":
                 assert "stopped answering; killing it" in orch.output()
-            assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+            assert not process_alive(first)
         finally:
-            if psutil.pid_exists(first):
+            if process_alive(first):
                 os.kill(first, signal.SIGKILL)
 
 
