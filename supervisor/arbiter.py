@@ -22,7 +22,7 @@ from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
 from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
-from gpu_orchestrator.supervisor.schema import IDLE, LoadCommand, LoaderState
+from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import Sampler, Telemetry
 
@@ -428,8 +428,7 @@ class Arbiter:
             loader.deaths.clear()
 
     def finished_warmup(self, loader: LoaderProcess) -> bool:
-        published = self.published(loader)
-        return published is not None and published.phase == IDLE and published.generation == self.warmup.generation
+        return status.finished(self.published(loader), self.warmup.generation)
 
     def published(self, loader: LoaderProcess) -> LoaderState | None:
         """The loader's slot, only if the live process wrote it."""
@@ -516,9 +515,8 @@ class Arbiter:
         depends on has changed: no slot written, no loader record changed, the same warm-up
         and MPS state, and at most STATUS_REUSE_S old (ages in it are that stale at most).
         """
-        report = self.mps_report()
-        mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")} if report \
-            else {"enabled": False, "error": "ENABLE_MPS is not true"}
+        report = self.mps_report() or status.mps_disabled(self.config)
+        mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")}
         key = (self.warmup, tuple(mps.values()), int(time.monotonic() / STATUS_REUSE_S),
                self.reader.peek(TELEMETRY_SLOT) if self.sampler is not None else 0,
                tuple((l.client, l.state, l.pid, l.restarts, l.last_exit, l.fatal_reason, l.rss_bytes,

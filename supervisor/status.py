@@ -57,12 +57,14 @@ def effective_models(view: ClientView) -> list[ModelProgress]:
     return view.published.models
 
 
+def finished(published: LoaderState | None, generation: int) -> bool:
+    """The loader says it is idle after this generation's warm-up."""
+    return published is not None and published.generation == generation and published.phase == IDLE
+
+
 def client_settled(view: ClientView, generation: int) -> bool:
     """The client has finished the current warm-up, one way or the other (or none was asked for)."""
-    if view.state == states.FATAL or generation == 0:
-        return True
-    published = view.published
-    return published is not None and published.generation == generation and published.phase == IDLE
+    return view.state == states.FATAL or generation == 0 or finished(view.published, generation)
 
 
 def model_detail(model: ModelProgress) -> dict:
@@ -172,8 +174,10 @@ def mps_allocation(config: Config, telemetry: Telemetry | None = None) -> dict:
 
 
 def mps_disabled(config: Config) -> dict:
+    """The `mps` part of the answers when ENABLE_MPS is off: the keys MpsDaemon.report() has."""
     return {"enabled": False, "pipe_dir": config.mps_pipe_dir, "log_dir": config.mps_log_dir,
             "control_process": False, "control_pid": None, "managed": False, "servers": [],
+            "default_active_thread_percentage": None, "restarts": 0, "probed_at": None,
             "error": "ENABLE_MPS is not true"}
 
 

@@ -1,6 +1,7 @@
 """The operations doc's readiness story against a real orchestrator on a real socket."""
 
 import os
+import re
 import signal
 
 from support import add_model, wait_for
@@ -9,6 +10,10 @@ from support import add_model, wait_for
 def test_missing_model_then_fix_then_refresh(orchestrator, store):
     status = orchestrator.wait_settled()
     assert status["in_progress"] is False and status["all_ready"] is False
+    log = orchestrator.output()  # warm-up progress is in the log, one key=value line per event
+    assert "INFO loader: model loading client=alpha model=org/a1" in log
+    assert re.search(r"INFO loader: model ready client=alpha model=org/a1 bytes=\d+ seconds=[\d.]+", log)
+    assert "ERROR loader: model failed client=beta model=org/missing error=" in log
     assert status["summary"] == {"total": 5, "done": 4, "failed": 1, "loading": 0, "pending": 0}
     assert [(e["agent"], e["model"]) for e in status["errors"]] == [("beta", "org/missing")]
     assert "tried:" in status["errors"][0]["error"] and str(store / "org" / "missing") in status["errors"][0]["error"]

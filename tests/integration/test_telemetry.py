@@ -154,3 +154,17 @@ def test_nvml_absent_service_still_serves(tmp_path, store):
         assert "NVML" in info["nvml_init_error"]
         assert "NVML unavailable: no GPU telemetry" in orch.output()
         assert orch.status()["clients"]["alpha"]["gpu_memory_bytes"] is None
+
+
+def test_status_watch_refreshes_until_ctrl_c(telemetry_orch, tmp_path):
+    import signal
+    out = tmp_path / "watch.out"
+    with open(out, "w") as sink:
+        watch = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", "--url",
+                                  telemetry_orch.url, "--watch", "0.2"], stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: out.read_text().count("gpu-orchestrator at ") >= 3, what="three refreshes")
+        finally:
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(30) == 0
+    assert "\033[H" not in out.read_text()  # no screen clearing when stdout is not a terminal

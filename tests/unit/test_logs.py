@@ -22,3 +22,12 @@ def test_relayed_lines_keep_their_level(caplog):
         relay_line(logger, "a traceback line")
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.ERROR, "model failed client=a"), (logging.INFO, "a traceback line")]
+
+
+def test_log_level_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+    setup_logging()
+    assert logging.getLogger().level == logging.WARNING
+    monkeypatch.setenv("LOG_LEVEL", "nonsense")
+    setup_logging()
+    assert logging.getLogger().level == logging.INFO

@@ -60,3 +60,12 @@ def test_booting_loaders_are_not_a_warmup_in_progress():
     # make a preload request look like "already under way" (it would start nothing).
     result = models_status([view(published=None)], Warmup())
     assert not result["in_progress"] and not result["clients"]["a"]["ready"]
+
+
+def test_mps_off_has_the_same_keys_as_a_running_daemon_report(tmp_path):
+    from gpu_orchestrator.supervisor.config import Config
+    from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings
+    from gpu_orchestrator.supervisor.status import mps_disabled
+    config = Config(model_store_root=str(tmp_path), model_map_path="m", allocation_path="", clients={})
+    daemon = MpsDaemon(MpsSettings(str(tmp_path / "pipe"), str(tmp_path / "log")))
+    assert set(mps_disabled(config)) == set(daemon.report())
