@@ -113,6 +113,7 @@ class Arbiter:
         self.server = server
         self.notifier = notifier or Notifier()
         self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
+        self.loaders_follow_mps = False  # a daemon came back: replace every loader once slots allow
         self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
         self.telemetry_reader = SlotReader(segment, Telemetry)
@@ -145,8 +146,8 @@ class Arbiter:
         signal.set_wakeup_fd(self.wake_w)
         if self.server is not None:
             threading.Thread(target=self.server.run, name="http", daemon=True).start()
-        if self.mps is not None and not self.mps.start() and self.mps.available:
-            self.mps.schedule_restart(time.monotonic())
+        if self.mps is not None:
+            self.mps.start()  # before any loader: each must start under the daemon, or known without it
         with self.lock:
             now = time.monotonic()
             for client in self.config.clients:
@@ -179,6 +180,8 @@ class Arbiter:
         deadlines = [now + TICK]
         if self.notifier.watchdog_interval is not None:
             deadlines.append(self.notifier.next_watchdog)
+        if self.mps is not None:
+            deadlines += [t for t in (self.mps.restart_at, self.mps.start_deadline()) if t is not None]
         for loader in self.loaders.values():
             if loader.state == states.BACKOFF:
                 deadlines.append(loader.restart_at)
@@ -266,8 +269,12 @@ class Arbiter:
             return
         self.mps.reap(now)
         self.mps.check_health(now)
+        self.mps.restart_if_due(now)
+        if self.mps.advance_start(now):
+            self.loaders_follow_mps = True
         # Replacing every loader needs a free slot for each; retiring ones free theirs within stop_grace.
-        if len(self.free_slots) >= len(self.loaders) and self.mps.restart_if_due(now):
+        if self.loaders_follow_mps and len(self.free_slots) >= len(self.loaders):
+            self.loaders_follow_mps = False
             self.replace_loaders(list(self.loaders), now, "the MPS control daemon restarted")
 
     def replace_loaders(self, clients: list[str], now: float, reason: str) -> None:

@@ -39,6 +39,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="how often the MPS control daemon is probed (default %(default)s)")
     parser.add_argument("--mps-timeout", type=float, default=MpsSettings.command_timeout, metavar="SECONDS",
                         help="how long one MPS control command may take (default %(default)s)")
+    parser.add_argument("--mps-start-timeout", type=float, default=MpsSettings.start_timeout, metavar="SECONDS",
+                        help="how long a starting MPS control daemon may take to answer (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +131,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def policy_from(args: argparse.Namespace) -> Policy:
-    for flag in ("heartbeat_timeout", "mps_probe_interval", "mps_timeout", "telemetry_interval"):
+    for flag in ("heartbeat_timeout", "mps_probe_interval", "mps_timeout", "mps_start_timeout", "telemetry_interval"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
     return Policy(heartbeat_timeout=args.heartbeat_timeout)
@@ -137,7 +139,7 @@ def policy_from(args: argparse.Namespace) -> Policy:
 
 def mps_settings_from(config: Config, args: argparse.Namespace) -> MpsSettings:
     return MpsSettings(config.mps_pipe_dir, config.mps_log_dir, probe_interval=args.mps_probe_interval,
-                       command_timeout=args.mps_timeout)
+                       command_timeout=args.mps_timeout, start_timeout=args.mps_start_timeout)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -88,10 +88,29 @@ class Probe:
     probed_at: float | None = None  # wall clock
     failures: int = 0
     control_pid: int | None = None
+    started: float | None = None  # monotonic: when this probe began asking
+
+
+@dataclass(frozen=True)
+class Starting:
+    """A start under way: `checking` whether a daemon already answers, then `spawned` ours."""
+
+    phase: str
+    since: float  # monotonic; only a probe that began after this counts
+
+
+START_POLL_S = 0.1  # how often the probe asks while a daemon is coming up
 
 
 class MpsDaemon:
-    """Lifecycle of one control daemon. `start`, `reap`, `restart_if_due`, `stop` run in the loop."""
+    """Lifecycle of one control daemon.
+
+    The loop starts, kills and restarts it (`begin_start`, `reap`, `check_health`,
+    `restart_if_due`, `advance_start`, `stop`) and never waits on it: only the probe
+    thread talks to the daemon, and the loop acts on what that thread last recorded.
+    A daemon that takes 15 s to come up therefore never stalls loader supervision,
+    signals or the watchdog.
+    """
 
     def __init__(self, settings: MpsSettings, wake=lambda: None):
         self.settings = settings
@@ -101,37 +120,75 @@ class MpsDaemon:
         self.managed = False
         self.available = shutil.which(BINARY) is not None
         self.probe = Probe(error=None if self.available else f"{BINARY} not found on PATH")
+        self.starting: Starting | None = None
         self.restarts = 0
         self.restart_at: float | None = None
         self.deaths: list[float] = []
-        self.generation = 0  # bumps every time a daemon (re)starts: loaders must follow
         self.stopping = threading.Event()
+        self.poke = threading.Event()  # probe now, not at the next interval
+        self.probed = threading.Event()  # a probe finished
         self.thread: threading.Thread | None = None
 
     # ---- loop side ----------------------------------------------------------
 
     def start(self) -> bool:
-        """Adopt a daemon that answers, or start ours and wait until it answers."""
+        """Start and wait until the daemon answers or the start failed: for start-up and gpu-check,
+        before any loader exists. A failed start is already scheduled for a retry."""
+        self.begin_start(time.monotonic())
+        while self.starting is not None:
+            self.probed.wait(START_POLL_S)
+            self.probed.clear()
+            now = time.monotonic()
+            self.reap(now)
+            self.advance_start(now)
+        return self.healthy
+
+    def begin_start(self, now: float) -> None:
+        """Ask whether a daemon already answers (adopt it) before spawning ours."""
         if not self.available:
             log.error(kv(f"ENABLE_MPS=true but {BINARY} is not on PATH: loaders run WITHOUT MPS limits; "
                          "install the NVIDIA compute utilities or fix PATH"))
-            return False
+            return
         ensure_folders(self.settings)
-        try:
-            query(self.settings, "get_server_list")
-            self.managed = False
-            log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
-                        pid=self.control_pid()))
-        except MpsError:
-            self.spawn()
-            if not self.wait_answering():
-                return False
-        self.generation += 1
-        self.record_probe()
+        self.starting = Starting("checking", now)
         if self.thread is None:
             self.thread = threading.Thread(target=self.probe_forever, name="mps-probe", daemon=True)
             self.thread.start()
-        return True
+        self.poke.set()
+
+    def advance_start(self, now: float) -> bool:
+        """Move a start on from the probe's verdict; True once a daemon answers: loaders must follow it."""
+        start = self.starting
+        if start is None:
+            return False
+        with self.lock:
+            probe = self.probe
+        fresh = probe.started is not None and probe.started >= start.since
+        if fresh and probe.answering:
+            self.starting = None
+            if start.phase == "checking":
+                self.managed = False
+                log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
+                            pid=probe.control_pid))
+            else:
+                log.info(kv("MPS control daemon answering", pid=probe.control_pid,
+                            after_s=round(now - start.since, 2)))
+            return True
+        if fresh and start.phase == "checking":
+            self.spawn()
+            self.starting = Starting("spawned", now)
+            self.poke.set()
+        elif start.phase == "spawned" and now - start.since > self.settings.start_timeout:
+            self.starting = None
+            self.note_failure(f"the control daemon did not answer within {self.settings.start_timeout:g} s")
+            self.kill()
+            self.schedule_restart(now)
+        return False
+
+    def start_deadline(self) -> float | None:
+        """When the loop must look again even if the probe stays silent (a hung start)."""
+        start = self.starting
+        return start.since + self.settings.start_timeout if start is not None and start.phase == "spawned" else None
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen([shutil.which(BINARY), "-f"], env={**os.environ, **mps_env(self.settings)},
@@ -139,21 +196,6 @@ class MpsDaemon:
                                      stderr=subprocess.DEVNULL, process_group=0)
         self.managed = True
         log.info(kv("started the MPS control daemon", pid=self.proc.pid, pipe_dir=self.settings.pipe_dir))
-
-    def wait_answering(self) -> bool:
-        deadline = time.monotonic() + self.settings.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.note_failure(f"the control daemon exited with {self.proc.returncode} while starting")
-                return False
-            try:
-                query(self.settings, "get_server_list", timeout=2.0)
-                return True
-            except MpsError:
-                self.stopping.wait(0.1)
-        self.note_failure(f"the control daemon did not answer within {self.settings.start_timeout:g} s")
-        self.kill()
-        return False
 
     def note_failure(self, reason: str) -> None:
         with self.lock:
@@ -169,7 +211,10 @@ class MpsDaemon:
         self.proc = None
         if self.stopping.is_set():
             return False
-        self.note_failure(f"the control daemon exited with {code}")
+        what = "while starting" if self.starting is not None else ""
+        self.starting = None
+        self.note_failure(f"the control daemon exited with {code} {what}".strip())
+        self.remove_pipe_files()
         self.schedule_restart(now)
         return True
 
@@ -177,7 +222,7 @@ class MpsDaemon:
         """Act on the probe thread's verdict: kill a managed daemon that stopped answering."""
         with self.lock:
             failing = self.probe.failures >= self.settings.failures_to_restart
-        if not failing or self.restart_at is not None:
+        if not failing or self.restart_at is not None or self.starting is not None:
             return
         if self.managed and self.proc is not None:
             log.error(kv("MPS control daemon stopped answering; killing it", pid=self.proc.pid))
@@ -192,18 +237,14 @@ class MpsDaemon:
         self.restart_at = now + delay
         log.warning(kv("MPS control daemon restart scheduled", in_s=delay))
 
-    def restart_if_due(self, now: float) -> bool:
-        """True when a daemon was (re)started and loaders must be restarted under it."""
+    def restart_if_due(self, now: float) -> None:
         if self.restart_at is None or now < self.restart_at:
-            return False
+            return
         self.restart_at = None
         self.restarts += 1
         with self.lock:
             self.probe.failures = 0
-        if self.start():
-            return True
-        self.schedule_restart(time.monotonic())
-        return False
+        self.begin_start(now)
 
     def kill(self) -> None:
         if self.proc is None:
@@ -219,6 +260,7 @@ class MpsDaemon:
     def stop(self, grace: float = 5.0) -> None:
         """quit through the control pipe, wait, then TERM and KILL; an adopted daemon is left alone."""
         self.stopping.set()
+        self.poke.set()
         if self.proc is None:
             return
         try:
@@ -247,11 +289,19 @@ class MpsDaemon:
     # ---- probe thread ---------------------------------------------------------
 
     def probe_forever(self) -> None:
-        while not self.stopping.wait(self.settings.probe_interval):
-            self.record_probe()
+        while not self.stopping.is_set():
+            self.poke.wait(START_POLL_S if self.starting is not None else self.settings.probe_interval)
+            self.poke.clear()
+            if self.stopping.is_set():
+                return
+            if self.record_probe() or self.starting is not None:
+                self.wake()
+            self.probed.set()
 
-    def record_probe(self) -> None:
-        """Ask the daemon (and read its pid file) here, so that report() reads only memory."""
+    def record_probe(self) -> bool:
+        """Ask the daemon (and read its pid file) here, so that report() reads only memory.
+        True when it did not answer."""
+        started = time.monotonic()
         control_pid = self.control_pid()
         try:
             servers = [int(p) for p in query(self.settings, "get_server_list").split() if p.isdigit()]
@@ -260,11 +310,11 @@ class MpsDaemon:
             with self.lock:
                 self.probe.answering, self.probe.error = False, str(exc)
                 self.probe.failures += 1
-                self.probe.probed_at, self.probe.control_pid = time.time(), control_pid
-            self.wake()
-            return
+                self.probe.probed_at, self.probe.control_pid, self.probe.started = time.time(), control_pid, started
+            return True
         with self.lock:
-            self.probe = Probe(True, servers, percentage, None, time.time(), 0, control_pid)
+            self.probe = Probe(True, servers, percentage, None, time.time(), 0, control_pid, started)
+        return False
 
     # ---- what /gpu/info serves ---------------------------------------------------
 

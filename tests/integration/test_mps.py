@@ -130,6 +130,44 @@ def test_dead_or_hung_daemon_is_restarted_and_loaders_follow(tmp_path, store, mp
                 os.kill(first, signal.SIGKILL)
 
 
+def test_loop_keeps_supervising_while_a_restarted_daemon_comes_up(tmp_path, store, mps_setup, mps_env):
+    """The loop never waits on the daemon: a loader that dies while the new daemon is still
+    coming up is restarted before that daemon answers (or is given up on), and once it
+    answers every loader follows it."""
+    model_map, allocation = mps_setup
+    hold = tmp_path / "hold-mps-start"
+    env = {**mps_env, "FAKE_MPS_HOLD": str(hold)}
+    args = (*FAST, "--mps-start-timeout", "120")
+    with Orchestrator(tmp_path, store, model_map, allocation, extra_args=args, env=env) as orch:
+        orch.wait_settled()
+        first = orch.get("/gpu/info")[1]["mps"]["control_pid"]
+        hold.touch()
+        os.kill(first, signal.SIGKILL)
+
+        def held_daemon():
+            return next((p for p in psutil.Process(orch.proc.pid).children()
+                         if p.pid != first and "nvidia-cuda-mps-control" in " ".join(p.cmdline())
+                         and "-f" in p.cmdline()), None)  # not a probe's one-command client
+
+        second = wait_for(held_daemon, what="the replacement daemon to be spawned")
+        victim = orch.loader_pid("gamma")
+        os.kill(victim, signal.SIGKILL)
+        back = wait_for(lambda: (c := orch.status()["clients"]["gamma"])["pid"] not in (None, victim)
+                        and c["state"] == "RUNNING" and c, what="gamma restarted while MPS is coming up")
+        assert second.is_running() and not orch.get("/gpu/info")[1]["mps"]["enabled"]
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in mps_vars(back["pid"])  # no daemon: no limits
+        hold.unlink()
+
+        def followed():
+            status, mps = orch.status(), orch.get("/gpu/info")[1]["mps"]
+            fresh = status["clients"]["gamma"]["pid"] != back["pid"]
+            return mps if mps["enabled"] and fresh and status["all_ready"] else None
+
+        assert wait_for(followed, what="daemon answering and loaders following it")["control_pid"] == second.pid
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha"))
+        assert orch.stop() == 0
+
+
 def test_missing_binary_serves_without_mps_and_says_so(tmp_path, store, mps_setup, mps_dirs):
     model_map, allocation = mps_setup
     env = {**mps_dirs, "ENABLE_MPS": "true", "PATH": "/usr/bin:/bin"}
