@@ -114,6 +114,7 @@ class Arbiter:
         self.notifier = notifier or Notifier()
         self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
         self.loaders_follow_mps = False  # a daemon came back: replace every loader once slots allow
+        self.overcommit_checked = False  # per configuration, once the GPU memory is known
         self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
         self.telemetry_reader = SlotReader(segment, Telemetry)
@@ -209,6 +210,7 @@ class Arbiter:
                 self.observe(loader, now)
                 loader.measure_rss()
             self.check_heartbeats(now)
+            self.warn_overcommit()
             self.stop_retiring(now)
             self.restart_loaders(now)
             self.send_commands()
@@ -367,6 +369,22 @@ class Arbiter:
             log.info(kv("reloaded", **{k: ",".join(v) or "-" for k, v in changes.items()}))
         self.notifier.ready(self.status_line())
 
+    def warn_overcommit(self) -> None:
+        """Once per configuration, judged as /mps/allocation judges it: per GPU against what the
+        first NVML sample found, else against the configured total. Over-commit is flagged, never refused."""
+        if self.overcommit_checked:
+            return
+        telemetry = self.telemetry()
+        if self.sampler is not None and telemetry is None:
+            return  # the first sample is on its way
+        self.overcommit_checked = True
+        summary = status.allocation_summary(self.config, status.gpu_memory_present(telemetry))
+        for fields in status.overcommit_warnings(summary):
+            log.warning(kv("MPS allocations over-commit the GPU memory; clients may run out of memory", **fields))
+        for client, devices in summary.get("devices_not_present", {}).items():
+            log.warning(kv("client is pinned to GPUs NVML does not see; it will find no such device", client=client,
+                           devices=",".join(map(str, devices))))
+
     def apply_config(self, new: Config, now: float) -> dict[str, list[str]]:
         old = self.config
         added = [c for c in new.clients if c not in old.clients]
@@ -383,6 +401,7 @@ class Arbiter:
         for client in removed:
             self.retire(self.loaders.pop(client), now)
         self.config = new
+        self.overcommit_checked = False
         self.replace_loaders(changed, now, "its configuration changed")
         for client in added:
             loader = self.loaders[client] = self.new_loader(new, client)

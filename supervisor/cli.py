@@ -19,7 +19,6 @@ from gpu_orchestrator.supervisor.diag import run_diag
 from gpu_orchestrator.supervisor.gate import run_gate
 from gpu_orchestrator.supervisor.logs import kv, setup_logging
 from gpu_orchestrator.supervisor.mps import MpsSettings
-from gpu_orchestrator.supervisor.status import allocation_summary
 from gpu_orchestrator.supervisor.statusview import run_status
 
 log = logging.getLogger("supervisor")
@@ -86,10 +85,6 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
     """Run until SIGTERM/SIGINT. Order matters: nothing is started if the port is taken."""
     for warning in config.warnings:
         log.warning(warning)
-    summary = allocation_summary(config)
-    if summary.get("overcommitted"):
-        log.warning(kv("MPS allocations over-commit the GPU memory", limits_gb=summary["total_mps_memory_limit_gb"],
-                       gpu_gb=summary["gpu_memory_total_gb"], over_gb=summary["overcommit_gb"]))
     try:
         sock = listen(config)
     except OSError as exc:

@@ -120,11 +120,13 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
     }
 
 
-def allocation_summary(config: Config, gpu_memory_bytes: int | None = None) -> dict:
+def allocation_summary(config: Config, gpu_memory: dict[int, int] | None = None) -> dict:
     """system_summary recomputed from the validated allocations; the stored one is never trusted.
 
-    Over-commit is judged against the GPU memory NVML found (`gpu_memory_bytes`), else
-    against mps_configuration.total_gpu_memory_gb.
+    With `gpu_memory` (NVML index -> bytes of each healthy GPU) over-commit is judged per
+    GPU: a pinned limit caps a client on every GPU it can see (its `devices`, else all),
+    so two clients pinned to GPU 0 can over-commit it on a host whose total looks ample.
+    Without NVML it is judged against mps_configuration.total_gpu_memory_gb.
     """
     allocations = config.allocations
     limits = [a.mps_memory_limit_gb for a in allocations.values()]
@@ -141,24 +143,56 @@ def allocation_summary(config: Config, gpu_memory_bytes: int | None = None) -> d
         "average_mps_memory_limit_gb": round(total_limit / len(limits), 3) if limits else None,
         "memory_efficiency_percent": round(100 * required / total_limit, 1) if total_limit else None,
     }
-    gpu_total = config.allocation_document.get("mps_configuration", {}).get("total_gpu_memory_gb")
-    source = "mps_configuration.total_gpu_memory_gb"
-    if gpu_memory_bytes:
-        gpu_total, source = round(gpu_memory_bytes / GiB, 3), "nvml"
-    if isinstance(gpu_total, (int, float)) and gpu_total > 0:
-        summary["gpu_memory_total_gb"] = gpu_total
-        summary["gpu_memory_total_source"] = source
-        summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1)
-        summary["overcommitted"] = total_limit > gpu_total
-        summary["overcommit_gb"] = round(max(0.0, total_limit - gpu_total), 3)
+    if gpu_memory:
+        gpu_total, source = round(sum(gpu_memory.values()) / GiB, 3), "nvml"
+        per_gpu = [gpu_commitment(allocations, index, memory) for index, memory in sorted(gpu_memory.items())]
+        summary["per_gpu"] = per_gpu
+        summary["devices_not_present"] = {
+            client: missing for client, a in sorted(allocations.items())
+            if (missing := [d for d in a.devices or () if d not in gpu_memory])}
+        overcommitted = any(gpu["overcommitted"] for gpu in per_gpu)
+        overcommit = sum(gpu["overcommit_gb"] for gpu in per_gpu)
+    else:
+        gpu_total = config.allocation_document.get("mps_configuration", {}).get("total_gpu_memory_gb")
+        source = "mps_configuration.total_gpu_memory_gb"
+        if not isinstance(gpu_total, (int, float)) or gpu_total <= 0:
+            return summary
+        overcommitted, overcommit = total_limit > gpu_total, max(0.0, total_limit - gpu_total)
+    summary["gpu_memory_total_gb"] = gpu_total
+    summary["gpu_memory_total_source"] = source
+    summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1) if gpu_total else None
+    summary["overcommitted"] = overcommitted
+    summary["overcommit_gb"] = round(overcommit, 3)
     return summary
 
 
-def gpu_memory_present(telemetry: Telemetry | None) -> int | None:
-    """Total memory of the GPUs NVML sees healthy, or None without telemetry."""
+def gpu_commitment(allocations: dict, index: int, memory_bytes: int) -> dict:
+    """The pinned limits that apply on one GPU against its memory."""
+    clients = sorted(c for c, a in allocations.items() if a.devices is None or index in a.devices)
+    limit = sum(allocations[c].mps_memory_limit_gb for c in clients)
+    memory = round(memory_bytes / GiB, 3)
+    return {"index": index, "memory_gb": memory, "mps_memory_limit_gb": round(limit, 3), "clients": clients,
+            "overcommitted": limit > memory, "overcommit_gb": round(max(0.0, limit - memory), 3)}
+
+
+def overcommit_warnings(summary: dict) -> list[dict]:
+    """What the log says about a summary that over-commits: one entry per GPU, or one for the total."""
+    if not summary.get("overcommitted"):
+        return []
+    if "per_gpu" not in summary:
+        return [{"gpu": "all", "limits_gb": summary["total_mps_memory_limit_gb"],
+                 "gpu_gb": summary["gpu_memory_total_gb"], "over_gb": summary["overcommit_gb"],
+                 "source": summary["gpu_memory_total_source"]}]
+    return [{"gpu": gpu["index"], "limits_gb": gpu["mps_memory_limit_gb"], "gpu_gb": gpu["memory_gb"],
+             "over_gb": gpu["overcommit_gb"], "clients": ",".join(gpu["clients"]), "source": "nvml"}
+            for gpu in summary["per_gpu"] if gpu["overcommitted"]]
+
+
+def gpu_memory_present(telemetry: Telemetry | None) -> dict[int, int] | None:
+    """NVML index -> total memory of each GPU NVML sees healthy, or None without telemetry."""
     if telemetry is None or not telemetry.nvml_supported:
         return None
-    return sum(g.memory_total_bytes or 0 for g in telemetry.gpus if g.error is None) or None
+    return {g.index: g.memory_total_bytes for g in telemetry.gpus if g.error is None and g.memory_total_bytes} or None
 
 
 def mps_allocation(config: Config, telemetry: Telemetry | None = None) -> dict:

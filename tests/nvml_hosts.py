@@ -1,6 +1,7 @@
 """Host layouts for the fake NVML module (tests/fakes/nvml/pynvml.py reads them from FAKE_NVML_CONFIG)."""
 
 import json
+from pathlib import Path
 
 GiB = 1024**3
 
@@ -23,3 +24,12 @@ LOST = {"uuid": "GPU-dead", "name": "NVIDIA A100", "lost": True}
 def write(path, gpus=(HEALTHY_H100, NO_POWER_OR_ECC, LOST), init_error=None):
     path.write_text(json.dumps({"init_error": init_error, "driver": "550.54.15", "cuda": 12040, "gpus": list(gpus)}))
     return path
+
+
+FAKE_NVML = Path(__file__).resolve().parent / "fakes" / "nvml"
+
+
+def env(tmp_path, **extra) -> dict:
+    """An orchestrator environment with NVML on and the fake pynvml, on the default host, first on PYTHONPATH."""
+    return {"ENABLE_NVML": "true", "PYTHONPATH": str(FAKE_NVML),
+            "FAKE_NVML_CONFIG": str(write(tmp_path / "nvml.json")), **extra}

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from gpu_orchestrator.supervisor.mps import process_alive
+import nvml_hosts
 from support import Orchestrator, wait_for, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
@@ -191,3 +192,25 @@ def test_overcommit_is_flagged_not_refused(tmp_path, store):
         assert summary["overcommitted"] is True and summary["overcommit_gb"] == 0.25
         assert orch.get("/gpu/info")[1]["mps"]["allocation_overcommitted"] is True
         assert "MPS allocations over-commit the GPU memory" in orch.output()
+
+
+def test_overcommit_is_judged_per_gpu_from_nvml_and_logged(tmp_path, store):
+    # The fake host: GPU 0 80 GiB, GPU 1 24 GiB, GPU 2 lost. 32 GB of limits on 104 GiB looks fine
+    # in total, but alpha and beta are both pinned to the 24 GiB GPU.
+    model_map, allocation = write_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"], "gamma": ["org/g1"]}, {
+        "alpha": {"mps_memory_limit_gb": 20.0, "devices": [1]},
+        "beta": {"mps_memory_limit_gb": 8.0, "devices": [1]},
+        "gamma": {"mps_memory_limit_gb": 4.0, "devices": [2]},
+    })
+    with Orchestrator(tmp_path, store, model_map, allocation, env=nvml_hosts.env(tmp_path)) as orch:
+        summary = wait_for(lambda: (s := orch.get("/mps/allocation")[1]["mps_resource_allocation"]["system_summary"])
+                           .get("per_gpu") and s, what="the summary judged on the first NVML sample")
+        assert summary["overcommitted"] is True and summary["overcommit_gb"] == 4.0
+        assert [(g["index"], g["clients"], g["overcommitted"]) for g in summary["per_gpu"]] == [
+            (0, [], False), (1, ["alpha", "beta"], True)]
+        assert summary["devices_not_present"] == {"gamma": [2]}
+        assert orch.get("/gpu/info")[1]["mps"]["allocation_overcommitted"] is True
+        logged = wait_for(lambda: "pinned to GPUs NVML does not see" in (out := orch.output()) and out,
+                          what="the over-commit warnings")
+        assert "over-commit the GPU memory; clients may run out of memory gpu=1 limits_gb=28.0 gpu_gb=24.0" in logged
+        assert "gpu=0" not in logged

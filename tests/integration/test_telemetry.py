@@ -4,7 +4,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,12 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import nvml_hosts
 from support import Orchestrator, free_port, status_code, wait_for, write_config
 
-FAKE_NVML = Path(__file__).resolve().parents[1] / "fakes" / "nvml"
-
-
-def nvml_env(tmp_path, **extra):
-    return {"ENABLE_NVML": "true", "PYTHONPATH": str(FAKE_NVML),
-            "FAKE_NVML_CONFIG": str(nvml_hosts.write(tmp_path / "nvml.json")), **extra}
+nvml_env = nvml_hosts.env
 
 
 @pytest.fixture

@@ -69,3 +69,46 @@ def test_mps_off_has_the_same_keys_as_a_running_daemon_report(tmp_path):
     config = Config(model_store_root=str(tmp_path), model_map_path="m", allocation_path="", clients={})
     daemon = MpsDaemon(MpsSettings(str(tmp_path / "pipe"), str(tmp_path / "log")))
     assert set(mps_disabled(config)) == set(daemon.report())
+
+
+def allocation_config(**allocations):
+    from gpu_orchestrator.supervisor.config import AgentAllocation, Config
+    return Config(model_store_root="/s", model_map_path="m", allocation_path="a",
+                  clients={name: [] for name in allocations}, allocations={
+                      name: AgentAllocation(mps_memory_limit_gb=gb, devices=devices)
+                      for name, (gb, devices) in allocations.items()})
+
+
+def test_overcommit_is_judged_per_gpu_not_on_the_total():
+    from gpu_orchestrator.supervisor.status import GiB, allocation_summary, overcommit_warnings
+    # 120 GB of limits on 160 GB of GPUs looks fine in total, but a, b and c all land on GPU 0.
+    config = allocation_config(a=(50.0, [0]), b=(50.0, [0]), c=(20.0, None))
+    summary = allocation_summary(config, {0: 80 * GiB, 1: 80 * GiB})
+    assert summary["overcommitted"] is True and summary["overcommit_gb"] == 40.0
+    assert summary["gpu_memory_total_gb"] == 160.0 and summary["gpu_memory_total_source"] == "nvml"
+    gpu0, gpu1 = summary["per_gpu"]
+    assert gpu0 == {"index": 0, "memory_gb": 80.0, "mps_memory_limit_gb": 120.0, "clients": ["a", "b", "c"],
+                    "overcommitted": True, "overcommit_gb": 40.0}
+    assert gpu1["clients"] == ["c"] and gpu1["overcommitted"] is False
+    assert summary["devices_not_present"] == {}
+    assert [w["gpu"] for w in overcommit_warnings(summary)] == [0]
+
+
+def test_pinning_spreads_limits_and_missing_devices_are_named():
+    from gpu_orchestrator.supervisor.status import GiB, allocation_summary, overcommit_warnings
+    config = allocation_config(a=(60.0, [0]), b=(60.0, [1]), c=(10.0, [1, 3]))
+    summary = allocation_summary(config, {0: 80 * GiB, 1: 80 * GiB})
+    assert summary["overcommitted"] is False and overcommit_warnings(summary) == []
+    assert [g["mps_memory_limit_gb"] for g in summary["per_gpu"]] == [60.0, 70.0]
+    assert summary["devices_not_present"] == {"c": [3]}
+
+
+def test_without_nvml_the_configured_total_is_the_measure():
+    from gpu_orchestrator.supervisor.status import allocation_summary, overcommit_warnings
+    config = allocation_config(a=(1.0, None), b=(0.75, [0]))
+    assert "overcommitted" not in allocation_summary(config)  # nothing to judge against
+    config.allocation_document = {"mps_configuration": {"total_gpu_memory_gb": 1.5}}
+    summary = allocation_summary(config)
+    assert summary["overcommitted"] is True and summary["overcommit_gb"] == 0.25 and "per_gpu" not in summary
+    assert overcommit_warnings(summary) == [{"gpu": "all", "limits_gb": 1.75, "gpu_gb": 1.5, "over_gb": 0.25,
+                                             "source": "mps_configuration.total_gpu_memory_gb"}]
