@@ -48,7 +48,11 @@ def create_segment(config: Config) -> Segment:
 
 
 def count_gpus() -> int:
-    """NVIDIA device nodes present; no NVML or subprocess needed."""
+    """The GPUs our loaders can see: CUDA_VISIBLE_DEVICES when we run under one (a unit that
+    hands us two GPUs of eight), else the NVIDIA device nodes present; no NVML or subprocess needed."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
     try:
         return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name))
     except OSError:

@@ -11,7 +11,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from gpu_orchestrator.loaders.store import Snapshot
 from gpu_orchestrator.supervisor.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.supervisor.cli import HTTP_THREADS
 from gpu_orchestrator.supervisor.demo import write_snapshot
+from gpu_orchestrator.supervisor.localrun import Orchestrator, free_port, wait
 from gpu_orchestrator.supervisor.schema import LoaderState, ModelProgress
 
 CLIENTS = 48  # as the issue asks; --smoke uses 6 to stay a few seconds long
@@ -37,58 +37,9 @@ CLIENTS = 48  # as the issue asks; --smoke uses 6 to stay a few seconds long
 
 # ---- helpers -------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            result = predicate()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.005)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-class Orchestrator:
-    """A real `gpu-orchestrator serve` on a free port, quiet, stopped with SIGTERM."""
-
-    def __init__(self, store: Path, model_map: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "STRICT_MODEL_STORE": "1", "LOG_LEVEL": "WARNING"}
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port",
-                                      str(self.port), "--model-store", str(store), "--model-map", str(model_map), *args],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait(lambda: get_json(self.url + "/health"), 60, "the orchestrator to listen")
-        self.listening_after = time.monotonic() - self.started
-
-    def status(self) -> dict:
-        return get_json(self.url + "/models/status")
-
-    def settled(self, timeout: float = 600) -> dict:
-        return wait(lambda: (s := self.status())["generation"] and not s["in_progress"] and s, timeout, "warm-up")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
 
 
 def make_store(root: Path, clients: int, models_per_client: int, shape: tuple, manifests: bool) -> Path:

@@ -1,24 +1,32 @@
 """`gpu-orchestrator gpu-check`: the real NVML and MPS paths on a host with an NVIDIA GPU.
 
-It prints what it saw: the GPUs through NVML, a real nvidia-cuda-mps-control
-started on private pipe and log folders (the host's own daemon is not touched),
-one CUDA client allocating under its pinned MPS limit and one allocating past it,
-and what NVML and the daemon report meanwhile. Without a GPU it says "no GPU"
-and exits 0. Exit 1 when a step that should work did not. With --model-dir (a
-safetensors snapshot such as all-MiniLM-L6-v2) and torch installed, the torch
-backend also loads it onto the GPU under a pinned limit that fits and one that does not.
+It prints what it saw, in two parts. First the pieces: the GPUs through NVML, a
+real nvidia-cuda-mps-control started on private pipe and log folders (the host's
+own daemon is not touched), one CUDA client allocating under its pinned MPS limit
+and one allocating past it, and with --model-dir (a safetensors snapshot such as
+all-MiniLM-L6-v2) and torch installed, the torch backend loading it onto the GPU
+under a pinned limit that fits and one that does not. Then the product: a real
+`gpu-orchestrator serve` with ENABLE_NVML and ENABLE_MPS on its own folders and a
+free loopback port, warming a client up under its limit, its answers read over
+HTTP, and a SIGTERM that must leave nothing behind.
+
+Without a GPU it says "no GPU" and exits 0. Exit 1 when a step that should work did not.
 """
 
 import ctypes
+import importlib.util
 import json
 import os
-from pathlib import Path
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
+from pathlib import Path
 
-from gpu_orchestrator.supervisor import mps, nvml
+from gpu_orchestrator.supervisor import mps, nvml, statusview
+from gpu_orchestrator.supervisor.demo import write_snapshot
+from gpu_orchestrator.supervisor.localrun import Orchestrator, get_json, wait
 
 LIMIT_MIB = 512
 UNDER_MIB = 256
@@ -60,14 +68,16 @@ def torch_load(directory: str, limit_mib: int) -> dict:
     """In a child process: the torch backend on a snapshot, under a pinned MPS limit."""
     from gpu_orchestrator.loaders.backends import ModelError, plan
     from gpu_orchestrator.loaders.store import Snapshot
-    from gpu_orchestrator.loaders.torch_backend import load_torch
+    from gpu_orchestrator.loaders.torch_backend import import_torch, load_torch
     path = os.path.realpath(directory)
     snapshot = Snapshot(Path(path), Path(path), "local")
+    # Where the weights went matters as much as whether they fit: a limit failing on the CPU proves nothing.
+    device = "cuda:0" if import_torch()[0].cuda.is_available() else "cpu"
     try:
         result = load_torch(snapshot, plan(snapshot), 0, limit_mib * 2**20, warmup=True)
     except ModelError as exc:
-        return {"ok": False, "result": str(exc)}
-    return {"ok": True, "result": f"{result.memory_bytes // 2**20} MiB on {result.device}"
+        return {"ok": False, "device": device, "result": str(exc)}
+    return {"ok": True, "device": result.device, "result": f"{result.memory_bytes // 2**20} MiB on {result.device}"
                                   + (f", embedding of {result.embedding_dim}" if result.embedding_dim else "")}
 
 
@@ -84,10 +94,15 @@ def show_gpus(module) -> None:
     say(f"driver {nvml.text(module.nvmlSystemGetDriverVersion())}, "
         f"CUDA driver {module.nvmlSystemGetCudaDriverVersion()}")
     for index in range(module.nvmlDeviceGetCount()):
-        handle = module.nvmlDeviceGetHandleByIndex(index)
-        memory = module.nvmlDeviceGetMemoryInfo(handle)
-        mode = module.nvmlDeviceGetComputeMode(handle)
-        say(f"GPU {index}: {nvml.text(module.nvmlDeviceGetName(handle))}, {memory.total // 2**20} MiB total, "
+        try:
+            handle = module.nvmlDeviceGetHandleByIndex(index)
+            memory = module.nvmlDeviceGetMemoryInfo(handle)
+            mode = module.nvmlDeviceGetComputeMode(handle)
+            name = nvml.text(module.nvmlDeviceGetName(handle))
+        except module.NVMLError as exc:
+            say(f"GPU {index}: {nvml.describe(exc)}")
+            continue
+        say(f"GPU {index}: {name}, {memory.total // 2**20} MiB total, "
             f"{memory.used // 2**20} MiB used, compute mode {mode} (0 DEFAULT, 3 EXCLUSIVE_PROCESS)")
 
 
@@ -105,9 +120,23 @@ def check(model_dir: str | None = None) -> int:
         say(f"no GPU: {error}")
         return 0
     show_gpus(module)
-    if shutil.which(mps.BINARY) is None:
-        say(f"MPS: {mps.BINARY} is not on PATH; nothing more to check")
-        return 1
+    use_torch = bool(model_dir) and importlib.util.find_spec("torch") is not None
+    if model_dir and not use_torch:
+        say(f"torch does not import here: {model_dir} is checked with the default backend only")
+    failures = 0
+    with_mps = shutil.which(mps.BINARY) is not None
+    if with_mps:
+        failures += check_mps_clients(module, model_dir if use_torch else None)
+    else:
+        say(f"MPS: {mps.BINARY} is not on PATH: the MPS checks are skipped and the orchestrator runs without MPS")
+        failures += 1
+    failures += check_orchestrator(model_dir, use_torch, with_mps, module.nvmlDeviceGetCount())
+    say("gpu-check: all as expected" if not failures else f"gpu-check: {failures} unexpected result(s)")
+    return 1 if failures else 0
+
+
+def check_mps_clients(module, torch_dir: str | None) -> int:
+    """A real control daemon on private folders, CUDA clients under pinned limits; the number of surprises."""
     folder = tempfile.mkdtemp(prefix="gpu-check-mps-")
     os.chmod(folder, 0o755)
     settings = mps.MpsSettings(os.path.join(folder, "pipe"), os.path.join(folder, "log"))
@@ -119,25 +148,136 @@ def check(model_dir: str | None = None) -> int:
             return 1
         say(f"MPS: control daemon pid {daemon.control_pid()} answering on {settings.pipe_dir}; "
             f"default active thread percentage {mps.query(settings, 'get_default_active_thread_percentage')}")
-        for mib, should_work in ((UNDER_MIB, True), (OVER_MIB, False)):
+        # Over the limit must fail for the right reason: out of memory, not a missing library.
+        for mib, expected in ((UNDER_MIB, "CUDA_SUCCESS"), (OVER_MIB, "CUDA_ERROR_OUT_OF_MEMORY")):
             outcome = run_client(settings, LIMIT_MIB, "--allocate", str(mib))
-            verdict = "as expected" if outcome["ok"] == should_work else "UNEXPECTED"
-            failures += outcome["ok"] != should_work
+            verdict = "as expected" if outcome["result"] == expected else f"UNEXPECTED, wanted {expected}"
+            failures += outcome["result"] != expected
             say(f"client with {LIMIT_MIB} MiB pinned limit allocating {mib} MiB: {outcome['result']} ({verdict}); "
                 f"context sees {outcome.get('context_total_mib', '?')} MiB total")
         say(f"MPS servers: {mps.query(settings, 'get_server_list') or 'none'}")
         show_processes(module)
-        if model_dir:
+        if torch_dir:
             for limit, should_work in ((1024, True), (32, False)):
-                outcome = run_client(settings, limit, "--torch-load", model_dir, str(limit))
-                failures += outcome["ok"] != should_work
-                say(f"torch backend, {model_dir} under a {limit} MiB limit: {outcome['result']} "
-                    f"({'as expected' if outcome['ok'] == should_work else 'UNEXPECTED'})")
+                outcome = run_client(settings, limit, "--torch-load", torch_dir, str(limit))
+                expected = outcome["ok"] == should_work and outcome.get("device", "").startswith("cuda")
+                failures += not expected
+                say(f"torch backend, {torch_dir} under a {limit} MiB limit on {outcome.get('device', '?')}: "
+                    f"{outcome['result']} ({'as expected' if expected else 'UNEXPECTED'})")
+    except mps.MpsError as exc:
+        say(f"MPS: UNEXPECTED: {exc}")
+        failures += 1
     finally:
         daemon.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    say("gpu-check: all as expected" if not failures else f"gpu-check: {failures} unexpected result(s)")
-    return 1 if failures else 0
+    return failures
+
+
+CHECK_CLIENT = "gpu-check"
+CHECK_LIMIT_GB = 1.0
+
+
+def write_check_config(folder: Path, model_dir: str | None, use_torch: bool) -> tuple[Path, Path]:
+    """One client: a small generated model, plus a copy of `model_dir` when given."""
+    store = folder / "store"
+    write_snapshot(store / "check" / "small", (256, 2, 4000), seed=1, manifest=True)
+    models = ["check/small"]
+    if model_dir:
+        shutil.copytree(model_dir, store / "check" / "snapshot")  # links followed: the store refuses escapes
+        models.append("check/snapshot")
+    model_map = folder / "AGENT_MODEL_MAP.json"
+    model_map.write_text(json.dumps({CHECK_CLIENT: models}))
+    allocation = {"mps_memory_limit_gb": CHECK_LIMIT_GB, **({"backend": "torch", "warmup": True} if use_torch else {})}
+    allocation_path = folder / "mps_allocation_config.json"
+    allocation_path.write_text(json.dumps({"mps_resource_allocation": {"agent_allocations": {CHECK_CLIENT: allocation}}}))
+    return model_map, allocation_path
+
+
+def loader_limits(pid: int) -> str | None:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    found = [item.split(b"=", 1)[1].decode() for item in items if item.startswith(b"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=")]
+    return found[0] if found else None
+
+
+def check_orchestrator(model_dir: str | None, use_torch: bool, with_mps: bool, gpu_count: int) -> int:
+    """The product on this GPU: its NVML sampler, its own MPS daemon, a loader under its limit, a clean stop."""
+    say(f"orchestrator: serve with ENABLE_NVML=true, ENABLE_MPS={str(with_mps).lower()}, "
+        f"backend {'torch' if use_torch else 'default'}")
+    folder = Path(tempfile.mkdtemp(prefix="gpu-check-serve-"))
+    os.chmod(folder, 0o755)
+    pipe = folder / "mps-pipe"
+    failures = 0
+
+    def expect(ok: bool, what: str) -> None:
+        nonlocal failures
+        failures += not ok
+        say(f"  {'ok' if ok else 'UNEXPECTED'}: {what}")
+
+    try:
+        model_map, allocation = write_check_config(folder, model_dir, use_torch)
+        env = {"ENABLE_NVML": "true", "ENABLE_MPS": str(with_mps).lower(), "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
+               "CUDA_MPS_LOG_DIRECTORY": str(folder / "mps-log")}
+        orch = Orchestrator(folder / "store", model_map, "--allocation", str(allocation), "--telemetry-interval", "1",
+                            env=env, log=folder / "orchestrator.log")
+        try:
+            report_orchestrator(orch, expect, use_torch, with_mps, gpu_count)
+        finally:
+            code = orch.stop()
+        expect(code == 0, f"SIGTERM: exit status {code}")
+        if with_mps:
+            expect(not (pipe / mps.CONTROL_PIPE).exists(), "the MPS control pipe is gone after shutdown")
+    except Exception as exc:  # whatever broke, say it and show the orchestrator's log
+        expect(False, f"{type(exc).__name__}: {exc}")
+        log = folder / "orchestrator.log"
+        for line in (log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []):
+            say(f"    | {line}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return failures
+
+
+def report_orchestrator(orch: Orchestrator, expect, use_torch: bool, with_mps: bool, gpu_count: int) -> None:
+    status = orch.settled(300)
+    client = status["clients"][CHECK_CLIENT]
+    for model in client["models"]:
+        parts = [model["status"], f"{model.get('parameters')} parameters", f"device {model.get('device')}"]
+        if model.get("device_memory_bytes") is not None:
+            parts.append(f"{model['device_memory_bytes'] // 2**20} MiB there")
+        if model.get("embedding_dim"):
+            parts.append(f"embedding of {model['embedding_dim']}")
+        if model.get("error"):
+            parts.append(f"error: {model['error']}")
+        say(f"  {model['model']}: {', '.join(parts)}")
+    expect(status["all_ready"], f"all_ready after the warm-up ({status['summary']})")
+    if use_torch:
+        devices = {m["device"] for m in client["models"]}
+        expect(all(d and d.startswith("cuda") for d in devices), f"the torch backend put the weights on {devices}")
+    expected_limit = ",".join(f"{i}={int(CHECK_LIMIT_GB * 1024)}M" for i in range(max(gpu_count, 1)))
+    limit = loader_limits(client["pid"])
+    expect(limit == (expected_limit if with_mps else None), f"the loader's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT is {limit}")
+    info = wait(lambda: (i := get_json(orch.url + "/gpu/info"))["sampled_at"] and i, 60, "the first NVML sample")
+    expect(info["available"] and len(info["gpus"]) == gpu_count,
+           f"/gpu/info: {len(info['gpus'])} GPU(s), driver {info['driver_version']}, CUDA {info['cuda_driver_version']}")
+    # What an operator's `gpu-orchestrator status` shows, then what it leaves out.
+    for line in statusview.render(orch.url, status, info).splitlines():
+        say(f"  | {line}")
+    for gpu in info["gpus"]:
+        if gpu["unsupported"]:
+            say(f"  GPU {gpu['index']} does not report: {'; '.join(gpu['unsupported'])}")
+        for process in gpu["processes"]:
+            say(f"  GPU {gpu['index']} process {process['pid']}: {statusview.size(process['used_memory_bytes'])}, "
+                f"client {process['client'] or '-'}, role {process['role'] or '-'}")
+    report = info["mps"]
+    if with_mps:
+        expect(report["enabled"] and report["managed"] and report["error"] is None,
+               f"MPS: control daemon {report['control_pid']} (managed {report['managed']}), "
+               f"servers {report['servers']}, error {report['error']}")
+    summary = get_json(orch.url + "/mps/allocation")["mps_resource_allocation"]["system_summary"]
+    expect(summary.get("gpu_memory_total_source") == "nvml" and not summary["overcommitted"],
+           f"/mps/allocation judged on NVML: per GPU {summary.get('per_gpu')}")
+    with urllib.request.urlopen(orch.url + "/metrics", timeout=10) as response:
+        metrics = [line for line in response.read().decode().splitlines() if line.startswith("gpu_orchestrator_gpu_")]
+    expect(len(metrics) > 0, f"/metrics: {len(metrics)} GPU sample lines, e.g. {metrics[:2]}")
 
 
 if __name__ == "__main__":

@@ -16,3 +16,30 @@ def test_gpu_check_without_a_gpu_says_so_and_succeeds():
                             env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("no GPU: ")
+
+
+def test_gpu_check_drives_the_product_on_fake_nvml_and_mps(tmp_path):
+    """Everything gpu-check does beside CUDA itself, on the fake NVML host (3 GPUs, one lost) and
+    the fake control daemon: the CUDA steps must fail saying why, never pass for the wrong reason."""
+    import nvml_hosts
+    fakes = REPO / "tests" / "fakes" / "bin"
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**nvml_hosts.env(tmp_path), "PATH": f"{fakes}:{bin_dir}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "0,1,2",
+           "TMPDIR": str(tmp_path)}
+    result = subprocess.run([str(REPO / "scripts" / "gpu-check")], capture_output=True, text=True, timeout=300,
+                            env=env)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "GPU 0: NVIDIA H100 80GB HBM3, 81920 MiB total" in out and "GPU 2: " in out
+    assert "MPS: control daemon pid" in out
+    assert "allocating 256 MiB: " in out and "UNEXPECTED, wanted CUDA_SUCCESS" in out  # no libcuda here
+    assert "allocating 1024 MiB: " in out and "UNEXPECTED, wanted CUDA_ERROR_OUT_OF_MEMORY" in out
+    assert "orchestrator: serve with ENABLE_NVML=true, ENABLE_MPS=true, backend default" in out
+    for line in ("ok: all_ready after the warm-up",
+                 "ok: the loader's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT is 0=1024M,1=1024M,2=1024M",
+                 "ok: /gpu/info: 3 GPU(s), driver 550.54.15, CUDA 12.4",
+                 "ok: MPS: control daemon", "ok: /mps/allocation judged on NVML", "ok: /metrics: ",
+                 "ok: SIGTERM: exit status 0", "ok: the MPS control pipe is gone after shutdown"):
+        assert line in out, out
+    assert "gpu-check: 2 unexpected result(s)" in out
+    assert not list(tmp_path.glob("gpu-check-*")), "gpu-check left its folders behind"
