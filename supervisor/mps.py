@@ -289,14 +289,18 @@ class MpsDaemon:
     # ---- probe thread ---------------------------------------------------------
 
     def probe_forever(self) -> None:
+        wait = 0.0  # begin_start pokes us anyway
         while not self.stopping.is_set():
-            self.poke.wait(START_POLL_S if self.starting is not None else self.settings.probe_interval)
+            self.poke.wait(wait)
             self.poke.clear()
             if self.stopping.is_set():
                 return
-            if self.record_probe() or self.starting is not None:
+            failed = self.record_probe()
+            if failed or self.starting is not None:
                 self.wake()
             self.probed.set()
+            # Quick while a start waits for an answer; once it answered, the loop will see it.
+            wait = START_POLL_S if self.starting is not None and failed else self.settings.probe_interval
 
     def record_probe(self) -> bool:
         """Ask the daemon (and read its pid file) here, so that report() reads only memory.
