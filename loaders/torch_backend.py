@@ -58,7 +58,11 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
         if warmup:
             embed(snapshot, device, result)
         return result
-    except torch.cuda.OutOfMemoryError as exc:
+    except RuntimeError as exc:
+        # OutOfMemoryError from the allocator; a plain RuntimeError ("CUDA error: out of memory")
+        # when the pinned limit is too small for the context itself.
+        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+            raise
         limit = f"{limit_bytes / 2**30:.2f} GiB" if limit_bytes is not None else "none set"
         raise ModelError(f"out of GPU memory loading {model_plan.weight_bytes / 2**30:.2f} GiB of weights "
                          f"(client limit {limit}; CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="

@@ -76,7 +76,9 @@ def torch_load(directory: str, limit_mib: int) -> dict:
     try:
         result = load_torch(snapshot, plan(snapshot), 0, limit_mib * 2**20, warmup=True)
     except ModelError as exc:
-        return {"ok": False, "device": device, "result": str(exc)}
+        return {"ok": False, "device": device, "result": str(exc), "over_limit": True}
+    except Exception as exc:  # whatever else broke is reported, and is not the limit at work
+        return {"ok": False, "device": device, "result": f"{type(exc).__name__}: {exc}", "over_limit": False}
     return {"ok": True, "device": result.device, "result": f"{result.memory_bytes // 2**20} MiB on {result.device}"
                                   + (f", embedding of {result.embedding_dim}" if result.embedding_dim else "")}
 
@@ -107,39 +109,50 @@ def show_gpus(module) -> None:
 
 
 def show_processes(module) -> None:
-    handle = module.nvmlDeviceGetHandleByIndex(0)
-    for process in module.nvmlDeviceGetComputeRunningProcesses(handle):
-        used = process.usedGpuMemory
-        say(f"  NVML process pid {process.pid}: {'n/a' if used is None else used // 2**20} MiB")
+    for index in range(module.nvmlDeviceGetCount()):
+        try:
+            processes = module.nvmlDeviceGetComputeRunningProcesses(module.nvmlDeviceGetHandleByIndex(index))
+        except module.NVMLError as exc:
+            say(f"  GPU {index}: no process list: {nvml.describe(exc)}")
+            continue
+        for process in processes:
+            used = process.usedGpuMemory
+            say(f"  GPU {index} NVML process pid {process.pid}: {'n/a' if used is None else used // 2**20} MiB")
 
 
 def check(model_dir: str | None = None) -> int:
-    """`model_dir`: a safetensors snapshot (e.g. all-MiniLM-L6-v2) for the torch backend, if torch imports."""
+    """`model_dir`: a real safetensors snapshot (e.g. all-MiniLM-L6-v2) to load as well."""
     module, error = nvml.nvml()
     if module is None:
         say(f"no GPU: {error}")
         return 0
     show_gpus(module)
-    use_torch = bool(model_dir) and importlib.util.find_spec("torch") is not None
-    if model_dir and not use_torch:
-        say(f"torch does not import here: {model_dir} is checked with the default backend only")
-    failures = 0
-    with_mps = shutil.which(mps.BINARY) is not None
-    if with_mps:
-        failures += check_mps_clients(module, model_dir if use_torch else None)
-    else:
-        say(f"MPS: {mps.BINARY} is not on PATH: the MPS checks are skipped and the orchestrator runs without MPS")
-        failures += 1
-    failures += check_orchestrator(model_dir, use_torch, with_mps, module.nvmlDeviceGetCount())
+    use_torch = importlib.util.find_spec("torch") is not None
+    if not use_torch:
+        say("torch does not import here: the torch backend is not checked (pip install 'gpu-orchestrator[torch]')")
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    os.chmod(work, 0o755)  # MPS servers must reach the pipe folders inside
+    try:
+        # Big enough that a 32 MiB limit must refuse it: about 160 MiB of F16 weights.
+        write_snapshot(work / "store" / "check" / "generated", (1024, 4, 30000), seed=1, manifest=True)
+        torch_dir = model_dir or str(work / "store" / "check" / "generated")
+        failures = 0
+        with_mps = shutil.which(mps.BINARY) is not None
+        if with_mps:
+            failures += check_mps_clients(module, work / "mps", torch_dir if use_torch else None)
+        else:
+            say(f"MPS: {mps.BINARY} is not on PATH: the MPS checks are skipped and the orchestrator runs without MPS")
+            failures += 1
+        failures += check_orchestrator(work, model_dir, use_torch, with_mps, module.nvmlDeviceGetCount())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     say("gpu-check: all as expected" if not failures else f"gpu-check: {failures} unexpected result(s)")
     return 1 if failures else 0
 
 
-def check_mps_clients(module, torch_dir: str | None) -> int:
+def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
     """A real control daemon on private folders, CUDA clients under pinned limits; the number of surprises."""
-    folder = tempfile.mkdtemp(prefix="gpu-check-mps-")
-    os.chmod(folder, 0o755)
-    settings = mps.MpsSettings(os.path.join(folder, "pipe"), os.path.join(folder, "log"))
+    settings = mps.MpsSettings(str(folder / "pipe"), str(folder / "log"))
     daemon = mps.MpsDaemon(settings)
     failures = 0
     try:
@@ -160,7 +173,9 @@ def check_mps_clients(module, torch_dir: str | None) -> int:
         if torch_dir:
             for limit, should_work in ((1024, True), (32, False)):
                 outcome = run_client(settings, limit, "--torch-load", torch_dir, str(limit))
-                expected = outcome["ok"] == should_work and outcome.get("device", "").startswith("cuda")
+                # On the GPU, and refused by the limit rather than by anything else.
+                worked = outcome["ok"] if should_work else outcome.get("over_limit", False)
+                expected = worked and outcome.get("device", "").startswith("cuda")
                 failures += not expected
                 say(f"torch backend, {torch_dir} under a {limit} MiB limit on {outcome.get('device', '?')}: "
                     f"{outcome['result']} ({'as expected' if expected else 'UNEXPECTED'})")
@@ -169,7 +184,6 @@ def check_mps_clients(module, torch_dir: str | None) -> int:
         failures += 1
     finally:
         daemon.stop()
-        shutil.rmtree(folder, ignore_errors=True)
     return failures
 
 
@@ -177,18 +191,16 @@ CHECK_CLIENT = "gpu-check"
 CHECK_LIMIT_GB = 1.0
 
 
-def write_check_config(folder: Path, model_dir: str | None, use_torch: bool) -> tuple[Path, Path]:
-    """One client: a small generated model, plus a copy of `model_dir` when given."""
-    store = folder / "store"
-    write_snapshot(store / "check" / "small", (256, 2, 4000), seed=1, manifest=True)
-    models = ["check/small"]
+def write_check_config(work: Path, model_dir: str | None, use_torch: bool) -> tuple[Path, Path]:
+    """One client: the generated model already in the store, plus a copy of `model_dir` when given."""
+    models = ["check/generated"]
     if model_dir:
-        shutil.copytree(model_dir, store / "check" / "snapshot")  # links followed: the store refuses escapes
+        shutil.copytree(model_dir, work / "store" / "check" / "snapshot")  # links followed: the store refuses escapes
         models.append("check/snapshot")
-    model_map = folder / "AGENT_MODEL_MAP.json"
+    model_map = work / "AGENT_MODEL_MAP.json"
     model_map.write_text(json.dumps({CHECK_CLIENT: models}))
     allocation = {"mps_memory_limit_gb": CHECK_LIMIT_GB, **({"backend": "torch", "warmup": True} if use_torch else {})}
-    allocation_path = folder / "mps_allocation_config.json"
+    allocation_path = work / "mps_allocation_config.json"
     allocation_path.write_text(json.dumps({"mps_resource_allocation": {"agent_allocations": {CHECK_CLIENT: allocation}}}))
     return model_map, allocation_path
 
@@ -199,13 +211,11 @@ def loader_limits(pid: int) -> str | None:
     return found[0] if found else None
 
 
-def check_orchestrator(model_dir: str | None, use_torch: bool, with_mps: bool, gpu_count: int) -> int:
+def check_orchestrator(work: Path, model_dir: str | None, use_torch: bool, with_mps: bool, gpu_count: int) -> int:
     """The product on this GPU: its NVML sampler, its own MPS daemon, a loader under its limit, a clean stop."""
     say(f"orchestrator: serve with ENABLE_NVML=true, ENABLE_MPS={str(with_mps).lower()}, "
         f"backend {'torch' if use_torch else 'default'}")
-    folder = Path(tempfile.mkdtemp(prefix="gpu-check-serve-"))
-    os.chmod(folder, 0o755)
-    pipe = folder / "mps-pipe"
+    pipe, log = work / "serve-mps-pipe", work / "orchestrator.log"
     failures = 0
 
     def expect(ok: bool, what: str) -> None:
@@ -214,11 +224,11 @@ def check_orchestrator(model_dir: str | None, use_torch: bool, with_mps: bool, g
         say(f"  {'ok' if ok else 'UNEXPECTED'}: {what}")
 
     try:
-        model_map, allocation = write_check_config(folder, model_dir, use_torch)
+        model_map, allocation = write_check_config(work, model_dir, use_torch)
         env = {"ENABLE_NVML": "true", "ENABLE_MPS": str(with_mps).lower(), "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
-               "CUDA_MPS_LOG_DIRECTORY": str(folder / "mps-log")}
-        orch = Orchestrator(folder / "store", model_map, "--allocation", str(allocation), "--telemetry-interval", "1",
-                            env=env, log=folder / "orchestrator.log")
+               "CUDA_MPS_LOG_DIRECTORY": str(work / "serve-mps-log")}
+        orch = Orchestrator(work / "store", model_map, "--allocation", str(allocation), "--telemetry-interval", "1",
+                            env=env, log=log)
         try:
             report_orchestrator(orch, expect, use_torch, with_mps, gpu_count)
         finally:
@@ -228,11 +238,8 @@ def check_orchestrator(model_dir: str | None, use_torch: bool, with_mps: bool, g
             expect(not (pipe / mps.CONTROL_PIPE).exists(), "the MPS control pipe is gone after shutdown")
     except Exception as exc:  # whatever broke, say it and show the orchestrator's log
         expect(False, f"{type(exc).__name__}: {exc}")
-        log = folder / "orchestrator.log"
         for line in (log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []):
             say(f"    | {line}")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     return failures
 
 

@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,17 @@ def test_gpu_check_drives_the_product_on_fake_nvml_and_mps(tmp_path):
     assert "MPS: control daemon pid" in out
     assert "allocating 256 MiB: " in out and "UNEXPECTED, wanted CUDA_SUCCESS" in out  # no libcuda here
     assert "allocating 1024 MiB: " in out and "UNEXPECTED, wanted CUDA_ERROR_OUT_OF_MEMORY" in out
-    assert "orchestrator: serve with ENABLE_NVML=true, ENABLE_MPS=true, backend default" in out
+    torch = importlib.util.find_spec("torch") is not None
+    if torch:  # torch on the CPU here: the limit checks must not count as the GPU path working
+        assert "under a 1024 MiB limit on cpu: " in out and "under a 32 MiB limit on cpu: " in out
+        assert out.count("MiB limit on cpu: ") == out.count("(UNEXPECTED)") == 2
+        assert "UNEXPECTED: the torch backend put the weights on {'cpu'}" in out
+    assert f"orchestrator: serve with ENABLE_NVML=true, ENABLE_MPS=true, backend {'torch' if torch else 'default'}" in out
     for line in ("ok: all_ready after the warm-up",
                  "ok: the loader's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT is 0=1024M,1=1024M,2=1024M",
                  "ok: /gpu/info: 3 GPU(s), driver 550.54.15, CUDA 12.4",
                  "ok: MPS: control daemon", "ok: /mps/allocation judged on NVML", "ok: /metrics: ",
                  "ok: SIGTERM: exit status 0", "ok: the MPS control pipe is gone after shutdown"):
         assert line in out, out
-    assert "gpu-check: 2 unexpected result(s)" in out
+    assert f"gpu-check: {5 if torch else 2} unexpected result(s)" in out
     assert not list(tmp_path.glob("gpu-check-*")), "gpu-check left its folders behind"
