@@ -117,7 +117,6 @@ class MpsDaemon:
         self.wake = wake
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
-        self.managed = False
         self.available = shutil.which(BINARY) is not None
         self.probe = Probe(error=None if self.available else f"{BINARY} not found on PATH")
         self.starting: Starting | None = None
@@ -167,7 +166,6 @@ class MpsDaemon:
         if fresh and probe.answering:
             self.starting = None
             if start.phase == "checking":
-                self.managed = False
                 log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
                             pid=probe.control_pid))
             else:
@@ -194,7 +192,6 @@ class MpsDaemon:
         self.proc = subprocess.Popen([shutil.which(BINARY), "-f"], env={**os.environ, **mps_env(self.settings)},
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, process_group=0)
-        self.managed = True
         log.info(kv("started the MPS control daemon", pid=self.proc.pid, pipe_dir=self.settings.pipe_dir))
 
     def note_failure(self, reason: str) -> None:
@@ -207,14 +204,14 @@ class MpsDaemon:
         """True when our daemon has died (it is then scheduled for a restart)."""
         if self.proc is None or self.proc.poll() is None:
             return False
-        code = self.proc.returncode
+        code, pid = self.proc.returncode, self.proc.pid
         self.proc = None
         if self.stopping.is_set():
             return False
         what = "while starting" if self.starting is not None else ""
         self.starting = None
         self.note_failure(f"the control daemon exited with {code} {what}".strip())
-        self.remove_pipe_files()
+        self.remove_pipe_files(pid)
         self.schedule_restart(now)
         return True
 
@@ -224,11 +221,11 @@ class MpsDaemon:
             failing = self.probe.failures >= self.settings.failures_to_restart
         if not failing or self.restart_at is not None or self.starting is not None:
             return
-        if self.managed and self.proc is not None:
+        if self.proc is not None:
             log.error(kv("MPS control daemon stopped answering; killing it", pid=self.proc.pid))
             self.kill()
             self.schedule_restart(now)
-        elif not self.managed and self.control_pid() is None:
+        elif self.control_pid() is None:
             self.schedule_restart(now)  # the adopted daemon is gone: run our own
 
     def schedule_restart(self, now: float) -> None:
@@ -254,8 +251,8 @@ class MpsDaemon:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        self.remove_pipe_files(self.proc.pid)
         self.proc = None
-        self.remove_pipe_files()
 
     def stop(self, grace: float = 5.0) -> None:
         """quit through the control pipe, wait, then TERM and KILL; an adopted daemon is left alone."""
@@ -263,6 +260,7 @@ class MpsDaemon:
         self.poke.set()
         if self.proc is None:
             return
+        pid = self.proc.pid
         try:
             query(self.settings, "quit")
             self.proc.wait(grace)
@@ -275,11 +273,17 @@ class MpsDaemon:
                 pass
             self.kill()
         self.proc = None
-        self.remove_pipe_files()
+        self.remove_pipe_files(pid)
         log.info(kv("MPS control daemon stopped"))
 
-    def remove_pipe_files(self) -> None:
-        """A killed daemon cannot clean up; leave no pipe a client would try to reach."""
+    def remove_pipe_files(self, pid: int) -> None:
+        """A killed daemon cannot clean up; leave no pipe a client would try to reach. Only when the
+        pid file names our daemon: one that exited because another already ran must not take its pipe."""
+        try:
+            if int(Path(self.settings.pipe_dir, PID_FILE).read_text().strip()) != pid:
+                return
+        except (OSError, ValueError):
+            return
         for name in (CONTROL_PIPE, PID_FILE):
             try:
                 os.unlink(os.path.join(self.settings.pipe_dir, name))
@@ -332,15 +336,25 @@ class MpsDaemon:
         return pid if pid > 0 and process_alive(pid) else None
 
     @property
+    def managed(self) -> bool:
+        """We started the daemon that runs now (and will quit it); False for one we adopted."""
+        return self.proc is not None
+
+    @property
     def healthy(self) -> bool:
+        """MPS is in force for loaders started now: a daemon answers and no start or restart is pending.
+        (An answer while a restart waits its turn is adopted when the restart comes due.)"""
         with self.lock:
-            return self.available and self.probe.answering
+            return self.in_force()
+
+    def in_force(self) -> bool:
+        return self.available and self.probe.answering and self.starting is None and self.restart_at is None
 
     def report(self) -> dict:
         with self.lock:
             probe = self.probe
             return {
-                "enabled": self.available and probe.answering,
+                "enabled": self.in_force(),
                 "pipe_dir": self.settings.pipe_dir,
                 "log_dir": self.settings.log_dir,
                 "control_process": probe.answering,

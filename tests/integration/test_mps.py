@@ -146,9 +146,14 @@ def test_loop_keeps_supervising_while_a_restarted_daemon_comes_up(tmp_path, stor
         os.kill(first, signal.SIGKILL)
 
         def held_daemon():
-            return next((p for p in psutil.Process(orch.proc.pid).children()
-                         if p.pid != first and "nvidia-cuda-mps-control" in " ".join(p.cmdline())
-                         and "-f" in p.cmdline()), None)  # not a probe's one-command client
+            for child in psutil.Process(orch.proc.pid).children():
+                try:
+                    argv = child.cmdline()
+                except psutil.Error:  # a probe's one-command client exiting, the killed daemon unreaped
+                    continue
+                if child.pid != first and "-f" in argv and "nvidia-cuda-mps-control" in " ".join(argv):
+                    return child
+            return None
 
         second = wait_for(held_daemon, what="the replacement daemon to be spawned")
         victim = orch.loader_pid("gamma")
@@ -167,6 +172,32 @@ def test_loop_keeps_supervising_while_a_restarted_daemon_comes_up(tmp_path, stor
         assert wait_for(followed, what="daemon answering and loaders following it")["control_pid"] == second.pid
         assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha"))
         assert orch.stop() == 0
+
+
+def test_a_hung_daemon_we_did_not_start_is_never_clobbered_and_adopted_once_it_answers(
+        tmp_path, store, mps_setup, mps_env, mps_dirs):
+    model_map, allocation = mps_setup
+    subprocess.run([str(FAKES / "nvidia-cuda-mps-control"), "-d"], env={**os.environ, **mps_dirs}, check=True)
+    pipe = Path(mps_dirs["CUDA_MPS_PIPE_DIRECTORY"])
+    other = int((pipe / "nvidia-cuda-mps-control.pid").read_text())
+    os.kill(other, signal.SIGSTOP)
+    try:
+        with Orchestrator(tmp_path, store, model_map, allocation, extra_args=FAST, env=mps_env) as orch:
+            # Ours is spawned, finds the other alive, exits; the other's pipe and pid file stay.
+            wait_for(lambda: "exited with 1 while starting" in orch.output(), what="our daemon refused")
+            assert (pipe / "control").exists() and (pipe / "nvidia-cuda-mps-control.pid").exists()
+            assert orch.get("/gpu/info")[1]["mps"]["enabled"] is False
+            os.kill(other, signal.SIGCONT)
+            mps = wait_for(lambda: (m := orch.get("/gpu/info")[1]["mps"])["enabled"] and m, what="adoption")
+            assert mps["managed"] is False and mps["control_pid"] == other
+            wait_for(lambda: "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha")),
+                     what="loaders restarted under the adopted daemon")
+            assert orch.stop() == 0
+        assert process_alive(other) and ctl(mps_dirs, "get_server_list").returncode == 0
+    finally:
+        os.kill(other, signal.SIGCONT)
+        ctl(mps_dirs, "quit")
+        wait_for(lambda: not process_alive(other), what="the other daemon gone")
 
 
 def test_missing_binary_serves_without_mps_and_says_so(tmp_path, store, mps_setup, mps_dirs):
