@@ -120,6 +120,7 @@ class MpsDaemon:
         self.available = shutil.which(BINARY) is not None
         self.probe = Probe(error=None if self.available else f"{BINARY} not found on PATH")
         self.starting: Starting | None = None
+        self.failure: str | None = None  # why the last start or daemon failed; the probe's errors do not replace it
         self.restarts = 0
         self.restart_at: float | None = None
         self.deaths: list[float] = []
@@ -165,6 +166,8 @@ class MpsDaemon:
         fresh = probe.started is not None and probe.started >= start.since
         if fresh and probe.answering:
             self.starting = None
+            with self.lock:
+                self.failure = None
             if start.phase == "checking":
                 log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
                             pid=probe.control_pid))
@@ -197,7 +200,7 @@ class MpsDaemon:
     def note_failure(self, reason: str) -> None:
         with self.lock:
             self.probe.answering = False
-            self.probe.error = reason
+            self.failure = reason
         log.error(kv("MPS control daemon failed", reason=reason))
 
     def reap(self, now: float) -> bool:
@@ -364,5 +367,5 @@ class MpsDaemon:
                 "default_active_thread_percentage": probe.default_active_thread_percentage,
                 "restarts": self.restarts,
                 "probed_at": probe.probed_at,
-                "error": probe.error,
+                "error": None if self.in_force() else self.failure or probe.error,
             }

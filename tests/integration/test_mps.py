@@ -53,6 +53,19 @@ def ctl(mps_dirs, command):
                           capture_output=True, env={**os.environ, **mps_dirs}, timeout=10)
 
 
+def daemon_children(orch) -> list[psutil.Process]:
+    """The control daemons (-f) the orchestrator runs now, not a probe's one-command client."""
+    found = []
+    for child in psutil.Process(orch.proc.pid).children():
+        try:
+            argv = child.cmdline()
+        except psutil.Error:  # a probe client exiting, a killed daemon not yet reaped
+            continue
+        if "-f" in argv and "nvidia-cuda-mps-control" in " ".join(argv):
+            found.append(child)
+    return found
+
+
 def test_managed_daemon_limits_status_and_quit(tmp_path, store, mps_setup, mps_env, mps_dirs):
     model_map, allocation = mps_setup
     with Orchestrator(tmp_path, store, model_map, allocation, extra_args=FAST, env=mps_env) as orch:
@@ -145,17 +158,8 @@ def test_loop_keeps_supervising_while_a_restarted_daemon_comes_up(tmp_path, stor
         hold.touch()
         os.kill(first, signal.SIGKILL)
 
-        def held_daemon():
-            for child in psutil.Process(orch.proc.pid).children():
-                try:
-                    argv = child.cmdline()
-                except psutil.Error:  # a probe's one-command client exiting, the killed daemon unreaped
-                    continue
-                if child.pid != first and "-f" in argv and "nvidia-cuda-mps-control" in " ".join(argv):
-                    return child
-            return None
-
-        second = wait_for(held_daemon, what="the replacement daemon to be spawned")
+        second = wait_for(lambda: next((p for p in daemon_children(orch) if p.pid != first), None),
+                          what="the replacement daemon to be spawned")
         victim = orch.loader_pid("gamma")
         os.kill(victim, signal.SIGKILL)
         back = wait_for(lambda: (c := orch.status()["clients"]["gamma"])["pid"] not in (None, victim)
@@ -171,6 +175,26 @@ def test_loop_keeps_supervising_while_a_restarted_daemon_comes_up(tmp_path, stor
 
         assert wait_for(followed, what="daemon answering and loaders following it")["control_pid"] == second.pid
         assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha"))
+        assert orch.stop() == 0
+
+
+def test_daemon_silent_at_start_is_killed_after_the_start_timeout_and_retried(tmp_path, store, mps_setup, mps_env):
+    model_map, allocation = mps_setup
+    hold = tmp_path / "hold-mps-start"
+    hold.touch()  # every daemon we spawn stays silent until the file goes
+    args = (*FAST, "--mps-start-timeout", "1")
+    with Orchestrator(tmp_path, store, model_map, allocation, extra_args=args,
+                      env={**mps_env, "FAKE_MPS_HOLD": str(hold)}) as orch:
+        status = orch.wait_settled()
+        assert status["all_ready"] and status["mps"]["enabled"] is False
+        assert "did not answer within 1 s" in orch.get("/gpu/info")[1]["mps"]["error"]
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in mps_vars(orch.loader_pid("alpha"))  # none in force
+        wait_for(lambda: orch.output().count("did not answer within 1 s") >= 2, what="a second try given up")
+        assert len(daemon_children(orch)) <= 1, "a given-up daemon was left running"
+        hold.unlink()
+        wait_for(lambda: orch.get("/gpu/info")[1]["mps"]["enabled"], timeout=60, what="a later try answering")
+        wait_for(lambda: "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" in mps_vars(orch.loader_pid("alpha")),
+                 what="loaders restarted under it")
         assert orch.stop() == 0
 
 
