@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from gpu_orchestrator.supervisor.states import TRANSITIONS
 
 PREFIX = "gpu_orchestrator_"
+GiB = 1024**3
 GPU_LABELS = ["gpu", "uuid"]
 LOADER_STATES = sorted(TRANSITIONS)
 
@@ -120,6 +121,27 @@ def client_families(status: dict):
     yield in_progress
 
 
+def mps_families(info: dict, status: dict, allocation: dict):
+    """MPS in force, its restarts, each client's pinned limit, and what the limits commit per GPU."""
+    mps_up = gauge("mps_up", "1 when MPS limits are in force for new loaders (0 also when MPS is off)", [])
+    mps_up.add_metric([], 1 if info["mps_enabled"] else 0)
+    restarts = CounterMetricFamily(PREFIX + "mps_restarts", "Restarts of the MPS control daemon", labels=[])
+    restarts.add_metric([], info["mps"]["restarts"])
+    limit = gauge("client_memory_limit_bytes", "The client's memory limit (MPS pinned limit per GPU it sees)",
+                  ["client"])
+    for name, client in status["clients"].items():
+        if client["memory_limit_bytes"] is not None:
+            limit.add_metric([name], client["memory_limit_bytes"])
+    summary = allocation["mps_resource_allocation"]["system_summary"]
+    overcommitted = gauge("mps_overcommitted", "1 when the MPS limits exceed the GPU memory present", [])
+    overcommitted.add_metric([], 1 if summary.get("overcommitted") else 0)
+    committed = gauge("gpu_mps_memory_limit_bytes", "Sum of the pinned limits of the clients that can use the GPU",
+                      ["gpu"])
+    for gpu in summary.get("per_gpu", []):
+        committed.add_metric([str(gpu["index"])], round(gpu["mps_memory_limit_gb"] * GiB))
+    yield from (mps_up, restarts, limit, overcommitted, committed)
+
+
 class OrchestratorCollector:
     def __init__(self, source, requests: RequestCounter):
         self.source = source
@@ -134,9 +156,7 @@ class OrchestratorCollector:
         yield build
         yield from gpu_families(info)
         yield from client_families(status)
-        mps_up = gauge("mps_up", "1 when the MPS control daemon answers (0 also when MPS is off)", [])
-        mps_up.add_metric([], 1 if info["mps_enabled"] else 0)
-        yield mps_up
+        yield from mps_families(info, status, self.source.mps_allocation())
         http = CounterMetricFamily(PREFIX + "http_requests", "HTTP requests by route, method and status",
                                    labels=["route", "method", "status"])
         for (route, method, code), count in sorted(self.requests.snapshot().items()):

@@ -106,6 +106,12 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
     assert warmups[(("client", "alpha"), ("model", "org/a1"))] == pytest.approx(a1["seconds"])
     assert samples(families[prefix + "all_ready"])[()] == 0
     assert samples(families[prefix + "mps_up"])[()] == 0
+    assert samples(families[prefix + "mps_restarts"])[()] == 0 and families[prefix + "mps_restarts"].type == "counter"
+    assert samples(families[prefix + "client_memory_limit_bytes"]) == {(("client", "alpha"),): 1024**3}
+    assert samples(families[prefix + "mps_overcommitted"])[()] == 0
+    summary = telemetry_orch.get("/mps/allocation")[1]["mps_resource_allocation"]["system_summary"]
+    assert samples(families[prefix + "gpu_mps_memory_limit_bytes"]) == {
+        (("gpu", str(g["index"])),): g["mps_memory_limit_gb"] * 1024**3 for g in summary["per_gpu"]}
     http = samples(families[prefix + "http_requests"])
     assert http[(("method", "POST"), ("route", "/models/preload"), ("status", "400"))] == 1
     assert http[(("method", "GET"), ("route", "/models/status"), ("status", "200"))] >= 1
