@@ -152,14 +152,15 @@ class Arbiter:
         if self.server is not None:
             threading.Thread(target=self.server.run, name="http", daemon=True).start()
         if self.mps is not None:
-            self.mps.start()  # before any loader: each must start under the daemon, or known without it
+            # Before any loader: each must start under the daemon, or known without it.
+            self.mps.start(give_up=self.stop_requested)
         with self.lock:
             now = time.monotonic()
-            for client in self.config.clients:
+            for client in self.config.clients if not self.stop_requested() else ():
                 loader = self.loaders[client] = self.new_loader(self.config, client)
                 loader.spawn(now)
                 log.info(kv("loader started", client=loader.client, pid=loader.pid))
-            if self.config.preload:
+            if self.config.preload and not self.stop_requested():
                 self.start_warmup(refresh=False)
         if self.sampler is not None:
             self.sampler.start()  # after the loaders exist, so the first sample can attribute them
@@ -173,6 +174,10 @@ class Arbiter:
 
     def queue_signal(self, signum, frame) -> None:
         self.signals.append(signum)
+
+    def stop_requested(self) -> bool:
+        """A SIGTERM or SIGINT is queued: the loop will stop; start-up need not go on."""
+        return any(signum in (signal.SIGTERM, signal.SIGINT) for signum in self.signals)
 
     def wake(self) -> None:
         try:

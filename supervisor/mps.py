@@ -131,11 +131,12 @@ class MpsDaemon:
 
     # ---- loop side ----------------------------------------------------------
 
-    def start(self) -> bool:
-        """Start and wait until the daemon answers or the start failed: for start-up and gpu-check,
-        before any loader exists. A failed start is already scheduled for a retry."""
+    def start(self, give_up=lambda: False) -> bool:
+        """Start and wait until the daemon answers, the start failed or `give_up()` (a stop was asked
+        for): for start-up and gpu-check, before any loader exists. A failed start is already
+        scheduled for a retry; one given up on is ended by stop()."""
         self.begin_start(time.monotonic())
-        while self.starting is not None:
+        while self.starting is not None and not give_up():
             self.probed.wait(START_POLL_S)
             self.probed.clear()
             now = time.monotonic()

@@ -198,6 +198,20 @@ def test_daemon_silent_at_start_is_killed_after_the_start_timeout_and_retried(tm
         assert orch.stop() == 0
 
 
+def test_sigterm_while_the_daemon_is_still_coming_up_at_start(tmp_path, store, mps_setup, mps_env):
+    """Start-up waits for the daemon before any loader, but not past a SIGTERM."""
+    model_map, allocation = mps_setup
+    hold = tmp_path / "hold-mps-start"
+    hold.touch()
+    args = (*FAST, "--mps-start-timeout", "300")
+    with Orchestrator(tmp_path, store, model_map, allocation, extra_args=args,
+                      env={**mps_env, "FAKE_MPS_HOLD": str(hold)}) as orch:
+        held = wait_for(lambda: daemon_children(orch), what="the daemon spawned and held")[0]
+        assert orch.stop(timeout=30) == 0  # not the 300 s start timeout
+        assert not process_alive(held.pid)
+        assert "loader started" not in orch.log_path.read_text()
+
+
 def test_a_hung_daemon_we_did_not_start_is_never_clobbered_and_adopted_once_it_answers(
         tmp_path, store, mps_setup, mps_env, mps_dirs):
     model_map, allocation = mps_setup
