@@ -3,12 +3,12 @@
 It prints what it saw, in two parts. First the pieces: the GPUs through NVML, a
 real nvidia-cuda-mps-control started on private pipe and log folders (the host's
 own daemon is not touched), one CUDA client allocating under its pinned MPS limit
-and one allocating past it, and with --model-dir (a safetensors snapshot such as
-all-MiniLM-L6-v2) and torch installed, the torch backend loading it onto the GPU
-under a pinned limit that fits and one that does not. Then the product: a real
-`gpu-orchestrator serve` with ENABLE_NVML and ENABLE_MPS on its own folders and a
-free loopback port, warming a client up under its limit, its answers read over
-HTTP, and a SIGTERM that must leave nothing behind.
+and one allocating past it, and, where torch imports, the torch backend loading a
+generated snapshot (or --model-dir, a real one such as all-MiniLM-L6-v2) onto the
+GPU under a pinned limit that fits and one that does not. Then the product: a
+real `gpu-orchestrator serve` with ENABLE_NVML and ENABLE_MPS on its own folders
+and a free loopback port, warming a client up under its limit, its answers read
+over HTTP, and a SIGTERM that must leave nothing behind.
 
 Without a GPU it says "no GPU" and exits 0. Exit 1 when a step that should work did not.
 """
