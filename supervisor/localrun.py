@@ -36,7 +36,7 @@ def wait(predicate, timeout: float, what: str):
 
 
 class Orchestrator:
-    """A real `gpu-orchestrator serve` on a free port, quiet, stopped with SIGTERM."""
+    """A real `gpu-orchestrator serve` on a free port, quiet unless given a log, stopped with SIGTERM."""
 
     def __init__(self, store: Path, model_map: Path, *args: str, env: dict | None = None, log: Path | None = None):
         """`env` is added to ours; `log` gets its output (INFO and up), else it runs quiet."""

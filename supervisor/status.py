@@ -160,7 +160,7 @@ def allocation_summary(config: Config, gpu_memory: dict[int, int] | None = None)
         overcommitted, overcommit = total_limit > gpu_total, max(0.0, total_limit - gpu_total)
     summary["gpu_memory_total_gb"] = gpu_total
     summary["gpu_memory_total_source"] = source
-    summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1) if gpu_total else None
+    summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1)  # gpu_total > 0 on both paths
     summary["overcommitted"] = overcommitted
     summary["overcommit_gb"] = round(overcommit, 3)
     return summary

@@ -12,8 +12,6 @@ def test_gpus_are_what_cuda_visible_devices_hands_us(monkeypatch):
     assert count_gpus() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert count_gpus() == 0
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert count_gpus() >= 0  # the device nodes of this host
 
 
 def test_unpinned_client_gets_a_limit_per_visible_gpu_and_never_our_own(monkeypatch):
