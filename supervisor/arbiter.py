@@ -43,8 +43,8 @@ def slot_size_for(max_models: int) -> int:
 def create_segment(config: Config) -> Segment:
     largest = max([MIN_MODELS_PER_SLOT, *(len(models) for models in config.clients.values())])
     clients = len(config.clients)
-    return Segment.create(channel.segment_name(os.getpid()), slots=1 + clients + max(SPARE_SLOTS, clients),
-                          slot_size=slot_size_for(largest))
+    return Segment.create_for(os.getpid(), slots=1 + clients + max(SPARE_SLOTS, clients),
+                              slot_size=slot_size_for(largest))
 
 
 def count_gpus() -> int:

@@ -23,6 +23,7 @@ from gpu_orchestrator.supervisor.statusview import run_status
 
 log = logging.getLogger("supervisor")
 EX_UNAVAILABLE = 69
+EX_OSERR = 71  # sysexits: an operating-system resource (here /dev/shm space) is missing
 HTTP_THREADS = 8
 
 
@@ -93,7 +94,12 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
         return EX_UNAVAILABLE
     for name in channel.remove_stale_segments():
         log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
-    segment = create_segment(config)
+    try:
+        segment = create_segment(config)
+    except channel.ChannelError as exc:
+        sock.close()
+        log.error(kv("cannot create the shared-memory channel", error=exc))
+        return EX_OSERR
     try:
         arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
                           telemetry_interval=telemetry_interval)

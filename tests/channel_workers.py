@@ -40,19 +40,30 @@ def write(segment: Segment, slot: int, seconds: float) -> dict:
 
 
 def read(segment: Segment, slot: int, seconds: float) -> dict:
+    """Count every anomaly a reader can see: a torn message, a message older than one already
+    returned, a sequence number that went back, and None once a good copy was seen."""
     reader = SlotReader(segment, LoaderState)
-    reads = torn = backwards = 0
-    last = 0
+    reads = torn = backwards = seq_backwards = none_after_good = 0
+    last = last_seq = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        seq = reader.peek(slot)
+        seq_backwards += seq < last_seq
+        last_seq = seq
         state = reader.read(slot)
         if state is None:
+            none_after_good += last > 0
             continue
         reads += 1
         torn += not consistent(state)
         backwards += state.pid < last
         last = state.pid
-    return {"reads": reads, "torn": torn, "backwards": backwards, "last": last}
+    return {"reads": reads, "torn": torn, "backwards": backwards, "seq_backwards": seq_backwards,
+            "none_after_good": none_after_good, "last": last}
+
+
+def anomalies(result: dict) -> int:
+    return result["torn"] + result["backwards"] + result["seq_backwards"] + result["none_after_good"]
 
 
 def die_mid_write(segment: Segment, slot: int, seconds: float) -> None:

@@ -111,7 +111,7 @@ class Orchestrator:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for(self.listening, what=f"orchestrator to listen on {self.port} (log: {self.log_path})")
-        self.segment = channel.segment_name(self.proc.pid)
+        (self.segment,) = channel.segments_of(self.proc.pid)
         return self
 
     def listening(self) -> bool:
@@ -162,10 +162,11 @@ class Orchestrator:
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc.wait(10)
-        try:
-            os.unlink(channel.segment_path(channel.segment_name(self.proc.pid)))
-        except FileNotFoundError:
-            pass
+        for name in channel.segments_of(self.proc.pid):
+            try:
+                os.unlink(channel.segment_path(name))
+            except FileNotFoundError:
+                pass
         if not self.log.closed:
             self.log.close()
 

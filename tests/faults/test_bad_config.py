@@ -72,11 +72,12 @@ def test_known_bad_documents_are_always_refused(client, bad_model, bad_limit, wh
 def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, model_map):
     if refused(tmp_path, model_map, None) is None:
         return  # hypothesis found a valid map; only refusals are under test here
-    before = set(os.listdir(channel.SHM_DIR))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
-    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0",
                              "--model-store", str(tmp_path / "store"), "--model-map", str(tmp_path / "map.json")],
-                            capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 78
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert "loader" not in result.stderr and set(os.listdir(channel.SHM_DIR)) == before
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 78
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    # Only what this run would have made: another orchestrator may be running on the host.
+    assert "loader" not in stderr and channel.segments_of(proc.pid) == []

@@ -37,7 +37,7 @@ def test_demo_reaches_all_ready_and_cleans_up_on_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(15) == 0
         assert not os.path.exists(directory)
-        assert not os.path.exists(channel.segment_path(channel.segment_name(proc.pid)))
+        assert not channel.segments_of(proc.pid)
         assert not any(os.path.exists(f"/proc/{pid}") for pid in loaders)
     finally:
         if proc.poll() is None:
