@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import threading
 
 
 def kv(message: str, **fields) -> str:
@@ -16,15 +17,33 @@ def kv(message: str, **fields) -> str:
     return " ".join(parts)
 
 
+class OneLineFormatter(logging.Formatter):
+    """A record with a traceback (or a message spanning lines) stays one line: a loader's stderr is
+    relayed line by line, and journald greps line by line, so a second line would become a second,
+    level-less event."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def log_uncaught(exc_type, exc, tb) -> None:
+    logging.getLogger("uncaught").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
 def setup_logging() -> None:
-    """Log to stderr; journald adds timestamps under systemd, so only add them on a terminal."""
+    """Log to stderr; journald adds timestamps under systemd, so only add them on a terminal.
+    Every event is one line at its level: uncaught exceptions and warnings go through logging too,
+    instead of Python's multi-line printouts."""
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     stamp = "%(asctime)s " if sys.stderr.isatty() else ""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    logging.captureWarnings(True)
+    sys.excepthook = log_uncaught
+    threading.excepthook = lambda args: log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
     # waitress warns "Task queue depth is N" on every burst; that is load, not a fault.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 

@@ -1,4 +1,7 @@
 import logging
+import os
+import subprocess
+import sys
 
 from gpu_orchestrator.supervisor.logs import kv, relay_line, setup_logging
 
@@ -31,3 +34,35 @@ def test_log_level_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("LOG_LEVEL", "nonsense")
     setup_logging()
     assert logging.getLogger().level == logging.INFO
+
+
+CHILD = """
+import json, logging, warnings
+from gpu_orchestrator.supervisor.logs import setup_logging
+setup_logging()
+log = logging.getLogger("loader")
+try:
+    json.loads('{"shape": [' + "9" * 5000 + ']}')
+except ValueError:
+    log.exception("unexpected error loading a model client=a")
+warnings.warn("a framework complains\\nover two lines")
+log.info("model ready client=a")
+raise RecursionError("maximum recursion depth exceeded\\nwhile decoding")
+"""
+
+
+def test_a_childs_tracebacks_are_one_event_each_at_their_level(caplog):
+    """What a loader writes: an exception with its traceback, a warning, an uncaught exception."""
+    child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "LOG_LEVEL": "INFO"})
+    assert child.returncode == 1
+    logger = logging.getLogger("relayed")
+    with caplog.at_level(logging.DEBUG, logger="relayed"):
+        for line in child.stderr.splitlines():
+            relay_line(logger, line)
+    events = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in events] == ["ERROR", "WARNING", "INFO", "CRITICAL"], child.stderr
+    assert events[0][1].startswith("unexpected error loading a model client=a\\nTraceback (most recent call last):")
+    assert "Exceeds the limit (4300 digits)" in events[0][1]
+    assert "a framework complains\\nover two lines" in events[1][1]
+    assert events[3][1].startswith("uncaught exception\\nTraceback") and "RecursionError" in events[3][1]
