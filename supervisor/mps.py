@@ -72,9 +72,16 @@ def query(settings: MpsSettings, command: str, timeout: float | None = None) -> 
 
 
 def ensure_folders(settings: MpsSettings) -> None:
-    """0755: MPS servers the daemon starts for other users must reach both folders."""
-    for folder in (settings.pipe_dir, settings.log_dir):
-        os.makedirs(folder, mode=0o755, exist_ok=True)
+    """0755: MPS servers the daemon starts for other users must reach both folders. Raises MpsError
+    naming the folder when one cannot be made (a read-only file system under ProtectSystem=strict,
+    a file in the way): MPS is then off, reported like any other MPS failure, and the service serves on."""
+    for variable, folder in (("CUDA_MPS_PIPE_DIRECTORY", settings.pipe_dir), ("CUDA_MPS_LOG_DIRECTORY", settings.log_dir)):
+        try:
+            os.makedirs(folder, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise MpsError(f"cannot create the MPS folder {folder} ({variable}): {exc.strerror or exc}; provision it "
+                           "(scripts/systemd/gpu-orchestrator.tmpfiles, LogsDirectory=) or point "
+                           f"{variable} at a writable folder") from None
 
 
 @dataclass
@@ -150,7 +157,13 @@ class MpsDaemon:
             log.error(kv(f"ENABLE_MPS=true but {BINARY} is not on PATH: loaders run WITHOUT MPS limits; "
                          "install the NVIDIA compute utilities or fix PATH"))
             return
-        ensure_folders(self.settings)
+        try:
+            ensure_folders(self.settings)
+        except MpsError as exc:
+            # Retried with the daemon's backoff: an operator may provision the folder meanwhile.
+            self.note_failure(str(exc))
+            self.schedule_restart(now)
+            return
         self.starting = Starting("checking", now)
         if self.thread is None:
             self.thread = threading.Thread(target=self.probe_forever, name="mps-probe", daemon=True)

@@ -249,6 +249,24 @@ def test_missing_binary_serves_without_mps_and_says_so(tmp_path, store, mps_setu
         assert "loaders run WITHOUT MPS limits" in orch.output()
 
 
+def test_an_mps_folder_that_cannot_be_made_is_an_mps_error_and_the_service_serves_on(
+        tmp_path, store, mps_setup, mps_env, mps_dirs):
+    # A read-only /tmp under ProtectSystem=strict fails the same way: makedirs raises OSError.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {**mps_env, "CUDA_MPS_PIPE_DIRECTORY": str(blocker / "nvidia-mps")}
+    model_map, allocation = mps_setup
+    with Orchestrator(tmp_path, store, model_map, allocation, extra_args=FAST, env=env) as orch:
+        assert orch.wait_settled()["all_ready"]
+        info = orch.get("/gpu/info")[1]
+        assert info["mps_enabled"] is False
+        assert f"cannot create the MPS folder {blocker}/nvidia-mps (CUDA_MPS_PIPE_DIRECTORY): Not a directory" \
+            in info["mps"]["error"]
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in mps_vars(orch.loader_pid("alpha"))
+        assert "ERROR mps: MPS control daemon failed reason=\"cannot create the MPS folder" in orch.output()
+        assert orch.stop() == 0
+
+
 def test_overcommit_is_flagged_not_refused(tmp_path, store):
     model_map = tmp_path / "AGENT_MODEL_MAP.json"
     model_map.write_text(json.dumps({"alpha": ["org/a1"], "gamma": ["org/g1"]}))

@@ -172,3 +172,37 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         result = subprocess.run([analyze, "verify", unit], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "Unknown" not in result.stderr and "ignoring" not in result.stderr, result.stderr
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_unit_provisions_the_mps_folders_before_its_sandbox(tmp_path):
+    """ProtectSystem=strict leaves the service nothing to create the MPS folders in, and a '-' in
+    ReadWritePaths= skips missing ones: each must exist, owned by the service's user, before it starts."""
+    units = REPO / "scripts" / "systemd"
+    unit = unit_settings((units / "gpu-orchestrator.service").read_text())
+    installed_as = "/etc/tmpfiles.d/gpu-orchestrator.conf"
+    assert f"-+/usr/bin/systemd-tmpfiles --create {installed_as}" in unit["ExecStartPre"]
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("gpu-orchestrator:x:991:991::/nonexistent:/usr/sbin/nologin\n")
+    (root / "etc" / "group").write_text("gpu-orchestrator:x:991:\n")
+    created = subprocess.run(["systemd-tmpfiles", "--create", f"--root={root}", str(units / "gpu-orchestrator.tmpfiles")],
+                             capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    made_by_tmpfiles = {"/" + str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()} - {"/etc"}
+    made_by_systemd = {f"/var/log/{name}" for name in unit["LogsDirectory"]}
+    assert unit["User"] == ["gpu-orchestrator"] and unit["LogsDirectoryMode"] == ["0755"]
+    pipe = root / "tmp" / "nvidia-mps"
+    assert (pipe.stat().st_uid, pipe.stat().st_mode & 0o7777) == (991, 0o755)
+    provisioned = made_by_tmpfiles | made_by_systemd
+    assert {"/tmp/nvidia-mps", "/var/log/nvidia-mps"} <= provisioned  # the MPS variables' defaults
+    writable = {path.lstrip("-") for value in unit["ReadWritePaths"] for path in value.split()}
+    assert writable <= provisioned, "a writable path nothing creates"
