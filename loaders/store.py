@@ -16,6 +16,16 @@ class StoreError(Exception):
     """A model cannot be resolved; the message says where to look or what to fix."""
 
 
+NAME_MAX = 255  # bytes in one file name component (Linux)
+
+
+def check_argument(what: str, value: str) -> None:
+    """Names travel as loader arguments (`--client NAME`): one starting with '-' would be taken
+    for an option, and the loader would die in argparse instead of loading anything."""
+    if value.startswith("-"):
+        raise StoreError(f"{what} {value!r} starts with '-', which a command line takes for an option; rename it")
+
+
 def check_model_id(model_id: str) -> None:
     """Refuse ids that could name anything outside the store. Raises StoreError."""
     if not isinstance(model_id, str) or not model_id.strip():
@@ -27,6 +37,9 @@ def check_model_id(model_id: str) -> None:
         raise StoreError(f"model id {model_id!r} is absolute; give it relative to MODEL_STORE_ROOT")
     if any(part in ("", ".", "..") for part in model_id.split("/")):
         raise StoreError(f"model id {model_id!r} has an empty, '.' or '..' component")
+    check_argument("model id", model_id)
+    if any(len(part.encode()) > NAME_MAX for part in model_id.split("/")):
+        raise StoreError(f"model id {model_id!r} has a component longer than {NAME_MAX} bytes, which no file name can be")
 
 
 def check_client_name(name: str) -> None:
@@ -35,6 +48,9 @@ def check_client_name(name: str) -> None:
         raise StoreError("client name is empty")
     if name in (".", "..") or "/" in name or "\0" in name or not name.isprintable():
         raise StoreError(f"client name {name!r} must be a plain name (no '/', not '.' or '..')")
+    check_argument("client name", name)
+    if len(name.encode()) > NAME_MAX:
+        raise StoreError(f"client name {name!r} is longer than {NAME_MAX} bytes, which no file name can be")
 
 
 @dataclass(frozen=True)

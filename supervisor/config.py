@@ -5,8 +5,10 @@ variable), the field and the problem; the CLI turns it into exit status 78
 before anything is started.
 """
 
+import json
+import math
 import os
-from pathlib import Path
+import stat
 from typing import Any
 
 import msgspec
@@ -17,6 +19,12 @@ EX_CONFIG = 78
 BACKENDS = ("default", "torch")
 DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"
 GiB = 1024**3
+MiB = 1024**2
+# No GPU has more memory than this (the largest have a few hundred GB): a bigger figure is a
+# typo, and an unbounded one (1e308) overflows every byte count computed from it.
+MAX_GPU_MEMORY_GB = 4096
+MAX_DEVICE_INDEX = 63  # GPU ordinals are small integers; CUDA_VISIBLE_DEVICES carries them
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # both files are a few KB; anything near this is not a config
 
 
 class ConfigError(Exception):
@@ -37,6 +45,18 @@ class AgentAllocation(msgspec.Struct):
     warmup: bool = False  # torch backend: embed one sentence when the snapshot is sentence-transformers
 
 
+class GpuMemory(msgspec.Struct):
+    """The memory the allocation file says clients share, and which of its keys said so.
+
+    `available_gb` is what over-commit is judged against without NVML; `overhead_gb` (the
+    MPS server's own share, `mps_overhead_gb`) is also taken off each GPU NVML reports.
+    """
+
+    available_gb: float | None
+    source: str | None
+    overhead_gb: float = 0.0
+
+
 class Config(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8014
@@ -55,7 +75,8 @@ class Config(msgspec.Struct, kw_only=True):
     preload: bool = True
     clients: dict[str, list[str]]
     allocations: dict[str, AgentAllocation] = {}
-    allocation_document: dict[str, Any] = {}  # the file as read, for /mps/allocation
+    allocation_document: dict[str, Any] = {}  # the file as read, every key kept, for /mps/allocation
+    gpu_memory: GpuMemory | None = None  # what the file says the GPU offers, when it says so
     warnings: list[str] = []
 
     def backend_for(self, client: str) -> str:
@@ -65,6 +86,7 @@ class Config(msgspec.Struct, kw_only=True):
     def memory_limit_bytes(self, client: str) -> int | None:
         allocation = self.allocations.get(client)
         return int(allocation.mps_memory_limit_gb * GiB) if allocation else None
+
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -92,14 +114,65 @@ def parse_port(name: str, value: str | int) -> int:
     return port
 
 
-def _read_json(path: str, what: str) -> Any:
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _not_regular(path: str, what: str, mode: int) -> ConfigError:
+    kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return ConfigError(f"{path}: cannot read {what}: it is {kind}, not a regular file; point it at the JSON file")
+
+
+def read_config_file(path: str, what: str) -> bytes:
+    """The file's bytes, without ever blocking: a FIFO, a device or a directory (which can
+    hang or never end) is refused before it is opened, and again through the descriptor in
+    case the path was swapped meanwhile; the read is bounded."""
     try:
-        raw = Path(path).read_bytes()
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            raise _not_regular(path, what, mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+            raise _not_regular(path, what, mode)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_CONFIG_BYTES} bytes; this is not a configuration file")
+    return raw
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """JSON keeps the last of two equal keys and drops the first without a word: refuse instead."""
+    document = {}
+    for key, value in pairs:
+        if key in document:
+            raise _DuplicateKey(key)
+        document[key] = value
+    return document
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _read_json(path: str, what: str) -> Any:
+    raw = read_config_file(path, what)
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: key {json.dumps(exc.args[0])} is given twice in one object; "
+                          "JSON would silently keep the last one: merge them") from None
+    except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
 
 
@@ -144,36 +217,107 @@ def load_model_map(path: str) -> dict[str, list[str]]:
     return clients
 
 
-def load_allocations(path: str, clients: dict[str, list[str]]) -> tuple[dict[str, AgentAllocation], dict]:
+def shown(value: float) -> str:
+    """A number as the file most likely wrote it: 0 not 0.0, 1e+308 as is."""
+    return str(int(value)) if math.isfinite(value) and value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _gb(path: str, field: str, value: float, low: float, *, low_included: bool = False) -> None:
+    """A memory figure in GB: a finite number above `low` (or at it) and within what a GPU can have."""
+    bound = f">= {low}" if low_included else f"> {low}"
+    if math.isnan(value) or value < low or (value == low and not low_included):
+        raise ConfigError(f"{path}: {field}: must be {bound}, got {shown(value)}")
+    if value > MAX_GPU_MEMORY_GB:
+        raise ConfigError(f"{path}: {field}: must be at most {MAX_GPU_MEMORY_GB} GB (no GPU has more), got {shown(value)}")
+
+
+def check_allocation(path: str, field: str, allocation: AgentAllocation) -> None:
+    limit = allocation.mps_memory_limit_gb
+    _gb(path, f"{field}.mps_memory_limit_gb", limit, 0)
+    if int(limit * 1024) == 0:
+        # MPS takes the limit in whole MiB: less than one would be a limit of 0, i.e. none at all.
+        raise ConfigError(f"{path}: {field}.mps_memory_limit_gb: {shown(limit)} GB is less than 1 MiB and "
+                          f"rounds to 0 MiB for MPS; give at least {1 / 1024} GB")
+    for name in ("calculated_requirement_gb", "safety_margin_gb"):
+        if (value := getattr(allocation, name)) is not None:
+            _gb(path, f"{field}.{name}", value, 0, low_included=True)
+    if allocation.backend not in (None, *BACKENDS):
+        raise ConfigError(f"{path}: {field}.backend: must be one of {', '.join(BACKENDS)}, got {allocation.backend!r}")
+    percentage = allocation.active_thread_percentage
+    if percentage is not None and not 1 <= percentage <= 100:
+        raise ConfigError(f"{path}: {field}.active_thread_percentage: must be 1-100, got {percentage}")
+    devices = allocation.devices
+    if devices is not None:
+        if not devices:
+            raise ConfigError(f"{path}: {field}.devices: is empty; list the GPU indices or leave devices out for all GPUs")
+        for index, device in enumerate(devices):
+            if not 0 <= device <= MAX_DEVICE_INDEX:
+                raise ConfigError(f"{path}: {field}.devices[{index}]: must be a GPU index 0-{MAX_DEVICE_INDEX}, got {device}")
+            if device in devices[:index]:
+                raise ConfigError(f"{path}: {field}.devices[{index}]: GPU {device} is listed twice")
+
+
+def _object(path: str, section: dict, key: str) -> dict:
+    value = section.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: $.mps_resource_allocation.{key}: expected an object, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _memory_figure(path: str, section: dict, field: str, key: str, *, zero_allowed: bool = False) -> float | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: {field}: must be a number, got {json.dumps(value)[:80]}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        value = math.inf
+    _gb(path, field, value, 0, low_included=zero_allowed)
+    return value
+
+
+def gpu_memory_of(path: str, section: dict, configuration: dict) -> GpuMemory:
+    """What over-commit is judged against without NVML: available_memory_gb, else the total less
+    the MPS overhead, else the total; the top-level total first, mps_configuration's as a fallback."""
+    top = "$.mps_resource_allocation"
+    overhead = _memory_figure(path, section, f"{top}.mps_overhead_gb", "mps_overhead_gb", zero_allowed=True)
+    available = _memory_figure(path, section, f"{top}.available_memory_gb", "available_memory_gb")
+    total = _memory_figure(path, section, f"{top}.total_gpu_memory_gb", "total_gpu_memory_gb")
+    fallback = _memory_figure(path, configuration, f"{top}.mps_configuration.total_gpu_memory_gb",
+                              "total_gpu_memory_gb")
+    total_key = "total_gpu_memory_gb" if total is not None else "mps_configuration.total_gpu_memory_gb"
+    total = total if total is not None else fallback
+    if overhead is not None and total is not None and overhead >= total:
+        raise ConfigError(f"{path}: {top}.mps_overhead_gb: {shown(overhead)} leaves nothing of the "
+                          f"{shown(total)} GB of {total_key}; it must be smaller")
+    if available is not None:
+        return GpuMemory(available, "available_memory_gb", overhead or 0.0)
+    if total is None:
+        return GpuMemory(None, None, overhead or 0.0)
+    if overhead is not None:
+        return GpuMemory(round(total - overhead, 6), f"{total_key} - mps_overhead_gb", overhead)
+    return GpuMemory(total, total_key)
+
+
+def load_allocations(path: str, clients: dict[str, list[str]]) -> tuple[dict[str, AgentAllocation], dict, GpuMemory]:
+    """The allocations, the whole document as given (every key kept) and the memory it declares."""
     document = _read_json(path, "the MPS allocation file")
     section = document.get("mps_resource_allocation") if isinstance(document, dict) else None
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: $.mps_resource_allocation: missing or not an object")
-    raw = section.get("agent_allocations", {})
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: $.mps_resource_allocation.agent_allocations: expected an object")
-    configuration = section.get("mps_configuration", {})
-    if not isinstance(configuration, dict):
-        raise ConfigError(f"{path}: $.mps_resource_allocation.mps_configuration: expected an object")
+    raw = _object(path, section, "agent_allocations")
+    gpu_memory = gpu_memory_of(path, section, _object(path, section, "mps_configuration"))
     allocations = {}
     for client, entry in raw.items():
         field = field_path("$.mps_resource_allocation.agent_allocations", client)
         if client not in clients:
             raise ConfigError(f"{path}: {field}: client {client!r} is not in the model map; remove it or add the client there")
         allocation = _convert(entry, AgentAllocation, path, field)
-        if not allocation.mps_memory_limit_gb > 0:
-            raise ConfigError(f"{path}: {field}.mps_memory_limit_gb: must be > 0, got {allocation.mps_memory_limit_gb}")
-        if allocation.backend not in (None, *BACKENDS):
-            raise ConfigError(f"{path}: {field}.backend: must be one of {', '.join(BACKENDS)}, got {allocation.backend!r}")
-        percentage = allocation.active_thread_percentage
-        if percentage is not None and not 1 <= percentage <= 100:
-            raise ConfigError(f"{path}: {field}.active_thread_percentage: must be 1-100, got {percentage}")
-        for name in ("calculated_requirement_gb", "safety_margin_gb"):
-            value = getattr(allocation, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{path}: {field}.{name}: must be >= 0, got {value}")
+        check_allocation(path, field, allocation)
         allocations[client] = allocation
-    return allocations, {"agent_allocations": raw, "mps_configuration": configuration}
+    return allocations, document, gpu_memory
 
 
 def _setting(name: str, overrides: dict, env: dict, default: Any = None) -> Any:
@@ -233,13 +377,14 @@ def load_files(model_map_path: str, allocation_path: str) -> dict:
     """The two JSON files, validated together: clients, allocations, the document, warnings."""
     clients = load_model_map(model_map_path)
     if not allocation_path:
-        return {"clients": clients, "allocations": {},
-                "allocation_document": {"agent_allocations": {}, "mps_configuration": {}},
+        return {"clients": clients, "allocations": {}, "gpu_memory": None,
+                "allocation_document": {"mps_resource_allocation": {"agent_allocations": {}}},
                 "warnings": ["no MPS allocation file (MPS_ALLOCATION_CONFIG): every client runs without a memory limit"]}
-    allocations, document = load_allocations(allocation_path, clients)
+    allocations, document, gpu_memory = load_allocations(allocation_path, clients)
     warnings = [f"{allocation_path}: client {client} has no allocation: it runs without a memory limit"
                 for client in clients if client not in allocations]
-    return {"clients": clients, "allocations": allocations, "allocation_document": document, "warnings": warnings}
+    return {"clients": clients, "allocations": allocations, "allocation_document": document,
+            "gpu_memory": gpu_memory, "warnings": warnings}
 
 
 def reload_config(config: Config) -> Config:

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import msgspec
 
 from gpu_orchestrator.supervisor import states
-from gpu_orchestrator.supervisor.config import GiB, Config
+from gpu_orchestrator.supervisor.config import GiB, Config, GpuMemory
 from gpu_orchestrator.supervisor.schema import FAILED, IDLE, LOADING, PENDING, READY, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.telemetry import Telemetry
 
@@ -123,67 +123,71 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
 def allocation_summary(config: Config, gpu_memory: dict[int, int] | None = None) -> dict:
     """system_summary recomputed from the validated allocations; the stored one is never trusted.
 
-    With `gpu_memory` (NVML index -> bytes of each healthy GPU) over-commit is judged per
-    GPU: a pinned limit caps a client on every GPU it can see (its `devices`, else all),
+    The field's eight keys come first, under the field's names, then ours. With `gpu_memory`
+    (NVML index -> bytes of each healthy GPU) over-commit is judged per GPU, less the MPS
+    overhead: a pinned limit caps a client on every GPU it can see (its `devices`, else all),
     so two clients pinned to GPU 0 can over-commit it on a host whose total looks ample.
-    Without NVML it is judged against mps_configuration.total_gpu_memory_gb.
+    Without NVML it is judged against what the file says is available (GpuMemory).
     """
     allocations = config.allocations
     limits = [a.mps_memory_limit_gb for a in allocations.values()]
-    required = sum(a.calculated_requirement_gb or 0.0 for a in allocations.values())
-    total_limit = sum(limits)
+    allocated = sum(limits)
+    calculated = sum(a.calculated_requirement_gb or 0.0 for a in allocations.values())
     summary = {
         "total_agents": len(allocations),
-        "agents_without_allocation": sorted(set(config.clients) - set(allocations)),
-        "total_mps_memory_limit_gb": round(total_limit, 3),
-        "total_calculated_requirement_gb": round(required, 3),
+        "total_allocated_memory_gb": round(allocated, 3),
+        "total_calculated_memory_gb": round(calculated, 3),
         "total_safety_margin_gb": round(sum(a.safety_margin_gb or 0.0 for a in allocations.values()), 3),
-        "min_mps_memory_limit_gb": min(limits, default=None),
-        "max_mps_memory_limit_gb": max(limits, default=None),
-        "average_mps_memory_limit_gb": round(total_limit / len(limits), 3) if limits else None,
-        "memory_efficiency_percent": round(100 * required / total_limit, 1) if total_limit else None,
+        "average_allocation_gb": round(allocated / len(limits), 3) if limits else None,
+        "max_allocation_gb": max(limits, default=None),
+        "min_allocation_gb": min(limits, default=None),
+        "memory_efficiency_percent": round(100 * calculated / allocated, 1) if allocated else None,
+        "agents_without_allocation": sorted(set(config.clients) - set(allocations)),
     }
+    declared = config.gpu_memory or GpuMemory(None, None)
     if gpu_memory:
-        gpu_total, source = round(sum(gpu_memory.values()) / GiB, 3), "nvml"
-        per_gpu = [gpu_commitment(allocations, index, memory) for index, memory in sorted(gpu_memory.items())]
+        per_gpu = [gpu_commitment(allocations, index, memory, declared.overhead_gb)
+                   for index, memory in sorted(gpu_memory.items())]
+        overcommitted = any(gpu["overcommitted"] for gpu in per_gpu)
+        overcommit = sum(gpu["overcommit_gb"] for gpu in per_gpu)
+        total, source = round(sum(gpu_memory.values()) / GiB, 3), "nvml"
+    elif declared.available_gb is not None:
+        total, source = declared.available_gb, declared.source
+        overcommitted, overcommit = allocated > total, max(0.0, allocated - total)
+    else:
+        total = source = overcommitted = overcommit = None  # nothing to judge against
+    summary["overcommitted"] = overcommitted
+    summary["overcommit_gb"] = None if overcommit is None else round(overcommit, 3)
+    if gpu_memory:
         summary["per_gpu"] = per_gpu
         summary["devices_not_present"] = {
             client: missing for client, a in sorted(allocations.items())
             if (missing := [d for d in a.devices or () if d not in gpu_memory])}
-        overcommitted = any(gpu["overcommitted"] for gpu in per_gpu)
-        overcommit = sum(gpu["overcommit_gb"] for gpu in per_gpu)
-    else:
-        gpu_total = config.allocation_document.get("mps_configuration", {}).get("total_gpu_memory_gb")
-        source = "mps_configuration.total_gpu_memory_gb"
-        if not isinstance(gpu_total, (int, float)) or gpu_total <= 0:
-            return summary
-        overcommitted, overcommit = total_limit > gpu_total, max(0.0, total_limit - gpu_total)
-    summary["gpu_memory_total_gb"] = gpu_total
+    summary["gpu_memory_total_gb"] = total
     summary["gpu_memory_total_source"] = source
-    summary["gpu_utilization_percent"] = round(100 * total_limit / gpu_total, 1)  # gpu_total > 0 on both paths
-    summary["overcommitted"] = overcommitted
-    summary["overcommit_gb"] = round(overcommit, 3)
     return summary
 
 
-def gpu_commitment(allocations: dict, index: int, memory_bytes: int) -> dict:
-    """The pinned limits that apply on one GPU against its memory."""
+def gpu_commitment(allocations: dict, index: int, memory_bytes: int, overhead_gb: float = 0.0) -> dict:
+    """The pinned limits that apply on one GPU against its memory less the MPS server's share."""
     clients = sorted(c for c, a in allocations.items() if a.devices is None or index in a.devices)
     limit = sum(allocations[c].mps_memory_limit_gb for c in clients)
     memory = round(memory_bytes / GiB, 3)
-    return {"index": index, "memory_gb": memory, "mps_memory_limit_gb": round(limit, 3), "clients": clients,
-            "overcommitted": limit > memory, "overcommit_gb": round(max(0.0, limit - memory), 3)}
+    available = round(memory - overhead_gb, 3)
+    return {"index": index, "memory_gb": memory, "available_gb": available,
+            "mps_memory_limit_gb": round(limit, 3), "clients": clients,
+            "overcommitted": limit > available, "overcommit_gb": round(max(0.0, limit - available), 3)}
 
 
 def overcommit_warnings(summary: dict) -> list[dict]:
     """What the log says about a summary that over-commits: one entry per GPU, or one for the total."""
-    if not summary.get("overcommitted"):
+    if not summary["overcommitted"]:
         return []
     if "per_gpu" not in summary:
-        return [{"gpu": "all", "limits_gb": summary["total_mps_memory_limit_gb"],
+        return [{"gpu": "all", "limits_gb": summary["total_allocated_memory_gb"],
                  "gpu_gb": summary["gpu_memory_total_gb"], "over_gb": summary["overcommit_gb"],
                  "source": summary["gpu_memory_total_source"]}]
-    return [{"gpu": gpu["index"], "limits_gb": gpu["mps_memory_limit_gb"], "gpu_gb": gpu["memory_gb"],
+    return [{"gpu": gpu["index"], "limits_gb": gpu["mps_memory_limit_gb"], "gpu_gb": gpu["available_gb"],
              "over_gb": gpu["overcommit_gb"], "clients": ",".join(gpu["clients"]), "source": "nvml"}
             for gpu in summary["per_gpu"] if gpu["overcommitted"]]
 
@@ -196,15 +200,12 @@ def gpu_memory_present(telemetry: Telemetry | None) -> dict[int, int] | None:
 
 
 def mps_allocation(config: Config, telemetry: Telemetry | None = None) -> dict:
+    """The allocation file as given, every key in its place, with system_summary recomputed."""
     document = config.allocation_document
-    return {
-        "mps_resource_allocation": {
-            "agent_allocations": document.get("agent_allocations", {}),
-            "mps_configuration": document.get("mps_configuration", {}),
-            "system_summary": allocation_summary(config, gpu_memory_present(telemetry)),
-        },
-        "source": config.allocation_path or None,
-    }
+    section = document["mps_resource_allocation"]
+    summary = allocation_summary(config, gpu_memory_present(telemetry))
+    return {**document, "mps_resource_allocation": {**section, "system_summary": summary},
+            "source": config.allocation_path or None}
 
 
 def mps_disabled(config: Config) -> dict:
@@ -232,7 +233,7 @@ def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now:
         "age_s": None,
         "mps_enabled": mps["enabled"],
         "mps": {**mps, "allocation_overcommitted":
-                allocation_summary(config, gpu_memory_present(telemetry)).get("overcommitted", False)},
+                allocation_summary(config, gpu_memory_present(telemetry))["overcommitted"] is True},
     }
     if not config.enable_nvml:
         return info

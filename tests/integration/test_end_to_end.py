@@ -64,7 +64,7 @@ def test_mps_allocation_recomputes_the_summary(orchestrator):
     code, body = orchestrator.get("/mps/allocation")
     summary = body["mps_resource_allocation"]["system_summary"]
     assert code == 200
-    assert summary["total_agents"] == 2 and summary["total_mps_memory_limit_gb"] == 1.5
+    assert summary["total_agents"] == 2 and summary["total_allocated_memory_gb"] == 1.5
     assert summary["agents_without_allocation"] == ["gamma"]
     assert set(body["mps_resource_allocation"]["agent_allocations"]) == {"alpha", "beta"}
 

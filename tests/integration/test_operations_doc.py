@@ -60,4 +60,4 @@ def test_every_operations_command_works(orchestrator):
     mps = run(OPERATIONS["mps status"], port)
     assert mps["mps_enabled"] is False and mps["mps"]["enabled"] is False
     allocation = run(OPERATIONS["mps allocation"], port)
-    assert allocation["total_agents"] == 2 and allocation["total_mps_memory_limit_gb"] == 1.5
+    assert allocation["total_agents"] == 2 and allocation["total_allocated_memory_gb"] == 1.5

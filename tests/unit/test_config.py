@@ -54,6 +54,24 @@ REFUSALS = [
     ("unknown client", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1}, ghost={"mps_memory_limit_gb": 1}), "client 'ghost' is not in the model map"),
     ("thread percentage", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "active_thread_percentage": 0}), "active_thread_percentage: must be 1-100"),
     ("unknown backend", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "backend": "jax"}), "backend: must be one of default, torch, got 'jax'"),
+    ("overflowing limit", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1e308}), "a.mps_memory_limit_gb: must be at most 4096 GB (no GPU has more), got 1e+308"),
+    ("limit of 0 MiB", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1e-9}), "a.mps_memory_limit_gb: 1e-09 GB is less than 1 MiB and rounds to 0 MiB"),
+    ("negative margin", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "safety_margin_gb": -0.1}), "a.safety_margin_gb: must be >= 0, got -0.1"),
+    ("negative device", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "devices": [0, -1]}), "a.devices[1]: must be a GPU index 0-63, got -1"),
+    ("huge device", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "devices": [10**9]}), "a.devices[0]: must be a GPU index 0-63, got 1000000000"),
+    ("repeated device", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "devices": [1, 1]}), "a.devices[1]: GPU 1 is listed twice"),
+    ("empty devices", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "devices": []}), "a.devices: is empty"),
+    ("fractional device", {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1, "devices": [0.5]}), "Expected `int`, got `float` - at `$.mps_resource_allocation.agent_allocations.a.devices[0]`"),
+    ("zero total", {"a": ["x/y"]}, {"mps_resource_allocation": {"total_gpu_memory_gb": 0}}, "$.mps_resource_allocation.total_gpu_memory_gb: must be > 0, got 0"),
+    ("text available", {"a": ["x/y"]}, {"mps_resource_allocation": {"available_memory_gb": "23.5"}}, "$.mps_resource_allocation.available_memory_gb: must be a number, got \"23.5\""),
+    ("overhead eats the total", {"a": ["x/y"]}, {"mps_resource_allocation": {"total_gpu_memory_gb": 1, "mps_overhead_gb": 2}}, "mps_overhead_gb: 2 leaves nothing of the 1 GB"),
+    ("configured total", {"a": ["x/y"]}, {"mps_resource_allocation": {"mps_configuration": {"total_gpu_memory_gb": -24}}}, "mps_configuration.total_gpu_memory_gb: must be > 0, got -24"),
+    ("client like an option", {"--help": ["x/y"]}, None, "$.--help: client name '--help' starts with '-'"),
+    ("model like an option", {"a": ["-x"]}, None, "$.a[0]: model id '-x' starts with '-'"),
+    ("client key twice", '{"a": ["x/y"], "a": ["x/z"]}', None, 'AGENT_MODEL_MAP.json: key "a" is given twice in one object'),
+    ("allocation key twice", {"a": ["x/y"]}, '{"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": 1, "mps_memory_limit_gb": 90}}}}', 'alloc.json: key "mps_memory_limit_gb" is given twice'),
+    ("NaN", {"a": ["x/y"]}, '{"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": NaN}}}}', "alloc.json: not valid JSON: NaN is not a JSON number"),
+    ("a number too big for a float", {"a": ["x/y"]}, '{"mps_resource_allocation": {"available_memory_gb": 1' + "0" * 400 + '}}', "available_memory_gb: must be at most 4096 GB"),
 ]
 
 
@@ -100,7 +118,31 @@ def test_unknown_allocation_keys_are_kept_for_the_api(tmp_path, store):
     env = config_for(tmp_path, store, {"a": ["x/y"]},
                      allocation(a={"mps_memory_limit_gb": 1, "gpu_device": "cuda:0"}))
     config = load_config(env)
-    assert config.allocation_document["agent_allocations"]["a"]["gpu_device"] == "cuda:0"
+    assert config.allocation_document["mps_resource_allocation"]["agent_allocations"]["a"]["gpu_device"] == "cuda:0"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, store, kind):
+    env = config_for(tmp_path, store, {"a": ["x/y"]})
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "map.fifo")  # no writer: a blocking open or read would hang here
+        env["AGENT_MODEL_MAP"] = str(tmp_path / "map.fifo")
+    elif kind == "directory":
+        env["AGENT_MODEL_MAP"] = str(tmp_path)
+    else:
+        env["AGENT_MODEL_MAP"] = "/dev/zero"  # endless: an unbounded read would never return
+    names = {"fifo": "a FIFO", "directory": "a directory", "device": "a character device"}
+    with pytest.raises(ConfigError, match=f"cannot read the model map: it is {names[kind]}, not a regular file"):
+        load_config(env)
+
+
+def test_a_config_file_is_read_only_up_to_a_bound(tmp_path, store):
+    from gpu_orchestrator.supervisor.config import MAX_CONFIG_BYTES
+    env = config_for(tmp_path, store, {"a": ["x/y"]})
+    with open(env["AGENT_MODEL_MAP"], "a") as handle:
+        handle.write(" " * MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError, match=f"larger than {MAX_CONFIG_BYTES} bytes"):
+        load_config(env)
 
 
 def test_strict_mode_never_names_the_hf_cache(tmp_path, store):
@@ -110,15 +152,20 @@ def test_strict_mode_never_names_the_hf_cache(tmp_path, store):
     assert load_config(env).hf_hub == str(tmp_path / "hub")
 
 
-@pytest.mark.parametrize("name,model_map,alloc,message", [REFUSALS[0], REFUSALS[6], REFUSALS[11], REFUSALS[15]],
-                         ids=["malformed", "absolute", "zero-limit", "unknown-client"])
+CLI_REFUSALS = {r[0]: r for r in REFUSALS}
+
+
+@pytest.mark.parametrize("name,model_map,alloc,message", [
+    CLI_REFUSALS[name] for name in ("malformed map", "absolute model", "zero limit", "unknown client",
+                                    "overflowing limit", "client like an option", "client key twice")])
 def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, store, name, model_map, alloc, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
     env.update(config_for(tmp_path, store, model_map, alloc))
-    before = set(os.listdir(channel.SHM_DIR))
-    proc = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0"],
-                          env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 78, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
-    assert set(os.listdir(channel.SHM_DIR)) == before
+    with subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0"],
+                          env=env, stderr=subprocess.PIPE, text=True) as proc:
+        stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 78, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in stderr
+    # Only this run's segments: other orchestrators on the host may own theirs meanwhile.
+    assert channel.segments_of(proc.pid) == []

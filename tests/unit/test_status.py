@@ -1,4 +1,10 @@
-"""How loader records and slots become /models/status: only live loaders' words count."""
+"""How loader records and slots become /models/status (only live loaders' words count), and how the
+allocation file becomes /mps/allocation."""
+
+import json
+from pathlib import Path
+
+import pytest
 
 from gpu_orchestrator.supervisor import states
 from gpu_orchestrator.supervisor.schema import FAILED, IDLE, READY, WORKING, LoaderState, ModelProgress
@@ -87,11 +93,22 @@ def test_overcommit_is_judged_per_gpu_not_on_the_total():
     assert summary["overcommitted"] is True and summary["overcommit_gb"] == 40.0
     assert summary["gpu_memory_total_gb"] == 160.0 and summary["gpu_memory_total_source"] == "nvml"
     gpu0, gpu1 = summary["per_gpu"]
-    assert gpu0 == {"index": 0, "memory_gb": 80.0, "mps_memory_limit_gb": 120.0, "clients": ["a", "b", "c"],
-                    "overcommitted": True, "overcommit_gb": 40.0}
+    assert gpu0 == {"index": 0, "memory_gb": 80.0, "available_gb": 80.0, "mps_memory_limit_gb": 120.0,
+                    "clients": ["a", "b", "c"], "overcommitted": True, "overcommit_gb": 40.0}
     assert gpu1["clients"] == ["c"] and gpu1["overcommitted"] is False
     assert summary["devices_not_present"] == {}
     assert [w["gpu"] for w in overcommit_warnings(summary)] == [0]
+
+
+def test_with_nvml_the_mps_overhead_is_taken_off_each_gpu():
+    from gpu_orchestrator.supervisor.config import GpuMemory
+    from gpu_orchestrator.supervisor.status import GiB, allocation_summary, overcommit_warnings
+    config = allocation_config(a=(23.8, None))
+    assert allocation_summary(config, {0: 24 * GiB})["overcommitted"] is False
+    config.gpu_memory = GpuMemory(23.5, "available_memory_gb", overhead_gb=0.5)
+    summary = allocation_summary(config, {0: 24 * GiB})
+    assert summary["per_gpu"][0]["available_gb"] == 23.5 and summary["overcommit_gb"] == 0.3
+    assert overcommit_warnings(summary)[0]["gpu_gb"] == 23.5
 
 
 def test_pinning_spreads_limits_and_missing_devices_are_named():
@@ -103,12 +120,73 @@ def test_pinning_spreads_limits_and_missing_devices_are_named():
     assert summary["devices_not_present"] == {"c": [3]}
 
 
-def test_without_nvml_the_configured_total_is_the_measure():
+def test_without_nvml_nor_a_declared_memory_nothing_is_judged():
     from gpu_orchestrator.supervisor.status import allocation_summary, overcommit_warnings
-    config = allocation_config(a=(1.0, None), b=(0.75, [0]))
-    assert "overcommitted" not in allocation_summary(config)  # nothing to judge against
-    config.allocation_document = {"mps_configuration": {"total_gpu_memory_gb": 1.5}}
+    summary = allocation_summary(allocation_config(a=(1.0, None), b=(0.75, [0])))
+    assert summary["overcommitted"] is None and summary["gpu_memory_total_source"] is None
+    assert "per_gpu" not in summary and overcommit_warnings(summary) == []
+
+
+FIELD_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "mps_allocation_config.field.json"
+FIELD_KEYS = ["total_agents", "total_allocated_memory_gb", "total_calculated_memory_gb", "total_safety_margin_gb",
+              "average_allocation_gb", "max_allocation_gb", "min_allocation_gb", "memory_efficiency_percent"]
+OUR_KEYS = ["agents_without_allocation", "overcommitted", "overcommit_gb", "gpu_memory_total_gb",
+            "gpu_memory_total_source"]
+
+
+def field_config(tmp_path, document=None):
+    from gpu_orchestrator.supervisor.config import load_config
+    document = document or json.loads(FIELD_FILE.read_text())
+    clients = {name: [] for name in document["mps_resource_allocation"]["agent_allocations"]}
+    (tmp_path / "map.json").write_text(json.dumps({**clients, "extra": []}))
+    (tmp_path / "alloc.json").write_text(json.dumps(document))
+    return load_config({"MODEL_STORE_ROOT": str(tmp_path), "AGENT_MODEL_MAP": str(tmp_path / "map.json"),
+                        "MPS_ALLOCATION_CONFIG": str(tmp_path / "alloc.json")})
+
+
+def test_the_fields_file_comes_back_key_for_key_with_the_summary_recomputed(tmp_path):
+    from gpu_orchestrator.supervisor.status import mps_allocation
+    given = json.loads(FIELD_FILE.read_text())
+    given["an_unknown_top_key"] = {"kept": True}
+    given["mps_resource_allocation"]["agent_allocations"]["scout"]["gpu_device"] = "cuda:0"
+    answer = mps_allocation(field_config(tmp_path, given))
+    section, stored = answer["mps_resource_allocation"], given["mps_resource_allocation"]
+    assert list(section) == list(stored) and answer["an_unknown_top_key"] == {"kept": True}
+    assert {k: v for k, v in section.items() if k != "system_summary"} == \
+        {k: v for k, v in stored.items() if k != "system_summary"}
+    summary = section["system_summary"]
+    assert list(summary) == FIELD_KEYS + OUR_KEYS
+    # The stored summary says 17.3 GB calculated; the agents sum to 18.0: recomputed, never copied.
+    assert {k: summary[k] for k in FIELD_KEYS} == {
+        "total_agents": 9, "total_allocated_memory_gb": 24.3, "total_calculated_memory_gb": 18.0,
+        "total_safety_margin_gb": 6.3, "average_allocation_gb": 2.7, "max_allocation_gb": 3.5,
+        "min_allocation_gb": 2.3, "memory_efficiency_percent": 74.1}
+    assert summary["agents_without_allocation"] == ["extra"]
+
+
+def test_the_fields_24_3_gb_on_23_5_available_is_overcommitted_with_a_warning(tmp_path):
+    from gpu_orchestrator.supervisor.status import allocation_summary, gpu_info, overcommit_warnings
+    config = field_config(tmp_path)
     summary = allocation_summary(config)
-    assert summary["overcommitted"] is True and summary["overcommit_gb"] == 0.25 and "per_gpu" not in summary
-    assert overcommit_warnings(summary) == [{"gpu": "all", "limits_gb": 1.75, "gpu_gb": 1.5, "over_gb": 0.25,
-                                             "source": "mps_configuration.total_gpu_memory_gb"}]
+    assert summary["overcommitted"] is True and summary["overcommit_gb"] == 0.8
+    assert (summary["gpu_memory_total_gb"], summary["gpu_memory_total_source"]) == (23.5, "available_memory_gb")
+    assert overcommit_warnings(summary) == [{"gpu": "all", "limits_gb": 24.3, "gpu_gb": 23.5, "over_gb": 0.8,
+                                             "source": "available_memory_gb"}]
+    assert gpu_info(config, None, None)["mps"]["allocation_overcommitted"] is True
+
+
+@pytest.mark.parametrize("given,measure,source", [
+    ({"available_memory_gb": 23.5, "total_gpu_memory_gb": 24.0, "mps_overhead_gb": 0.5}, 23.5, "available_memory_gb"),
+    ({"total_gpu_memory_gb": 24.0, "mps_overhead_gb": 0.5}, 23.5, "total_gpu_memory_gb - mps_overhead_gb"),
+    ({"total_gpu_memory_gb": 24.0}, 24.0, "total_gpu_memory_gb"),
+    ({"total_gpu_memory_gb": 24.0, "mps_configuration": {"total_gpu_memory_gb": 80}}, 24.0, "total_gpu_memory_gb"),
+    ({"mps_configuration": {"total_gpu_memory_gb": 24}}, 24, "mps_configuration.total_gpu_memory_gb"),
+    ({"mps_overhead_gb": 1, "mps_configuration": {"total_gpu_memory_gb": 24}}, 23.0,
+     "mps_configuration.total_gpu_memory_gb - mps_overhead_gb"),
+])
+def test_without_nvml_the_measure_is_available_else_total_less_overhead_else_total(tmp_path, given, measure, source):
+    from gpu_orchestrator.supervisor.status import allocation_summary
+    document = {"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": 23.6}}, **given}}
+    summary = allocation_summary(field_config(tmp_path, document))
+    assert (summary["gpu_memory_total_gb"], summary["gpu_memory_total_source"]) == (measure, source)
+    assert summary["overcommitted"] is (23.6 > measure)
