@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -38,6 +39,10 @@ def describe_exit(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
+def iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
 @dataclass
 class LoaderProcess:
     client: str
@@ -51,8 +56,11 @@ class LoaderProcess:
     restart_at: float = 0.0
     stop_deadline: float = 0.0
     restarts: int = 0
-    last_exit: str | None = None
+    last_exit: str | None = None  # how the last run ended, and why we killed it if we did
+    last_exit_at: str | None = None
     fatal_reason: str | None = None
+    kill_reason: str | None = None  # set when the supervisor kills this run, e.g. heartbeat lost
+    last_heartbeat: float | None = None  # the newest heartbeat this run published
     sent_generation: int = 0
     stderr_tail: bytes = b""
     last_line: str | None = None
@@ -70,15 +78,22 @@ class LoaderProcess:
     def spawn(self, now: float) -> None:
         """exec a fresh interpreter (CUDA and NVML are not fork-safe) in its own process group."""
         self.to(states.STARTING)
-        self.proc = subprocess.Popen(
+        self.started(subprocess.Popen(
             [sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=self.env, process_group=0, close_fds=True)
+            env=self.env, process_group=0, close_fds=True), now)
+
+    def started(self, proc: subprocess.Popen, now: float) -> None:
+        """A new run began: forget everything that described the previous one."""
+        self.proc = proc
         os.set_blocking(self.proc.stderr.fileno(), False)
         os.set_blocking(self.proc.stdin.fileno(), False)
         self.started_at = now
         self.sent_generation = 0
         self.stderr_tail = b""
+        self.last_line = None  # a reason must quote this run, never an earlier one
+        self.kill_reason = None
+        self.last_heartbeat = None
 
     def send(self, line: bytes) -> bool:
         """Write one command line; False if the loader is gone or its pipe is full."""
@@ -86,6 +101,21 @@ class LoaderProcess:
             return os.write(self.proc.stdin.fileno(), line) == len(line)
         except (BrokenPipeError, BlockingIOError, ValueError):
             return False
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL this run, remembering why so that its exit says so."""
+        self.kill_reason = reason
+        self.signal(signal.SIGKILL)
+
+    def silent_for(self, heartbeat: float | None, now: float) -> float:
+        """Seconds since this run last published. `heartbeat` is what its slot holds now, None when
+        nothing from this run could be read: then the newest heartbeat seen before counts, and only
+        a run never heard from is measured from its start (after `startsecs`)."""
+        if heartbeat is not None and (self.last_heartbeat is None or heartbeat > self.last_heartbeat):
+            self.last_heartbeat = heartbeat
+        if self.last_heartbeat is not None:
+            return now - self.last_heartbeat
+        return now - self.started_at - self.policy.startsecs
 
     def signal(self, signum: int) -> None:
         """Signal the loader's whole process group (it may have started helpers)."""
@@ -106,7 +136,8 @@ class LoaderProcess:
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         for stream in (self.proc.stdin, self.proc.stderr):
             stream.close()
-        self.last_exit = describe_exit(status)
+        why = f" ({self.kill_reason})" if self.kill_reason else ""
+        self.last_exit, self.last_exit_at = f"{describe_exit(status)}{why}", iso_utc(time.time())
         if self.state == states.STOPPING:
             self.to(states.STOPPED)
             return
@@ -114,13 +145,15 @@ class LoaderProcess:
         self.deaths.append(now)
         if self.state == states.STARTING:
             self.failed_starts.append(now)
+        last_words = f"; its last line: {self.last_line}" if self.last_line else ""
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_CANNOT_BOOT:
             self.to(states.FATAL)
-            self.fatal_reason = f"cannot boot: {self.last_line or self.last_exit}"
+            self.fatal_reason = f"cannot boot: the last run {self.last_exit} at {self.last_exit_at}{last_words}"
         elif len(self.failed_starts) >= self.policy.failed_starts_to_fatal:
             self.to(states.FATAL)
             self.fatal_reason = (f"failed to start {len(self.failed_starts)} times within "
-                                 f"{self.policy.window:.0f} s; last: {self.last_line or self.last_exit}")
+                                 f"{self.policy.window:.0f} s; the last run {self.last_exit} at "
+                                 f"{self.last_exit_at}{last_words}")
         else:
             self.to(states.BACKOFF)
             self.restart_at = now + self.policy.restart_delay(len(self.deaths))

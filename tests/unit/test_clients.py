@@ -1,6 +1,7 @@
 """Loader lifecycle rules: backoff, startsecs, FATAL, with real short-lived processes."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,16 +21,16 @@ def test_illegal_transition_is_asserted():
         states.check_transition(states.STOPPED, states.RUNNING)
 
 
-def run_and_exit(loader: LoaderProcess, code: int, now: float, reached_running: bool = False) -> None:
+def run_and_exit(loader: LoaderProcess, code: int, now: float, reached_running: bool = False,
+                 words: str | None = None) -> None:
     """Stand a real process in for the loader and record its real exit status."""
     loader.to(states.STARTING)
-    loader.proc = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; sys.stderr.write('why {code}\\n'); sys.exit({code})"],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    say = f"sys.stderr.write('why {code}\\n'); " if words is None else f"sys.stderr.write({words!r}); "
+    loader.started(subprocess.Popen([sys.executable, "-c", f"import sys; {say}sys.exit({code})"],
+                                    stdin=subprocess.PIPE, stderr=subprocess.PIPE), now)
     if reached_running:
         loader.to(states.RUNNING)
     _, status = os.waitpid(loader.proc.pid, 0)
-    os.set_blocking(loader.proc.stderr.fileno(), False)
     loader.read_stderr()
     loader.read_stderr()
     loader.exited(status, now + 0.1)
@@ -43,7 +44,39 @@ def test_cannot_boot_exit_goes_straight_to_fatal_with_the_reason():
     loader = new_loader()
     run_and_exit(loader, 78, 0.0)
     assert loader.state == states.FATAL
-    assert loader.fatal_reason == "cannot boot: why 78"
+    assert re.fullmatch(r"cannot boot: the last run exited with status 78 at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ; "
+                        r"its last line: why 78", loader.fatal_reason), loader.fatal_reason
+
+
+def test_a_fatal_reason_never_quotes_an_earlier_run():
+    loader = new_loader()
+    run_and_exit(loader, 1, 0.0, reached_running=True)  # an earlier run that said something
+    for attempt in range(5):
+        run_and_exit(loader, 1, 1.0 + attempt, words="")  # runs that die saying nothing
+    assert loader.state == states.FATAL
+    assert "why 1" not in loader.fatal_reason
+    assert "the last run exited with status 1 at " in loader.fatal_reason
+
+
+def test_a_kill_by_the_supervisor_says_why_in_the_exit():
+    loader = new_loader()
+    loader.to(states.STARTING)
+    loader.started(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                    stdin=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0), 0.0)
+    loader.kill("heartbeat lost: silent for 31.0 s")
+    _, status = os.waitpid(loader.proc.pid, 0)
+    loader.exited(status, 1.0)
+    assert loader.last_exit == "killed by SIGKILL (heartbeat lost: silent for 31.0 s)"
+    assert loader.last_exit_at is not None
+
+
+def test_silence_counts_from_the_last_heartbeat_seen_never_from_spawn_after_a_failed_read():
+    loader = new_loader()
+    loader.started_at = 0.0
+    assert loader.silent_for(None, 10.0) == 10.0 - Policy().startsecs  # never heard from
+    assert loader.silent_for(100.0, 100.5) == 0.5
+    assert loader.silent_for(None, 101.0) == 1.0  # a read that found nothing is not silence since spawn
+    assert loader.silent_for(99.0, 101.5) == 1.5  # an older copy never moves the heartbeat back
 
 
 def test_five_failed_starts_within_the_window_are_fatal():
