@@ -5,6 +5,10 @@ line on stdin) and publishes every step to its shared-memory slot, with a
 heartbeat. It exits 0 on SIGTERM and when stdin reaches EOF (the supervisor is
 gone), checking both between every chunk it reads, and exits 78 when it cannot
 boot at all, so the supervisor does not retry what cannot work.
+
+A heartbeat thread republishes the state whenever the main thread has not for a
+heartbeat interval: a long header check or a slow read must not look like a
+hung loader to the supervisor, which kills loaders that fall silent.
 """
 
 import argparse
@@ -13,6 +17,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,17 +61,27 @@ class Loader:
         self.stdin_buffer = b""
         self.decoder = msgspec.json.Decoder(LoadCommand)
         self.last_publish = 0.0
+        self.publish_lock = threading.Lock()  # the slot has one writer: these two threads take turns
         self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: self.signals.append(signum))
 
     def publish(self) -> None:
-        self.state.heartbeat = self.last_publish = time.monotonic()
-        self.writer.publish(self.state)
+        with self.publish_lock:
+            self.state.heartbeat = self.last_publish = time.monotonic()
+            self.writer.publish(self.state)
+
+    def beat(self) -> None:
+        """The heartbeat thread: publish whenever the main thread has been quiet for an interval."""
+        while True:
+            time.sleep(self.heartbeat_interval / 2)
+            if time.monotonic() - self.last_publish >= self.heartbeat_interval:
+                self.publish()
 
     def run(self) -> None:
         self.publish()
+        threading.Thread(target=self.beat, name="heartbeat", daemon=True).start()
         while True:
             self.poll(self.heartbeat_interval)
             if self.command is not None:
@@ -110,7 +125,9 @@ class Loader:
         self.state.generation = command.generation
         self.state.phase = WORKING
         for model in self.state.models:
-            if command.refresh or model.status != READY:
+            if model.model in command.failed:  # it kept killing this loader: the supervisor says why
+                model.status, model.error, model.bytes_done = FAILED, command.failed[model.model], 0
+            elif command.refresh or model.status != READY:
                 model.status, model.error, model.bytes_done = PENDING, None, 0
         self.publish()
         for model in self.state.models:

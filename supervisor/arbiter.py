@@ -22,7 +22,7 @@ from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
 from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
-from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
+from gpu_orchestrator.supervisor.schema import LOADING, WORKING, LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import Sampler, Telemetry
 
@@ -33,6 +33,8 @@ STATUS_REUSE_S = 0.1
 TELEMETRY_SLOT = 0  # kept for the telemetry sampler; loaders get the others
 SPARE_SLOTS = 16  # room for clients a reload adds, and for replacements of changed ones
 MIN_MODELS_PER_SLOT = 32  # so a reload can grow a client; untouched slot pages cost no memory
+RELOAD_TIMEOUT = 10.0  # reading the configuration files on SIGHUP; a hung filesystem must not hang reloads
+KILLS_TO_FAIL_A_MODEL = 3  # loader deaths while one model was loading before that model is failed, not retried
 
 
 def slot_size_for(max_models: int) -> int:
@@ -108,6 +110,35 @@ def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Po
     return argv
 
 
+class PendingReload:
+    """A SIGHUP's configuration read, on its own thread: the loop keeps reaping, restarting and
+    answering while files are read (a FIFO, a hung network filesystem), and gives up after `timeout`."""
+
+    def __init__(self, read, wake, timeout: float = RELOAD_TIMEOUT):
+        self.result: Config | ConfigError | None = None
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self._wake = wake
+        threading.Thread(target=self._run, args=(read,), name="reload", daemon=True).start()
+
+    def _run(self, read) -> None:
+        try:
+            result = read()
+        except ConfigError as exc:
+            result = exc
+        except Exception as exc:  # a reload must never take the running supervisor down
+            result = ConfigError(f"reading the configuration failed: {type(exc).__name__}: {exc}")
+        self.result = result
+        self._wake()
+
+    def outcome(self, now: float) -> Config | ConfigError | None:
+        """The new configuration or why not; None while the read may still finish."""
+        if self.result is None and now >= self.deadline:
+            return ConfigError(f"reading the configuration files took longer than {self.timeout:g} s; "
+                               "is one of them on a hung filesystem?")
+        return self.result
+
+
 class Arbiter:
     def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None,
                  notifier: Notifier | None = None, mps: MpsSettings | None = None, telemetry_interval: float = 2.0):
@@ -129,6 +160,12 @@ class Arbiter:
         self.loaders: dict[str, LoaderProcess] = {}  # made in run(), once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
         self.warmup = status.Warmup()
+        # Loader deaths while a model was loading, per client and model, and the models failed for
+        # them; both forgotten on a refresh or when a reload changes the client.
+        self.kills_while_loading: dict[str, dict[str, int]] = {}
+        self.failed_by_supervisor: dict[str, dict[str, str]] = {}
+        self.pending_reload: PendingReload | None = None
+        self.reload_again = False
         self.status_cache: tuple | None = None
         self.settled = True
         self.signals: list[int] = []
@@ -192,6 +229,8 @@ class Arbiter:
             deadlines.append(self.notifier.next_watchdog)
         if self.mps is not None:
             deadlines += [t for t in (self.mps.restart_at, self.mps.start_deadline()) if t is not None]
+        if self.pending_reload is not None:
+            deadlines.append(self.pending_reload.deadline)
         for loader in self.loaders.values():
             if loader.state == states.BACKOFF:
                 deadlines.append(loader.restart_at)
@@ -213,6 +252,7 @@ class Arbiter:
         self.handle_signals()
         with self.lock:
             now = time.monotonic()
+            self.finish_reload(now)
             self.reap_loaders(now)
             self.supervise_mps(now)
             for loader in self.loaders.values():
@@ -242,7 +282,7 @@ class Arbiter:
                 log.info(kv("stopping", signal=signal.Signals(signum).name))
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                self.reload()
+                self.begin_reload()
 
     def relay_stderr(self) -> None:
         for loader in self.all_loaders():
@@ -263,9 +303,12 @@ class Arbiter:
                 continue
             for line in loader.read_stderr():
                 relay_line(loader_log, line)
+            loading = []
             if loader.state != states.STOPPING:
                 self.observe(loader, now)  # what it achieved before dying decides how it is judged
+                loading = self.models_loading(loader)
             loader.exited(wait_status, now)
+            self.count_kills_while_loading(loader, loading)
             level = logging.INFO if loader.state == states.STOPPED else logging.ERROR
             log.log(level, kv("loader exited", client=loader.client, pid=pid, how=loader.last_exit,
                               next=loader.state, restart_in_s=round(max(0.0, loader.restart_at - now), 2)
@@ -298,19 +341,43 @@ class Arbiter:
         if clients:
             self.settled = False
 
+    def models_loading(self, loader: LoaderProcess) -> list[str]:
+        """The models this live loader says it is loading right now."""
+        published = self.published(loader)
+        if published is None or published.phase != WORKING:
+            return []
+        return [m.model for m in published.models if m.status == LOADING]
+
+    def count_kills_while_loading(self, loader: LoaderProcess, models: list[str]) -> None:
+        """A model whose load keeps killing its loader (a check past the heartbeat, the OOM killer,
+        a crash in a framework) is failed with the reason, instead of killing it forever."""
+        for model in models:
+            counts = self.kills_while_loading.setdefault(loader.client, {})
+            counts[model] = counts.get(model, 0) + 1
+            if counts[model] < KILLS_TO_FAIL_A_MODEL:
+                continue
+            reason = (f"its loader died {counts[model]} times while loading it; the last run {loader.last_exit} "
+                      f"at {loader.last_exit_at}. Not tried again until POST /models/preload "
+                      '{"refresh": true} or a reload that changes this client')
+            self.failed_by_supervisor.setdefault(loader.client, {})[model] = reason
+            log.error(kv("model failed: it keeps killing its loader", client=loader.client, model=model,
+                         deaths=counts[model]))
+
+    def forget_kills(self, clients) -> None:
+        for client in clients:
+            self.kills_while_loading.pop(client, None)
+            self.failed_by_supervisor.pop(client, None)
+
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
             if loader.state != states.RUNNING:
                 continue
             published = self.published(loader)
-            if published is not None:
-                silent_for = now - published.heartbeat
-            else:
-                silent_for = now - loader.started_at - self.policy.startsecs
+            silent_for = loader.silent_for(published.heartbeat if published is not None else None, now)
             if silent_for > self.policy.heartbeat_timeout:
                 log.error(kv("loader heartbeat lost; killing it", client=loader.client, pid=loader.pid,
                              silent_s=round(silent_for, 1)))
-                loader.signal(signal.SIGKILL)
+                loader.kill(f"heartbeat lost: silent for {silent_for:.1f} s")
 
     def restart_loaders(self, now: float) -> None:
         for loader in self.loaders.values():
@@ -323,10 +390,11 @@ class Arbiter:
         generation = self.warmup.generation
         if generation == 0:
             return
-        line = msgspec.json.encode(LoadCommand(generation, self.warmup.refresh)) + b"\n"
         for loader in self.loaders.values():
             if loader.state in (states.STARTING, states.RUNNING) and loader.sent_generation < generation:
-                if loader.send(line):
+                command = LoadCommand(generation, self.warmup.refresh,
+                                      failed=self.failed_by_supervisor.get(loader.client, {}))
+                if loader.send(msgspec.json.encode(command) + b"\n"):
                     loader.sent_generation = generation
 
     def note_warmup_end(self) -> None:
@@ -363,20 +431,36 @@ class Arbiter:
                 loader.signal(signal.SIGKILL)
                 loader.stop_deadline = float("inf")
 
-    def reload(self) -> None:
-        """SIGHUP: start new clients, stop removed ones, restart changed ones, keep the rest."""
+    def begin_reload(self) -> None:
+        """SIGHUP: read the files off the loop; finish_reload applies them. A SIGHUP during a
+        read is served by one more read once this one ends, so the newest files always win."""
+        if self.pending_reload is not None:
+            self.reload_again = True
+            return
         self.notifier.reloading()
+        config = self.config
+        self.pending_reload = PendingReload(lambda: reload_config(config), self.wake)
+
+    def finish_reload(self, now: float) -> None:
+        """Start new clients, stop removed ones, restart changed ones, keep the rest. Lock held."""
+        outcome = self.pending_reload.outcome(now) if self.pending_reload is not None else None
+        if outcome is None:
+            return
+        self.pending_reload = None
         try:
-            new = reload_config(self.config)
-            with self.lock:
-                changes = self.apply_config(new, time.monotonic())
+            if isinstance(outcome, ConfigError):
+                raise outcome
+            changes = self.apply_config(outcome, now)
         except ConfigError as exc:
             log.error(kv("reload refused; the running configuration stays", error=exc))
         else:
-            for warning in new.warnings:
+            for warning in outcome.warnings:
                 log.warning(warning)
             log.info(kv("reloaded", **{k: ",".join(v) or "-" for k, v in changes.items()}))
         self.notifier.ready(self.status_line())
+        if self.reload_again:
+            self.reload_again = False
+            self.begin_reload()
 
     def warn_overcommit(self) -> None:
         """Once per configuration, judged as /mps/allocation judges it: per GPU against what the
@@ -409,6 +493,7 @@ class Arbiter:
                               f"{len(self.free_slots)} free channel slots; restart the service to apply this map")
         for client in removed:
             self.retire(self.loaders.pop(client), now)
+        self.forget_kills(removed + changed)
         self.config = new
         self.overcommit_checked = False
         self.replace_loaders(changed, now, "its configuration changed")
@@ -445,6 +530,7 @@ class Arbiter:
         self.warmup = status.Warmup(self.warmup.generation + 1, refresh, time.time(), None)
         self.settled = False
         if refresh:
+            self.forget_kills(list(self.kills_while_loading))
             for loader in self.loaders.values():
                 if loader.state == states.FATAL:
                     loader.reset()

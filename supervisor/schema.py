@@ -52,3 +52,4 @@ class LoadCommand(msgspec.Struct, tag="load"):
 
     generation: int
     refresh: bool = False
+    failed: dict[str, str] = {}  # model -> why the supervisor failed it: report that, do not load it
