@@ -24,7 +24,7 @@ from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.schema import LOADING, WORKING, LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
-from gpu_orchestrator.supervisor.telemetry import Sampler, Telemetry
+from gpu_orchestrator.supervisor.telemetry import Owners, Sampler, Telemetry
 
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
@@ -558,12 +558,14 @@ class Arbiter:
         message = self.reader.read(loader.slot)
         return message if message is not None and message.pid == loader.pid else None
 
-    def sampler_owners(self) -> tuple[dict[int, str], list[int]]:
-        """For the sampler thread: which pid is whose loader, and the MPS servers."""
+    def sampler_owners(self) -> Owners:
+        """For the sampler thread: which pid is whose loader, the MPS servers, the clients and their limits."""
         with self.lock:
             loaders = {l.pid: l.client for l in self.loaders.values() if l.pid is not None}
+            config = self.config
         report = self.mps_report()
-        return loaders, report["servers"] if report else []
+        return Owners(loaders, report["servers"] if report else [], tuple(config.clients),
+                      {c: config.memory_limit_bytes(c) for c in config.clients})
 
     def telemetry(self) -> Telemetry | None:
         """The sampler's last snapshot. Lock held."""

@@ -4,11 +4,20 @@ to the channel's telemetry slot. Requests only ever read that snapshot.
 A field a GPU does not support becomes None and is named, with the reason, in the
 GPU's `unsupported` list; a GPU that fails as a whole carries its `error` while the
 others are still reported; NVML that cannot start gives nvml_supported=False.
+
+Each GPU process is attributed to a client: its loader and the loader's children;
+the client's own service, found by its systemd unit (from /proc/PID/cgroup, matched
+against a pattern such as `*@{client}.service`) or by the GPU_ORCHESTRATOR_CLIENT
+variable that `gpu-orchestrator exec` puts in its environment. MPS limits apply
+per CUDA process, so a client whose processes together pass its limit on a GPU is
+flagged as over its limit.
 """
 
+import fnmatch
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import msgspec
@@ -32,7 +41,7 @@ class GpuProcess(msgspec.Struct):
     pid: int
     used_memory_bytes: int | None = None
     client: str | None = None
-    role: str | None = None  # "loader", "loader-child", "mps-server"
+    role: str | None = None  # "loader", "loader-child", "service", "mps-server"
 
 
 class GpuSample(msgspec.Struct):
@@ -68,14 +77,31 @@ class Telemetry(msgspec.Struct, tag="telemetry"):
     driver_version: str | None = None
     cuda_driver_version: str | None = None
     gpus: list[GpuSample] = []
-    clients: dict[str, int] = {}  # client -> GPU memory bytes of its loader and the loader's children
+    clients: dict[str, int] = {}  # client -> GPU memory bytes of all its processes, every GPU
+    client_gpus: dict[str, dict[int, int]] = {}  # client -> GPU index -> bytes of its processes there
+    over_limit: dict[str, list[int]] = {}  # client -> GPUs where its processes together pass its limit
+
+
+SERVICE_PATTERN = "*@{client}.service"
+CLIENT_VARIABLE = "GPU_ORCHESTRATOR_CLIENT"  # set by `gpu-orchestrator exec` (and for loaders)
+
+
+@dataclass(frozen=True)
+class Owners:
+    """What the supervisor knows about who runs what, handed to the sampler each sample."""
+
+    loaders: dict[int, str] = field(default_factory=dict)  # pid -> client
+    mps_servers: list[int] = field(default_factory=list)
+    clients: tuple[str, ...] = ()
+    limits: dict[str, int] = field(default_factory=dict)  # client -> bytes allowed per GPU
+    service_pattern: str = SERVICE_PATTERN
 
 
 class GpuLost(Exception):
     pass
 
 
-def sample_gpu(module, index: int, owners: dict[int, tuple[str | None, str]]) -> GpuSample:
+def sample_gpu(module, index: int, owners: Callable[[int], tuple[str | None, str | None]]) -> GpuSample:
     gpu = GpuSample(index)
     try:
         handle = module.nvmlDeviceGetHandleByIndex(index)
@@ -133,36 +159,96 @@ def fill(gpu: GpuSample, module, read, owners) -> None:
     gpu.processes = [process_entry(p, owners) for p in processes]
 
 
-def process_entry(process, owners: dict[int, tuple[str | None, str]]) -> GpuProcess:
+def process_entry(process, owners: Callable[[int], tuple[str | None, str | None]]) -> GpuProcess:
     used = process.usedGpuMemory
-    client, role = owners.get(process.pid, (None, None))
+    client, role = owners(process.pid)
     # NVML reports None (or a huge sentinel) where it cannot attribute memory, e.g. under MPS.
     return GpuProcess(process.pid, used if isinstance(used, int) and used < 2**63 else None, client, role)
 
 
-def attribute(loaders: dict[int, str], mps_servers: list[int]) -> dict[int, tuple[str | None, str]]:
-    """pid -> (client, role) for every loader, every child of a loader, and the MPS servers."""
-    owners: dict[int, tuple[str | None, str]] = {pid: (None, "mps-server") for pid in mps_servers}
-    for pid, client in loaders.items():
-        owners[pid] = (client, "loader")
+def systemd_unit(pid: int) -> str | None:
+    """The innermost .service of the process's cgroup path (cgroup v2 or v1), or None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        for part in reversed(path.split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
+
+
+def client_variable(pid: int) -> str | None:
+    """GPU_ORCHESTRATOR_CLIENT from the process's environment. Readable for our own user's
+    processes (and with CAP_SYS_PTRACE); a service of another user is found by its unit."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environ = handle.read()
+    except OSError:
+        return None
+    prefix = CLIENT_VARIABLE.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix):].decode(errors="replace")
+    return None
+
+
+def service_client(pid: int, owners: Owners) -> str | None:
+    """The client whose service this GPU process is, by `exec`'s variable or by its systemd unit."""
+    named = client_variable(pid)
+    if named in owners.clients:
+        return named
+    unit = systemd_unit(pid)
+    if unit is None:
+        return None
+    for client in owners.clients:
+        if fnmatch.fnmatchcase(unit, owners.service_pattern.replace("{client}", client)):
+            return client
+    return None
+
+
+def attribute(owners: Owners) -> Callable[[int], tuple[str | None, str | None]]:
+    """pid -> (client, role): every loader and its children, the MPS servers, and any other GPU
+    process that is a client's service. /proc is read only for GPU processes, once a sample."""
+    known: dict[int, tuple[str | None, str | None]] = {pid: (None, "mps-server") for pid in owners.mps_servers}
+    for pid, client in owners.loaders.items():
+        known[pid] = (client, "loader")
         try:
             for child in psutil.Process(pid).children(recursive=True):
-                owners[child.pid] = (client, "loader-child")
+                known[child.pid] = (client, "loader-child")
         except psutil.Error:
             pass
-    return owners
+
+    def owner(pid: int) -> tuple[str | None, str | None]:
+        if pid not in known:
+            client = service_client(pid, owners)
+            known[pid] = (client, "service") if client is not None else (None, None)
+        return known[pid]
+    return owner
 
 
-def client_memory(gpus: list[GpuSample]) -> dict[str, int]:
-    totals: dict[str, int] = {}
+def client_gpu_memory(gpus: list[GpuSample]) -> dict[str, dict[int, int]]:
+    """client -> GPU index -> bytes its processes use there."""
+    totals: dict[str, dict[int, int]] = {}
     for gpu in gpus:
         for process in gpu.processes:
             if process.client is not None and process.used_memory_bytes is not None:
-                totals[process.client] = totals.get(process.client, 0) + process.used_memory_bytes
+                per_gpu = totals.setdefault(process.client, {})
+                per_gpu[gpu.index] = per_gpu.get(gpu.index, 0) + process.used_memory_bytes
     return totals
 
 
-def take_sample(owners: dict[int, tuple[str | None, str]]) -> Telemetry:
+def over_limit(by_gpu: dict[str, dict[int, int]], limits: dict[str, int]) -> dict[str, list[int]]:
+    """The GPUs where a client's processes together use more than its per-GPU limit."""
+    over = {client: sorted(index for index, used in gpus.items() if used > limits[client])
+            for client, gpus in by_gpu.items() if limits.get(client) is not None}
+    return {client: indexes for client, indexes in over.items() if indexes}
+
+
+def take_sample(owners: Owners) -> Telemetry:
     module, error = nvml.nvml()
     now, mono = time.time(), time.monotonic()
     if module is None:
@@ -173,18 +259,22 @@ def take_sample(owners: dict[int, tuple[str | None, str]]) -> Telemetry:
         cuda = module.nvmlSystemGetCudaDriverVersion()
     except module.NVMLError as exc:
         return Telemetry(False, nvml.describe(exc), now, mono)
-    gpus = [sample_gpu(module, index, owners) for index in range(count)]
-    return Telemetry(True, None, now, mono, driver, f"{cuda // 1000}.{cuda % 1000 // 10}", gpus, client_memory(gpus))
+    owner = attribute(owners)
+    gpus = [sample_gpu(module, index, owner) for index in range(count)]
+    by_gpu = client_gpu_memory(gpus)
+    return Telemetry(True, None, now, mono, driver, f"{cuda // 1000}.{cuda % 1000 // 10}", gpus,
+                     clients={client: sum(used.values()) for client, used in by_gpu.items()},
+                     client_gpus=by_gpu, over_limit=over_limit(by_gpu, owners.limits))
 
 
 class Sampler:
     """Samples every `interval` seconds in its own thread; stops when NVML cannot start."""
 
-    def __init__(self, segment: Segment, slot: int, interval: float,
-                 owners: Callable[[], tuple[dict[int, str], list[int]]]):
+    def __init__(self, segment: Segment, slot: int, interval: float, owners: Callable[[], Owners]):
         self.writer = SlotWriter(segment, slot)
         self.interval = interval
         self.owners = owners
+        self.over: set[tuple[str, int]] = set()  # (client, GPU) over its limit in the last sample
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="nvml-sampler", daemon=True)
 
@@ -193,8 +283,9 @@ class Sampler:
 
     def run(self) -> None:
         while True:
-            loaders, servers = self.owners()
-            snapshot = take_sample(attribute(loaders, servers))
+            owners = self.owners()
+            snapshot = take_sample(owners)
+            self.warn_over_limit(snapshot, owners)
             try:
                 self.writer.publish(snapshot)
             except Exception as exc:  # a snapshot too big for the slot must not kill telemetry silently
@@ -204,6 +295,20 @@ class Sampler:
                 return
             if self.stopping.wait(self.interval):
                 return
+
+    def warn_over_limit(self, snapshot: Telemetry, owners: Owners) -> None:
+        """Once per episode: when a client's processes pass its limit on a GPU, and when they are back under."""
+        now_over = {(client, index) for client, indexes in snapshot.over_limit.items() for index in indexes}
+        for client, index in sorted(now_over - self.over):
+            roles = sorted({p.role for g in snapshot.gpus if g.index == index for p in g.processes
+                            if p.client == client})
+            log.warning(kv("client's GPU processes together use more than its MPS memory limit; MPS limits each "
+                           "CUDA process, not the client", client=client, gpu=index,
+                           used_bytes=snapshot.client_gpus[client][index], limit_bytes=owners.limits[client],
+                           roles=",".join(r for r in roles if r)))
+        for client, index in sorted(self.over - now_over):
+            log.info(kv("client back under its MPS memory limit", client=client, gpu=index))
+        self.over = now_over
 
     def stop(self) -> None:
         self.stopping.set()

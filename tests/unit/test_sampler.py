@@ -1,7 +1,10 @@
 """The NVML sampler against the fake pynvml module, in process."""
 
 import importlib.util
+import logging
+import os
 import subprocess
+import uuid
 import sys
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pytest
 
 import nvml_hosts
 from gpu_orchestrator.supervisor import nvml, telemetry
+from gpu_orchestrator.supervisor.channel import Segment
 from support import wait_for
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "nvml" / "pynvml.py"
@@ -30,7 +34,7 @@ def fake_nvml(tmp_path, monkeypatch):
 
 def test_fields_unsupported_and_lost_gpus(fake_nvml):
     nvml_hosts.write(fake_nvml)
-    snapshot = telemetry.take_sample({1: (None, "mps-server")})
+    snapshot = telemetry.take_sample(telemetry.Owners(mps_servers=[1]))
     assert snapshot.nvml_supported and snapshot.driver_version == "550.54.15"
     assert snapshot.cuda_driver_version == "12.4"
     h100, rtx, lost = snapshot.gpus
@@ -49,7 +53,10 @@ def test_fields_unsupported_and_lost_gpus(fake_nvml):
 
 
 def test_processes_are_attributed_to_loaders_and_their_children():
-    owners = {10: ("alpha", "loader"), 11: ("alpha", "loader-child"), 20: ("beta", "loader"), 5: (None, "mps-server")}
+    known = {10: ("alpha", "loader"), 11: ("alpha", "loader-child"), 20: ("beta", "loader"), 5: (None, "mps-server")}
+
+    def owners(pid):
+        return known.get(pid, (None, None))
 
     class Process:
         def __init__(self, pid, used):
@@ -59,7 +66,7 @@ def test_processes_are_attributed_to_loaders_and_their_children():
                                               for p, u in ((10, 100), (11, 50), (5, 999), (77, 1))]),
             telemetry.GpuSample(1, processes=[telemetry.process_entry(Process(20, 7), owners),
                                               telemetry.process_entry(Process(10, None), owners)])]
-    assert telemetry.client_memory(gpus) == {"alpha": 150, "beta": 7}
+    assert telemetry.client_gpu_memory(gpus) == {"alpha": {0: 150}, "beta": {1: 7}}
     assert gpus[0].processes[3].client is None and gpus[0].processes[2].role == "mps-server"
 
 
@@ -68,10 +75,11 @@ def test_attribution_follows_real_process_children():
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
         child = wait_for(lambda: psutil.Process(parent.pid).children(), what="grandchild")[0]
-        owners = telemetry.attribute({parent.pid: "alpha"}, [4242])
-        assert owners[parent.pid] == ("alpha", "loader")
-        assert owners[child.pid] == ("alpha", "loader-child")
-        assert owners[4242] == (None, "mps-server")
+        owner = telemetry.attribute(telemetry.Owners({parent.pid: "alpha"}, [4242], ("alpha",)))
+        assert owner(parent.pid) == ("alpha", "loader")
+        assert owner(child.pid) == ("alpha", "loader-child")
+        assert owner(4242) == (None, "mps-server")
+        assert owner(os.getpid()) == (None, None)  # no loader, no service of a client
     finally:
         for proc in psutil.Process(parent.pid).children(recursive=True):
             proc.kill()
@@ -81,7 +89,7 @@ def test_attribution_follows_real_process_children():
 
 def test_nvml_that_cannot_start(fake_nvml):
     nvml_hosts.write(fake_nvml, init_error="LibraryNotFound")
-    snapshot = telemetry.take_sample({})
+    snapshot = telemetry.take_sample(telemetry.Owners())
     assert snapshot.nvml_supported is False and "NVML library not found" in snapshot.nvml_init_error
     assert snapshot.gpus == []
 
@@ -91,5 +99,88 @@ def test_nvml_is_initialised_once(fake_nvml, tmp_path, monkeypatch):
     log = tmp_path / "calls.log"
     monkeypatch.setenv("FAKE_NVML_CALL_LOG", str(log))
     for _ in range(3):
-        telemetry.take_sample({})
+        telemetry.take_sample(telemetry.Owners())
     assert log.read_text().splitlines().count("nvmlInit") == 1
+
+
+@pytest.fixture
+def sleeper():
+    """Start `sleep` processes with extra environment; kill them all at the end."""
+    started = []
+
+    def start(**env):
+        proc = subprocess.Popen(["sleep", "60"], env={**os.environ, **env})
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def unit_cgroup():
+    """A real cgroup named like a systemd unit, in the v1 name=systemd hierarchy (root only)."""
+    base = Path("/sys/fs/cgroup/systemd") / f"gpu-orchestrator-test-{uuid.uuid4().hex[:8]}"
+    try:
+        base.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup under /sys/fs/cgroup/systemd ({exc.strerror}): needs root and cgroup v1")
+    made = []
+
+    def make(unit: str) -> Path:
+        path = base / unit
+        path.mkdir()
+        made.append(path)
+        return path
+    yield make
+    for path in made:
+        path.rmdir()
+    base.rmdir()
+
+
+def test_a_process_of_a_client_unit_is_its_service(unit_cgroup, sleeper):
+    cgroup = unit_cgroup("justnews@alpha.service")
+    service = sleeper()
+    (cgroup / "cgroup.procs").write_text(str(service.pid))
+    assert telemetry.systemd_unit(service.pid) == "justnews@alpha.service"
+    owners = telemetry.Owners(clients=("alpha", "beta"))
+    assert telemetry.attribute(owners)(service.pid) == ("alpha", "service")
+    other = telemetry.Owners(clients=("alpha",), service_pattern="inference-{client}.service")
+    assert telemetry.attribute(other)(service.pid) == (None, None)
+    # Moved back out before the fixture removes its cgroup.
+    Path("/sys/fs/cgroup/systemd/cgroup.procs").write_text(str(service.pid))
+
+
+def test_a_process_started_by_exec_for_a_client_is_its_service(sleeper):
+    service = sleeper(GPU_ORCHESTRATOR_CLIENT="beta")
+    stranger = sleeper(GPU_ORCHESTRATOR_CLIENT="nobody-we-know")
+    owner = telemetry.attribute(telemetry.Owners(clients=("alpha", "beta")))
+    assert owner(service.pid) == ("beta", "service")
+    assert owner(stranger.pid) == (None, None)
+
+
+def test_two_processes_of_a_client_over_its_limit_together_are_flagged_once(fake_nvml, sleeper, caplog):
+    loader, service = sleeper(), sleeper(GPU_ORCHESTRATOR_CLIENT="alpha")
+    gpu = {**nvml_hosts.HEALTHY_H100, "processes": [[loader.pid, 700 * 1024**2], [service.pid, 600 * 1024**2]]}
+    nvml_hosts.write(fake_nvml, gpus=[gpu])
+    owners = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha",), {"alpha": 1024**3})
+    snapshot = telemetry.take_sample(owners)
+    assert snapshot.client_gpus == {"alpha": {0: 1300 * 1024**2}} and snapshot.clients == {"alpha": 1300 * 1024**2}
+    assert snapshot.over_limit == {"alpha": [0]}
+    assert sorted(p.role for p in snapshot.gpus[0].processes) == ["loader", "service"]
+
+    segment = Segment.create(f"gpu-orchestrator-test-{uuid.uuid4().hex[:8]}", slots=1, slot_size=65536)
+    sampler = telemetry.Sampler(segment, 0, 1.0, lambda: owners)  # its thread is never started
+    try:
+        with caplog.at_level(logging.INFO, logger="telemetry"):
+            for _ in range(3):
+                sampler.warn_over_limit(snapshot, owners)
+            raised = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha",), {"alpha": 2 * 1024**3})
+            sampler.warn_over_limit(telemetry.take_sample(raised), raised)  # the episode ends
+    finally:
+        segment.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("more than its MPS memory limit" in m for m in messages) == 1
+    assert any("roles=loader,service" in m and "used_bytes=1363148800" in m for m in messages)
+    assert sum("back under its MPS memory limit" in m for m in messages) == 1
