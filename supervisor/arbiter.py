@@ -24,7 +24,7 @@ from gpu_orchestrator.supervisor.logs import kv, relay_line
 from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.schema import LOADING, WORKING, LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
-from gpu_orchestrator.supervisor.telemetry import Owners, Sampler, Telemetry
+from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE, Owners, Sampler, Telemetry
 
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
@@ -61,21 +61,30 @@ def count_gpus() -> int:
         return 0
 
 
-# NOTIFY_SOCKET: only the supervisor talks to systemd. The limits: each loader gets its own.
-INHERITED_LIMITS = {"NOTIFY_SOCKET", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"}
+# What a client process carries only as client_env gives it: its client's limits and MPS folders,
+# never ours (a loader of a client without MPS must not find a daemon through our folders).
+CLIENT_MPS = {"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
+              "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"}
+# NOTIFY_SOCKET: only the supervisor talks to systemd.
+INHERITED_LIMITS = {"NOTIFY_SOCKET", *CLIENT_MPS}
 
 
 def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
-    """The loader's environment: ours, less what is not its business, plus its own limits.
-
-    With `mps` (the daemon answers) it carries the client's MPS limits; without, none,
-    even if our own environment had some.
-    """
+    """The loader's environment: ours, less what is not its business, plus its client's."""
     env = {k: v for k, v in os.environ.items() if k not in INHERITED_LIMITS}
-    env["GPU_ORCHESTRATOR_CLIENT"] = client
+    return env | client_env(config, client, mps, gpu_count)
+
+
+def client_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
+    """What a client's processes (its loader, and its service through `gpu-orchestrator env` or
+    `exec`) must carry: the client's name, its GPUs and, with `mps` (the daemon answers), its MPS
+    folders and limits; without, none, even if our own environment had some."""
+    env = {CLIENT_VARIABLE: client}
     allocation = config.allocations.get(client)
     if allocation is not None and allocation.devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in allocation.devices)
+    elif "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]  # unpinned: what we see
     if mps is None:
         return env
     env.update(mps_env(mps))
@@ -688,9 +697,33 @@ class Arbiter:
             telemetry = self.telemetry()
         return status.mps_allocation(self.config, telemetry)
 
+    def client_environment(self, client: str) -> dict:
+        """What `gpu-orchestrator env` and `exec` hand a client's service: the variables its loader
+        runs with now (after reloads, with MPS in force or not), and whether MPS is in force."""
+        with self.lock:
+            self.check_open()
+            if client not in self.config.clients:
+                raise UnknownClient(client, sorted(self.config.clients))
+            config = self.config
+        mps = self.mps_report() or status.mps_disabled(config)
+        settings = self.mps.settings if self.mps is not None and self.mps.healthy else None
+        return {"client": client, "mps_configured": config.enable_mps, "mps_in_force": settings is not None,
+                "mps_error": mps["error"], "environment": client_env(config, client, settings, self.gpu_count)}
+
     def check_open(self) -> None:
         if self.closed:
             raise ShuttingDown()
+
+
+class UnknownClient(KeyError):
+    """A client name the running configuration does not have; the HTTP layer answers 404."""
+
+    def __init__(self, client: str, known: list[str]):
+        super().__init__(client)
+        self.client, self.known = client, known
+
+    def __str__(self) -> str:
+        return f"no client {self.client!r} in the model map; clients: {', '.join(self.known) or 'none'}"
 
 
 class ShuttingDown(Exception):
