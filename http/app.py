@@ -7,15 +7,80 @@ errors included, is JSON (`/metrics` aside: Prometheus text).
 """
 
 import hmac
+import ipaddress
 import logging
+import secrets
+import urllib.parse
 
 import falcon
 import msgspec
 
 from gpu_orchestrator.http import resources
 from gpu_orchestrator.http.metrics import Metrics, RequestCounter
+from gpu_orchestrator.supervisor.logs import kv
 
 log = logging.getLogger("http")
+
+
+def error_body(title: str, status: int, description: str | None = None, **extra) -> bytes:
+    """Every error's JSON, whether Falcon or waitress answers it."""
+    body = {"error": title, "status": status}
+    if description:
+        body["description"] = description
+    return msgspec.json.encode({**body, **extra})
+
+
+def is_loopback(name: str) -> bool:
+    name = name.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class SameOrigin:
+    """Web pages and DNS rebinding cannot use the API through an operator's browser.
+
+    A browser sends `Origin` with every cross-site POST (and with cross-site fetches), and no page of
+    ours exists to send it legitimately: any Origin other than this server's own is refused (403).
+    A page on a rebinding name (evil.example resolving to 127.0.0.1) is same-origin to the browser,
+    but its requests carry `Host: evil.example`: bound to loopback, only loopback names and the bound
+    address are answered (421). Bound to a network address, the names clients use cannot be known,
+    so Host is not checked there; that is why such a bind without a token is warned about.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host.strip("[]").lower(), port
+        self.check_host = is_loopback(host)
+
+    def served_name(self, name: str | None) -> bool:
+        return name is not None and (name == self.host or is_loopback(name))
+
+    def process_request(self, req, resp):
+        host = req.get_header("Host")
+        if self.check_host and host is not None and not self.served_name(split_url("//" + host)[1]):
+            raise falcon.HTTPError(
+                falcon.HTTP_421, title="Misdirected Request",
+                description=f"this server answers for {self.host}:{self.port} and localhost, not for Host {host!r}")
+        origin = req.get_header("Origin")
+        if origin is not None and not self.own_origin(origin):
+            raise falcon.HTTPForbidden(
+                description=f"cross-site request refused (Origin {origin!r}); call the API directly, e.g. with curl")
+
+    def own_origin(self, origin: str) -> bool:
+        scheme, name, port = split_url(origin)
+        return scheme == "http" and self.served_name(name) and (port or 80) == self.port
+
+
+def split_url(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host name, port); a malformed one (bad brackets or port) names no host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme, parts.hostname, parts.port
+    except ValueError:
+        return "", None, None
 
 
 class BearerToken:
@@ -45,34 +110,46 @@ class JsonOptions:
             resp.data = msgspec.json.encode({"allow": allowed})
 
 
+class InternalError(falcon.HTTPInternalServerError):
+    """A failure's details (paths, state) stay in the log; the client gets the id to find them."""
+
+    def __init__(self, request_id: str):
+        super().__init__(description=f"the request failed; the orchestrator's log has the details under "
+                                     f"request_id={request_id}", headers={"X-Request-Id": request_id})
+        self.request_id = request_id
+
+
 def serialize_error(req, resp, exception: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
-    body = {"error": exception.title, "status": int(exception.status_code)}
-    if exception.description:
-        body["description"] = exception.description
-    resp.data = msgspec.json.encode(body)
+    extra = {"request_id": exception.request_id} if isinstance(exception, InternalError) else {}
+    resp.data = error_body(exception.title, int(exception.status_code), exception.description, **extra)
 
 
 def unexpected_error(req, resp, exc, params):
     if isinstance(exc, falcon.HTTPError):
         raise exc
-    log.exception("request failed: %s %s", req.method, req.path)
-    raise falcon.HTTPInternalServerError(description=f"{type(exc).__name__}: {exc}")
+    request_id = secrets.token_hex(6)
+    log.error(kv("request failed", request_id=request_id, method=req.method, path=req.path), exc_info=exc)
+    raise InternalError(request_id)
 
 
 def unavailable(req, resp, exc, params):
     raise falcon.HTTPServiceUnavailable(description="the orchestrator is shutting down")
 
 
-def create_app(source, token: str | None = None, unavailable_errors: tuple = ()) -> falcon.App:
-    """`unavailable_errors`: exception types the source raises when it cannot answer (503)."""
+def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
+               served: tuple[str, int] | None = None, warnings: tuple[str, ...] = ()) -> falcon.App:
+    """`unavailable_errors`: exception types the source raises when it cannot answer (503).
+    `served`: the (address, port) listened on, for the Host and Origin checks; None (an app not
+    behind a socket of ours, as in falcon.testing) checks neither. `warnings`: shown in /health."""
     requests = RequestCounter()
-    app = falcon.App(middleware=[requests, JsonOptions(), *([BearerToken(token)] if token else [])])
+    guards = [SameOrigin(*served)] if served is not None else []
+    app = falcon.App(middleware=[requests, JsonOptions(), *guards, *([BearerToken(token)] if token else [])])
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, unexpected_error)
     for error in unavailable_errors:
         app.add_error_handler(error, unavailable)
-    app.add_route("/health", resources.Health(source))
+    app.add_route("/health", resources.Health(source, warnings))
     app.add_route("/ready", resources.Ready(source))
     app.add_route("/models/status", resources.ModelsStatus(source))
     app.add_route("/models/preload", resources.ModelsPreload(source))

@@ -22,9 +22,14 @@ def respond(resp: falcon.Response, body: dict | bytes, status: int = 200) -> Non
 
 
 def read_body(req: falcon.Request) -> bytes:
-    """The request body, refused with 413 past MAX_BODY whether or not it declared a length."""
+    """The request body, refused with 413 past MAX_BODY whether or not it declared a length, and
+    with 415 unless it is JSON: a web page can send a text/plain POST without asking first."""
     if req.content_length is not None and req.content_length > MAX_BODY:
         raise falcon.HTTPContentTooLarge(description=f"request body exceeds {MAX_BODY} bytes")
+    media_type = (req.content_type or "").partition(";")[0].strip().lower()
+    if req.content_length and media_type != falcon.MEDIA_JSON:
+        raise falcon.HTTPUnsupportedMediaType(
+            description=f"send the body as Content-Type: application/json (got {req.content_type or 'none'!r})")
     raw = req.bounded_stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise falcon.HTTPContentTooLarge(description=f"request body exceeds {MAX_BODY} bytes")
@@ -44,11 +49,13 @@ def decode_preload(raw: bytes) -> PreloadRequest:
 
 
 class Health:
-    def __init__(self, source):
+    def __init__(self, source, warnings: tuple[str, ...] = ()):
         self.source = source
+        self.warnings = list(warnings)
 
     def on_get(self, req, resp):
-        respond(resp, self.source.health())
+        current = self.source.health()
+        respond(resp, {**current, "warnings": [*current.get("warnings", []), *self.warnings]})
 
 
 class Ready:

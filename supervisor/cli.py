@@ -8,10 +8,10 @@ import socket
 import sys
 import tempfile
 
-import waitress
-
-from gpu_orchestrator.http.app import create_app
+from gpu_orchestrator.http import server
+from gpu_orchestrator.http.app import create_app, is_loopback
 from gpu_orchestrator.supervisor import channel, demo, gpucheck
+from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
@@ -22,9 +22,18 @@ from gpu_orchestrator.supervisor.mps import MpsSettings
 from gpu_orchestrator.supervisor.statusview import run_status
 
 log = logging.getLogger("supervisor")
+EX_USAGE = 2  # argparse's own status for a bad argument; ours for a bad value of one
 EX_UNAVAILABLE = 69
+EX_BROKEN_PIPE = 141  # what a shell reports for a command killed by SIGPIPE (`| head`)
 EX_OSERR = 71  # sysexits: an operating-system resource (here /dev/shm space) is missing
 HTTP_THREADS = 8
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, like every other error of these commands."""
+
+    def error(self, message: str):
+        self.exit(EX_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +53,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpu-orchestrator", description=__doc__)
+    parser = OneLineParser(prog="gpu-orchestrator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the orchestrator (what systemd starts)")
     add_serve_flags(serve_parser)
@@ -58,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     gate_parser.add_argument("instance", nargs="?", help="only this client's models (default: all clients)")
     gate_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT, "
                                            "else http://127.0.0.1:8014)")
-    gate_parser.add_argument("--timeout", type=float, help="seconds to wait (GATE_TIMEOUT, default 180)")
+    gate_parser.add_argument("--timeout", help="seconds to wait, all requests included (GATE_TIMEOUT, default 180)")
     diag_parser = commands.add_parser("mps-diag", help="diagnose the MPS pipe and log folders, daemon and limits")
     diag_parser.add_argument("--json", action="store_true", help="machine-readable output")
     diag_parser.add_argument("--pipe-dir", help="CUDA_MPS_PIPE_DIRECTORY (default from the environment, else /tmp/nvidia-mps)")
     diag_parser.add_argument("--log-dir", help="CUDA_MPS_LOG_DIRECTORY (default from the environment, else /var/log/nvidia-mps)")
-    diag_parser.add_argument("--timeout", type=float, default=5.0, help="seconds the daemon has to answer")
+    diag_parser.add_argument("--timeout", default="5", help="seconds the daemon has to answer (default 5)")
     check_parser = commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host")
     check_parser.add_argument("--model-dir", help="a safetensors snapshot to load with the torch backend under MPS")
     commands.add_parser("bench", help="benchmarks (scripts/bench): prints a table, writes BENCHMARKS.md",
@@ -71,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser = commands.add_parser("status", help="show a running orchestrator: GPUs, clients, models, MPS")
     status_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT)")
     status_parser.add_argument("--json", action="store_true", help="print /models/status and /gpu/info as JSON")
-    status_parser.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+    status_parser.add_argument("--watch", nargs="?", const="2", metavar="SECONDS",
                                help="refresh every SECONDS (default 2) until Ctrl-C")
     return parser
 
@@ -103,21 +112,28 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
     try:
         arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
                           telemetry_interval=telemetry_interval)
-        app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,))
-        # waitress reads requests in its event loop, so slow clients hold a socket, never a
-        # thread. channel_timeout closes a connection idle for 15 s (abandoned or trickling);
-        # connection_limit caps sockets well under the default 1024-descriptor limit while
-        # leaving a host's real clients (Prometheus, gates, operators) plenty of room.
-        arbiter.server = waitress.create_server(app, sockets=[sock], threads=HTTP_THREADS, channel_timeout=15,
-                                                connection_limit=512, ident="gpu-orchestrator")
         host, port = sock.getsockname()[:2]
-        log.info(kv("listening", url=f"http://{host}:{port}", clients=len(config.clients), segment=segment.name))
+        warnings = exposure_warnings(host, config.token)
+        for warning in warnings:
+            log.warning(warning)
+        app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
+                         warnings=warnings)
+        arbiter.server = server.create_server(app, sock, HTTP_THREADS)
+        log.info(kv("listening", url=base_url(host, port), clients=len(config.clients), segment=segment.name))
         if on_listening is not None:
             on_listening(port)
         arbiter.run()
     finally:
         segment.close()  # idempotent; covers a failure before the loop owned it
     return 0
+
+
+def exposure_warnings(address: str, token: str | None) -> tuple[str, ...]:
+    """Listening beyond loopback without a token lets anyone who reaches the port start warm-ups."""
+    if token or is_loopback(address):
+        return ()
+    return (f"LISTENING ON {address}, NOT LOOPBACK, WITHOUT GPU_ORCHESTRATOR_TOKEN: anyone who can reach this "
+            "port can start warm-ups and read every path and error; set GPU_ORCHESTRATOR_TOKEN or listen on 127.0.0.1",)
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -167,21 +183,40 @@ def demo_environment() -> dict:
     return {name: os.environ[name] for name in keep if name in os.environ}
 
 
-def default_url() -> str:
+def client_url(args: argparse.Namespace) -> str:
+    """--url, else where GPU_ORCHESTRATOR_HOST/PORT say the orchestrator listens."""
+    if args.url:
+        return check_url(args.url)
     env = os.environ
-    return "http://{}:{}".format(env.get("GPU_ORCHESTRATOR_HOST", "127.0.0.1"), env.get("GPU_ORCHESTRATOR_PORT", "8014"))
+    return check_url(base_url(env.get("GPU_ORCHESTRATOR_HOST", "127.0.0.1"), env.get("GPU_ORCHESTRATOR_PORT", "8014")),
+                     "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT")
 
 
 def run_gate_command(args: argparse.Namespace) -> int:
     env = os.environ
-    url = args.url or default_url()
-    timeout = args.timeout
-    if timeout is None:
-        try:
-            timeout = float(env.get("GATE_TIMEOUT", "180"))
-        except ValueError:
-            raise ConfigError(f"GATE_TIMEOUT: expected seconds, got {env['GATE_TIMEOUT']!r}") from None
-    return run_gate(args.instance, url, timeout, env.get("GPU_ORCHESTRATOR_TOKEN") or None)
+    timeout = seconds(args.timeout, "--timeout") if args.timeout is not None else \
+        seconds(env.get("GATE_TIMEOUT", "180"), "GATE_TIMEOUT")
+    return run_gate(args.instance, client_url(args), timeout, env.get("GPU_ORCHESTRATOR_TOKEN") or None)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "gate":
+        return run_gate_command(args)
+    if args.command == "status":
+        watch = seconds(args.watch, "--watch") if args.watch is not None else None
+        return run_status(client_url(args), args.json, watch)
+    if args.command == "gpu-check":
+        return gpucheck.check(args.model_dir)
+    if args.command == "mps-diag":
+        return run_diag(MpsSettings(
+            args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
+            args.log_dir or os.environ.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
+            command_timeout=seconds(args.timeout, "--timeout")), args.json)
+    if args.command == "demo":
+        return run_demo(args)
+    config = load_config(overrides=overrides_from(args))
+    return serve(config, policy_from(args), mps=mps_settings_from(config, args),
+                 telemetry_interval=args.telemetry_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,25 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        if args.command == "gate":
-            return run_gate_command(args)
-        if args.command == "status":
-            return run_status(args.url or default_url(), args.json, args.watch)
-        if args.command == "gpu-check":
-            return gpucheck.check(args.model_dir)
-        if args.command == "mps-diag":
-            return run_diag(MpsSettings(
-                args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
-                args.log_dir or os.environ.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
-                command_timeout=args.timeout), args.json)
-        if args.command == "demo":
-            return run_demo(args)
-        config = load_config(overrides=overrides_from(args))
-        return serve(config, policy_from(args), mps=mps_settings_from(config, args),
-                     telemetry_interval=args.telemetry_interval)
+        code = run_command(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled, not at exit
+        return code
+    except UsageError as exc:
+        print(f"gpu-orchestrator {args.command}: error: {exc}", file=sys.stderr)
+        return EX_USAGE
     except ConfigError as exc:
         print(f"gpu-orchestrator: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except BrokenPipeError:
+        # The reader went away (`status --json | head -c 10`): stop as cat does, without a traceback,
+        # and keep the interpreter's own last flush from failing on the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The Falcon app through falcon.testing, with a source that records what it was asked."""
 
+import logging
+
 import falcon.testing
 import msgspec
 import pytest
@@ -36,6 +38,9 @@ class RecordingSource:
 
 class Closed(Exception):
     pass
+
+
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
@@ -78,14 +83,14 @@ def test_preload_bodies(client, source, body, refresh):
     (b"\xff\xfe", "Malformed JSON"),
 ])
 def test_bad_preload_bodies_get_400_and_change_nothing(client, source, body, words):
-    result = client.simulate_post("/models/preload", body=body)
+    result = client.simulate_post("/models/preload", body=body, headers=JSON)
     assert result.status_code == 400
     assert words in result.json["error"] + result.json.get("description", "")
     assert source.preloads == []
 
 
 def test_oversized_body_gets_413(client, source):
-    result = client.simulate_post("/models/preload", body=b'{"refresh": true' + b" " * MAX_BODY + b"}")
+    result = client.simulate_post("/models/preload", body=b'{"refresh": true' + b" " * MAX_BODY + b"}", headers=JSON)
     assert result.status_code == 413
     assert result.json["status"] == 413
     assert source.preloads == []
@@ -100,24 +105,83 @@ def test_unknown_route_and_wrong_method_are_json(client):
 
 def test_token_guards_posts_only(source):
     client = falcon.testing.TestClient(create_app(source, token="s3cret"))
-    assert client.simulate_post("/models/preload", body=b"{}").status_code == 401
-    bad = client.simulate_post("/models/preload", body=b"{}", headers={"Authorization": "Bearer wrong"})
+    assert client.simulate_post("/models/preload", body=b"{}", headers=JSON).status_code == 401
+    bad = client.simulate_post("/models/preload", body=b"{}", headers={"Authorization": "Bearer wrong", **JSON})
     assert bad.status_code == 401 and "Bearer" in bad.headers["www-authenticate"]
     assert source.preloads == []
-    good = client.simulate_post("/models/preload", body=b"{}", headers={"Authorization": "Bearer s3cret"})
+    good = client.simulate_post("/models/preload", body=b"{}", headers={"Authorization": "Bearer s3cret", **JSON})
     assert good.status_code == 202
     assert client.simulate_get("/models/status").status_code == 200
 
 
-def test_source_failures_become_json_errors():
+def test_source_failures_become_json_errors_that_keep_their_details_in_the_log(caplog):
     class Broken(RecordingSource):
         def models_status_json(self):
             raise Closed()
 
         def gpu_info(self):
-            raise RuntimeError("boom")
+            raise RuntimeError("boom at /srv/models/secret-path")
 
     client = falcon.testing.TestClient(create_app(Broken(), unavailable_errors=(Closed,)))
     assert client.simulate_get("/models/status").status_code == 503
-    failed = client.simulate_get("/gpu/info")
-    assert failed.status_code == 500 and "boom" in failed.json["description"]
+    with caplog.at_level(logging.ERROR, logger="http"):
+        failed = client.simulate_get("/gpu/info")
+    assert failed.status_code == 500
+    assert "boom" not in failed.text and "secret-path" not in failed.text and "RuntimeError" not in failed.text
+    request_id = failed.json["request_id"]
+    assert failed.headers["x-request-id"] == request_id and f"request_id={request_id}" in failed.json["description"]
+    [logged] = caplog.records
+    assert f"request_id={request_id}" in logged.getMessage() and "path=/gpu/info" in logged.getMessage()
+    assert "boom at /srv/models/secret-path" in caplog.text  # the traceback, for the operator
+
+
+def test_posts_need_a_json_body_or_none(client, source):
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        refused = client.simulate_post("/models/preload", body=b'{"refresh": true}',
+                                       headers={"Content-Type": kind} if kind else {})
+        assert refused.status_code == 415 and "Content-Type: application/json" in refused.json["description"], kind
+    assert source.preloads == []
+    assert client.simulate_post("/models/preload", headers={"Content-Type": "text/plain"}).status_code == 202
+    charset = {"Content-Type": "Application/JSON; charset=utf-8"}
+    assert client.simulate_post("/models/preload", body=b'{"refresh": true}', headers=charset).status_code == 202
+    assert source.preloads == [False, True]
+
+
+SERVED = ("127.0.0.1", 8014)
+
+
+@pytest.mark.parametrize("host,code", [("127.0.0.1:8014", 202), ("localhost:8014", 202), ("[::1]:8014", 202),
+                                       ("127.0.0.1", 202), ("evil.example:8014", 421), ("127.0.0.1.evil.example", 421),
+                                       ("[::1", 421)])
+def test_a_host_that_is_not_the_served_address_is_refused(source, host, code):
+    client = falcon.testing.TestClient(create_app(source, served=SERVED))
+    result = client.simulate_post("/models/preload", headers={"Host": host, **JSON}, body=b"{}")
+    assert result.status_code == code, result.text
+    if code == 421:
+        assert result.json["status"] == 421 and host in result.json["description"]
+        assert client.simulate_get("/models/status", headers={"Host": host}).status_code == 421
+    assert source.preloads == ([False] if code == 202 else [])
+
+
+@pytest.mark.parametrize("origin,code", [("http://127.0.0.1:8014", 202), ("http://localhost:8014", 202),
+                                         ("http://evil.example", 403), ("null", 403), ("https://127.0.0.1:8014", 403),
+                                         ("http://127.0.0.1:9999", 403), ("http://127.0.0.1:bad", 403)])
+def test_a_foreign_origin_is_refused(source, origin, code):
+    client = falcon.testing.TestClient(create_app(source, served=SERVED))
+    headers = {"Host": "127.0.0.1:8014", "Origin": origin, "Content-Type": "text/plain"}
+    result = client.simulate_post("/models/preload", headers=headers)
+    assert result.status_code == code, result.text
+    assert source.preloads == ([False] if code == 202 else [])
+
+
+def test_bound_to_a_network_address_host_is_not_checked_but_origin_is(source):
+    client = falcon.testing.TestClient(create_app(source, served=("0.0.0.0", 8014), token="t"))
+    assert client.simulate_get("/health", headers={"Host": "gpu-host-7.example:8014"}).status_code == 200
+    foreign = {"Host": "gpu-host-7.example:8014", "Origin": "http://evil.example", "Authorization": "Bearer t"}
+    assert client.simulate_post("/models/preload", headers=foreign).status_code == 403
+
+
+def test_health_carries_the_warnings_it_is_given(source):
+    assert falcon.testing.TestClient(create_app(source)).simulate_get("/health").json["warnings"] == []
+    warned = falcon.testing.TestClient(create_app(source, warnings=("listening on 0.0.0.0 without a token",)))
+    assert warned.simulate_get("/health").json == {"status": "ok", "warnings": ["listening on 0.0.0.0 without a token"]}

@@ -1,0 +1,129 @@
+"""waitress, configured and guarded for a daemon that must keep answering `/health` and `gate`.
+
+waitress reads requests in its event loop, so a slow client holds a socket, never a thread; but
+every socket counts against `connection_limit`, and its `channel_timeout` only closes connections
+that have gone silent, so clients that trickle one byte at a time could hold every slot forever.
+Two rules, applied by the event loop on each pass (`GuardedServer.readable`):
+
+- a connection gets REQUEST_DEADLINE seconds to deliver a whole request (headers and body): from
+  its accept for the first, from the first byte of each later one; then it is closed unanswered.
+  Idle keep-alive connections between requests stay under `channel_timeout`.
+- connections waiting for a request (not being served) may hold all but RESERVE of the slots;
+  past that the one waiting longest is closed, those that never completed a request first. A
+  request that arrives whole is read as soon as it is accepted, so it always finds room.
+
+Errors waitress writes itself (400 on a malformed request, 413, 431, 501 on an unsupported
+Transfer-Encoding, 500 when the app fails outside Falcon) are answered in the API's JSON shape.
+"""
+
+import heapq
+import logging
+import time
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+from gpu_orchestrator.http.app import error_body
+from gpu_orchestrator.http.resources import MAX_BODY
+from gpu_orchestrator.supervisor.logs import kv
+
+log = logging.getLogger("http")
+
+REQUEST_DEADLINE = 5.0  # seconds to send a whole request; loopback clients need milliseconds
+CONNECTION_LIMIT = 512  # well under the default 1024-descriptor limit, with room for loaders' pipes
+RESERVE = 64  # slots that connections still waiting for a request may never take
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers; ours are a few hundred bytes
+IDLE_TIMEOUT = 15  # seconds a keep-alive connection may sit idle between requests
+EVICTION_REPORT_S = 60.0  # under a flood, one summary line a minute instead of one per connection
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own refusals, in the same JSON as the app's errors."""
+
+    def execute(self):
+        error = self.request.error
+        body = error_body(error.reason, error.code, error.body)
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class GuardedChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
+    def __init__(self, server, sock, addr, adj, map=None):
+        super().__init__(server, sock, addr, adj, map)
+        self.request_began: float | None = time.monotonic()  # a new connection owes its first request
+        self.served = False
+
+    def received(self, data):
+        if self.request is None and self.request_began is None:
+            self.request_began = time.monotonic()
+        result = super().received(data)
+        if self.requests:
+            self.served = True
+        if self.request is None:
+            self.request_began = None  # nothing half-received: idle, or being served
+        return result
+
+    @property
+    def waiting(self) -> bool:
+        """Holds a slot without being served: fresh, mid-request or idle."""
+        return not (self.requests or self.will_close or self.close_when_flushed)
+
+    def eviction_order(self) -> tuple:
+        """Mid-request before idle; never served before served; longest waiting first."""
+        return self.request_began is None, self.served, self.request_began or 0.0, self.last_activity
+
+
+class GuardedServer(TcpWSGIServer):
+    channel_class = GuardedChannel
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.closed_late = self.closed_for_room = 0
+        self.next_report = 0.0
+
+    def readable(self):
+        self.guard(time.monotonic())
+        return super().readable()
+
+    def guard(self, now: float) -> None:
+        waiting = [c for c in self.active_channels.values() if c.waiting]
+        for channel in waiting:
+            if channel.request_began is not None and now - channel.request_began > REQUEST_DEADLINE:
+                channel.will_close = True
+                self.closed_late += 1
+        waiting = [c for c in waiting if not c.will_close]
+        excess = len(waiting) - (self.adj.connection_limit - RESERVE)
+        if excess > 0:
+            for channel in heapq.nsmallest(excess, waiting, key=GuardedChannel.eviction_order):
+                channel.will_close = True
+            self.closed_for_room += excess
+        if (self.closed_late or self.closed_for_room) and now >= self.next_report:
+            log.warning(kv("closed connections that held a slot without sending a whole request "
+                           "(a slow or stuck client, or a slow-loris attempt)",
+                           late=self.closed_late, for_room=self.closed_for_room, deadline_s=REQUEST_DEADLINE))
+            self.closed_late = self.closed_for_room = 0
+            self.next_report = now + EVICTION_REPORT_S
+
+
+def create_server(app, sock, threads: int) -> GuardedServer:
+    """Serve `app` on the listening socket `sock`, as waitress.create_server would with our guards."""
+    adj = Adjustments(
+        sockets=[sock], threads=threads, ident="gpu-orchestrator",
+        connection_limit=CONNECTION_LIMIT, channel_timeout=IDLE_TIMEOUT,
+        # waitress refuses a body of max_request_body_size bytes or more, from its declared length
+        # before reading any of it: one byte over the route's limit answers 413 at once, and a body
+        # never grows past inbuf_overflow, so nothing is spooled to a temporary file.
+        max_request_body_size=MAX_BODY + 1, max_request_header_size=MAX_HEADER_BYTES,
+        # poll(), not select(): select() fails outright on a descriptor numbered 1024 or above.
+        asyncore_use_poll=True)
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.set_thread_count(threads)
+    return GuardedServer(app, dispatcher=dispatcher, adj=adj, _sock=sock, bind_socket=False,
+                         sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
