@@ -2,8 +2,11 @@
 
 Run as ExecStartPre= of the services that use the GPU. Exit 0 when ready; exit 1,
 with one `agent=... model=... error=...` line per failed model and the summary,
-when the warm-up failed, on timeout, or when nothing listens. Every run leaves
-its result in $XDG_CACHE_HOME/gpu-orchestrator/preflight/summary_<instance>.json.
+when the warm-up failed, on timeout, when nothing answers, or when what answers is
+not the orchestrator's API. The whole run, every request included, ends within
+--timeout. Every run leaves its result in
+$XDG_CACHE_HOME/gpu-orchestrator/preflight/summary_<instance>.json when it can
+(a read-only cache only costs a warning: the verdict is what the unit waits for).
 """
 
 import json
@@ -11,33 +14,22 @@ import os
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from gpu_orchestrator.loaders.store import StoreError, check_client_name
+from gpu_orchestrator.supervisor.api import BadAnswer, ModelsStatus, Unreachable, UsageError, call, error_of
 
 ORCHESTRATOR_NAMES = {"gpu_orchestrator", "gpu-orchestrator"}
 MAX_POLL = 8.0
 
 
-class Unreachable(Exception):
-    pass
-
-
-def fetch(url: str, method: str = "GET", body: bytes | None = None, token: str | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+def check_instance(instance: str) -> None:
+    """An instance is a client name (the same rule the model map's names follow), and it becomes
+    part of the summary's file name: '../../x' must never reach the disk."""
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        try:
-            return err.code, json.loads(err.read())
-        except ValueError:
-            return err.code, {}
-    except (OSError, ValueError) as exc:
-        raise Unreachable(str(getattr(exc, "reason", exc))) from None
+        check_client_name(instance)
+    except StoreError as exc:
+        raise UsageError(f"instance: {exc}") from None
 
 
 def verdict(status: dict, instance: str | None) -> tuple[str | None, list[dict]]:
@@ -63,18 +55,26 @@ def cache_path(instance: str | None) -> Path:
 
 
 def write_summary(path: Path, result: dict) -> None:
-    """Atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".summary-")
-    with os.fdopen(handle, "w") as out:
-        json.dump(result, out, indent=2)
-        out.write("\n")
-    os.replace(temporary, path)
+    """Atomically (a reader never sees half a file) and at best: a unit with ProtectHome=read-only
+    must still start when its models are ready."""
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".summary-")
+        with os.fdopen(handle, "w") as out:
+            json.dump(result, out, indent=2)
+            out.write("\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        print(f"gate: warning: the summary was not written to {path} ({exc.strerror or exc}); "
+              "the result stands. Point XDG_CACHE_HOME at a writable folder to keep it", file=sys.stderr)
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 class Gate:
     def __init__(self, url: str, instance: str | None, timeout: float, token: str | None):
-        self.url = url.rstrip("/")
+        self.url = url
         self.instance = instance
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
@@ -85,18 +85,18 @@ class Gate:
         delay = 0.25
         while True:
             try:
-                fetch(self.url + "/health")
+                call(self.url + "/health", self.deadline)
                 return
             except Unreachable as exc:
                 if time.monotonic() + delay > self.deadline:
-                    raise Unreachable(f"nothing listens at {self.url} ({exc})") from None
+                    raise Unreachable(f"nothing answers at {self.url} ({exc})") from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     def status(self) -> dict:
-        code, body = fetch(self.url + "/models/status")
-        if code != 200 or "clients" not in body:
-            raise Unreachable(f"{self.url}/models/status answered {code}")
+        code, body = call(self.url + "/models/status", self.deadline, ModelsStatus)
+        if code != 200:
+            raise BadAnswer(f"{self.url}/models/status answered {error_of(code, body)}")
         self.last_status = body
         return body
 
@@ -109,9 +109,12 @@ class Gate:
         result, failures = verdict(status, self.instance)
         if result == "ready":
             return result, failures, "ready"
-        code, body = fetch(self.url + "/models/preload", "POST", b'{"refresh": false}', self.token)
+        code, body = call(self.url + "/models/preload", self.deadline, method="POST", body=b'{"refresh": false}',
+                          token=self.token)
         if code == 401:
             return "failed", [], "the orchestrator refused the preload request (401): set GPU_ORCHESTRATOR_TOKEN"
+        if code not in (200, 202, 503):
+            raise BadAnswer(f"{self.url}/models/preload answered {error_of(code, body)}")
         delay = 0.5
         while True:
             result, failures = verdict(self.status(), self.instance)
@@ -124,6 +127,8 @@ class Gate:
 
 
 def run_gate(instance: str | None, url: str, timeout: float, token: str | None) -> int:
+    if instance is not None:
+        check_instance(instance)
     if instance in ORCHESTRATOR_NAMES:
         print(f"gate: {instance} is the orchestrator itself; nothing to wait for")
         write_summary(cache_path(instance), {"instance": instance, "result": "skipped", "exit_code": 0})
@@ -134,6 +139,8 @@ def run_gate(instance: str | None, url: str, timeout: float, token: str | None) 
         result, failures, message = gate.run()
     except Unreachable as exc:
         result, failures, message = "unreachable", [], str(exc)
+    except BadAnswer as exc:
+        result, failures, message = "bad answer", [], f"{exc}; is {url} a gpu-orchestrator?"
     code = 0 if result == "ready" else 1
     summary = (gate.last_status or {}).get("summary")
     for failure in failures:

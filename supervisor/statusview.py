@@ -4,7 +4,7 @@ import json
 import sys
 import time
 
-from gpu_orchestrator.supervisor.gate import Unreachable, fetch
+from gpu_orchestrator.supervisor.api import BadAnswer, GpuInfo, ModelsStatus, Unreachable, call, error_of
 
 MiB = 1024**2
 GiB = 1024**3
@@ -79,16 +79,21 @@ def render(url: str, status: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
+REQUEST_TIMEOUT = 10.0  # for both requests of one snapshot together
+
+
 def snapshot(url: str) -> tuple[dict, dict]:
-    code, status = fetch(url + "/models/status")
-    code_info, info = fetch(url + "/gpu/info")
-    if code != 200 or code_info != 200:
-        raise Unreachable(f"{url} answered {code} and {code_info}; is it a gpu-orchestrator?")
-    return status, info
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    answers = []
+    for path, shape in (("/models/status", ModelsStatus), ("/gpu/info", GpuInfo)):
+        code, document = call(url + path, deadline, shape)
+        if code != 200:
+            raise BadAnswer(f"{url}{path} answered {error_of(code, document)}")
+        answers.append(document)
+    return answers[0], answers[1]
 
 
 def run_status(url: str, as_json: bool, watch: float | None) -> int:
-    url = url.rstrip("/")
     try:
         while True:
             try:
@@ -96,6 +101,9 @@ def run_status(url: str, as_json: bool, watch: float | None) -> int:
             except Unreachable as exc:
                 print(f"gpu-orchestrator status: nothing answers at {url} ({exc}); is the service running? "
                       "Try: systemctl status gpu-orchestrator", file=sys.stderr)
+                return 1
+            except BadAnswer as exc:
+                print(f"gpu-orchestrator status: {exc}; is {url} a gpu-orchestrator?", file=sys.stderr)
                 return 1
             if as_json:
                 print(json.dumps({"models_status": status, "gpu_info": info}, indent=2))

@@ -1,21 +1,41 @@
 """`gpu-orchestrator gate` against a live orchestrator, and its cached summaries."""
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-from support import Orchestrator, free_port, wait_for, write_config
+import pytest
+
+from support import Orchestrator, free_port, wait_for, write_config, write_figures
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def gate(tmp_path, *args, env=None):
+def command(tmp_path, name, *args, env=None, prefix=()):
     full_env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "gate", *args],
+    for variable in ("GPU_ORCHESTRATOR_HOST", "GPU_ORCHESTRATOR_PORT", "GATE_TIMEOUT"):
+        if variable not in (env or {}):
+            full_env.pop(variable, None)
+    return subprocess.run([*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.cli", name, *args],
                           capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def gate(tmp_path, *args, env=None, prefix=()):
+    return command(tmp_path, "gate", *args, env=env, prefix=prefix)
+
+
+def one_line_error(result, code: int) -> str:
+    """The command ended with `code` and a single line on stderr, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    return result.stderr
 
 
 def summary_file(tmp_path, instance):
@@ -76,7 +96,141 @@ def test_timeout_when_a_warmup_never_finishes(tmp_path, store):
 def test_nothing_listening_and_the_orchestrator_itself(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     result = gate(tmp_path, "alpha", "--url", url, "--timeout", "1")
-    assert result.returncode == 1 and f"nothing listens at {url}" in result.stderr
+    assert result.returncode == 1 and f"nothing answers at {url} (connection refused)" in result.stderr
     assert summary_file(tmp_path, "alpha")["result"] == "unreachable"
     itself = gate(tmp_path, "gpu_orchestrator", "--url", url, "--timeout", "1")
     assert itself.returncode == 0 and summary_file(tmp_path, "gpu_orchestrator")["result"] == "skipped"
+
+
+@pytest.mark.parametrize("instance", ["../../../../escape", "a/b", "..", "bad\nname"])
+def test_instance_names_are_client_names_refused_before_touching_the_disk(tmp_path, instance):
+    url = f"http://127.0.0.1:{free_port()}"
+    error = one_line_error(gate(tmp_path, instance, "--url", url, "--timeout", "1"), 2)
+    assert "gpu-orchestrator gate: error: instance: client name" in error and "must be a plain name" in error
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_read_only_cache_costs_a_warning_not_the_verdict(tmp_path, store):
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    cache = tmp_path / "cache" / "gpu-orchestrator" / "preflight"
+    cache.mkdir(parents=True)
+    cache.chmod(0o555)
+    # As root, only without CAP_DAC_OVERRIDE does a 0555 folder refuse writes (ProtectHome=read-only does it for real).
+    no_dac = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+    with Orchestrator(tmp_path, store, model_map) as orch:
+        orch.wait_settled()
+        result = gate(tmp_path, "alpha", "--url", orch.url, "--timeout", "60", prefix=no_dac)
+    cache.chmod(0o755)
+    assert result.returncode == 0 and "gate: alpha: ready" in result.stdout
+    warning = one_line_error(result, 0)
+    assert f"gate: warning: the summary was not written to {cache}/summary_alpha.json (Permission denied)" in warning
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,env,named", [
+    (("--timeout", "nan"), {}, "--timeout: expected a positive number of seconds, got 'nan'"),
+    (("--timeout", "-1"), {}, "--timeout: expected a positive number of seconds, got '-1'"),
+    (("--timeout", "inf"), {}, "--timeout: expected a positive number of seconds, got 'inf'"),
+    ((), {"GATE_TIMEOUT": "nan"}, "GATE_TIMEOUT: expected a positive number of seconds, got 'nan'"),
+    (("--url", "127.0.0.1:8014"), {}, "--url: expected http://HOST:PORT"),
+    (("--url", "http://[::1:8014"), {}, "--url: 'http://[::1:8014' is not a usable URL"),
+    ((), {"GPU_ORCHESTRATOR_PORT": "eighty"}, "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT: 'http://127.0.0.1:eighty'"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, env, named):
+    url = () if "--url" in args or env.get("GPU_ORCHESTRATOR_PORT") else ("--url", f"http://127.0.0.1:{free_port()}")
+    error = one_line_error(gate(tmp_path, "alpha", *url, *args, env=env), 2)
+    assert named in error
+    assert not (tmp_path / "cache").exists()
+
+
+class FakeServer:
+    """Something listening on a loopback port that is not quite a gpu-orchestrator."""
+
+    def __init__(self, answers: dict):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                code, kind, body = answers.get(self.path, (404, "application/json", b"{}"))
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+HEALTH = (200, "application/json", b'{"status": "ok"}')
+CLIENT = {"ready": False, "in_progress": False, "state": "RUNNING", "pid": 1, "restarts": 0, "models": [],
+          "gpu_memory_bytes": None, "rss_bytes": None}
+STATUS = {"in_progress": False, "all_ready": False, "generation": 1, "summary": {"total": 1, "done": 0, "failed": 1},
+          "errors": [{"agent": "alpha", "model": "org/a1", "error": "broken"}], "clients": {"alpha": CLIENT}}
+
+
+def as_answer(document) -> tuple:
+    return 200, "application/json", json.dumps(document).encode()
+
+
+@pytest.mark.parametrize("answers,named", [
+    ({"/health": (200, "text/html", b"<html>nginx</html>")}, "/health answered 200 with text/html, not JSON: '<html>"),
+    ({"/health": HEALTH, "/models/status": as_answer({**STATUS, "clients": "alpha"})},
+     "/models/status answered with an unexpected document: Expected `object`, got `str` - at `$.clients`"),
+    ({"/health": HEALTH, "/models/status": as_answer({**STATUS, "errors": [{"agent": "alpha", "error": "x"}]})},
+     "Object missing required field `model` - at `$.errors[0]`"),
+    ({"/health": HEALTH, "/models/status": (503, "application/json", b'{"description": "shutting down"}')},
+     "/models/status answered 503: shutting down"),
+], ids=["html", "clients-a-string", "error-without-model", "503"])
+def test_odd_answers_are_named(tmp_path, answers, named):
+    fake = FakeServer(answers)
+    try:
+        result = gate(tmp_path, "alpha", "--url", fake.url, "--timeout", "10")
+        status = command(tmp_path, "status", "--url", fake.url)
+    finally:
+        fake.close()
+    assert named in one_line_error(result, 1) and "is " + fake.url + " a gpu-orchestrator?" in result.stderr
+    assert summary_file(tmp_path, "alpha")["result"] == "bad answer"
+    if "/models/status" in answers:
+        assert named in one_line_error(status, 1)
+
+
+def test_a_server_that_never_answers_is_bounded_by_the_timeout(tmp_path):
+    with socket.socket() as silent:  # listens (the kernel accepts connections) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        result = gate(tmp_path, "alpha", "--url", url, "--timeout", "2")
+        took = time.monotonic() - started
+    assert f"nothing answers at {url} (it accepted the connection but did not answer in time)" in \
+        one_line_error(result, 1)
+    write_figures("gate --timeout 2 against a server that never answers", process_s=round(took, 2),
+                  summary_elapsed_s=summary_file(tmp_path, "alpha")["elapsed_s"])
+
+
+def test_status_into_a_closed_pipe_and_ipv6_urls(tmp_path, orchestrator):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -c 10` that has already finished: every write fails with EPIPE
+    try:
+        closed = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", "--json",
+                                 "--url", orchestrator.url], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=60)
+    finally:
+        os.close(write_end)
+    assert closed.returncode == 141 and closed.stderr == ""
+    port = str(free_port())
+    ipv6 = {"GPU_ORCHESTRATOR_HOST": "::1", "GPU_ORCHESTRATOR_PORT": port}
+    status = command(tmp_path, "status", env=ipv6)
+    assert f"nothing answers at http://[::1]:{port} (" in one_line_error(status, 1)
+    gated = gate(tmp_path, "alpha", "--timeout", "1", env=ipv6)
+    assert f"nothing answers at http://[::1]:{port} (" in one_line_error(gated, 1)
