@@ -18,6 +18,7 @@ import psutil
 from gpu_orchestrator.supervisor import mps, nvml
 
 LOG_LINES = 200
+LOG_TAIL_BYTES = 256 * 1024  # enough for LOG_LINES lines; a log may be gigabytes
 ERROR_WORDS = ("error", "fail", "fatal")
 
 
@@ -58,8 +59,13 @@ def check_folder(name: str, folder: str) -> list[Check]:
     except FileNotFoundError:
         return [Check(name, "problem", f"{folder} does not exist",
                       f"start the daemon (it creates it) or: install -d -m 0755 {folder}")]
+    except NotADirectoryError:
+        return [Check(name, "problem", f"{folder} cannot exist: a folder above it is a file",
+                      "remove that file, or point the variable at another folder")]
     except PermissionError:
         return [Check(name, "error", f"cannot look at {folder}: permission denied", "run as root or as its owner")]
+    except OSError as exc:
+        return [Check(name, "error", f"cannot look at {folder}: {exc.strerror}", "check the path")]
     detail = f"{folder}: owner {owner_name(info.st_uid)}, mode {describe_mode(info.st_mode)}"
     found = [Check(name, "ok", detail)]
     if not stat.S_ISDIR(info.st_mode):
@@ -68,9 +74,14 @@ def check_folder(name: str, folder: str) -> list[Check]:
         found = [Check(name, "problem", detail + "; other users cannot enter it",
                        f"chmod 0755 {folder}: MPS servers started for other users crash-loop otherwise")]
     for parent in path.resolve().parents:
-        if (parent.stat().st_mode & 0o001) == 0:
+        try:
+            mode = parent.stat().st_mode
+        except OSError as exc:
+            found.append(Check(name, "error", f"cannot look at parent {parent}: {exc.strerror}", "run as root"))
+            continue
+        if (mode & 0o001) == 0:
             found.append(Check(name, "problem", f"parent {parent} is not traversable by other users "
-                               f"({describe_mode(parent.stat().st_mode)})", f"chmod o+x {parent}"))
+                               f"({describe_mode(mode)})", f"chmod o+x {parent}"))
     return found
 
 
@@ -84,12 +95,16 @@ def check_control_files(settings: mps.MpsSettings) -> list[Check]:
         found.append(Check("control pipe", "problem", f"{pipe} is missing: no daemon serves this pipe directory",
                            "start it: nvidia-cuda-mps-control -d (or restart gpu-orchestrator with ENABLE_MPS=true)"))
     try:
-        pid = int(pid_file.read_text().strip())
+        pid = mps.read_pid(pid_file)
     except FileNotFoundError:
         found.append(Check("pid file", "problem", f"{pid_file} is missing", "start the control daemon"))
         return found
-    except (OSError, ValueError) as exc:
-        found.append(Check("pid file", "error", f"cannot read {pid_file}: {exc}", "run as root or as its owner"))
+    except (mps.NotAFile, ValueError) as exc:
+        found.append(Check("pid file", "problem", str(exc), f"remove {pid_file} and restart the control daemon"))
+        return found
+    except OSError as exc:
+        found.append(Check("pid file", "error", f"cannot read {pid_file}: {exc.strerror or exc}",
+                           "run as root or as its owner"))
         return found
     if mps.process_alive(pid):
         found.append(Check("pid file", "ok", f"{pid_file}: pid {pid}, running"))
@@ -132,11 +147,13 @@ def check_answers(settings: mps.MpsSettings) -> Check:
 
 def check_log(name: str, path: Path) -> Check:
     try:
-        lines = path.read_text(errors="replace").splitlines()[-LOG_LINES:]
+        lines = mps.read_tail(path, LOG_TAIL_BYTES).splitlines()[-LOG_LINES:]
     except FileNotFoundError:
         return Check(name, "skipped", f"{path} does not exist (yet)")
+    except mps.NotAFile as exc:
+        return Check(name, "problem", str(exc), f"move it away: the daemon writes its log as {path}")
     except OSError as exc:
-        return Check(name, "error", f"cannot read {path}: {exc.strerror}", "run as root or as the daemon's user")
+        return Check(name, "error", f"cannot read {path}: {exc.strerror or exc}", "run as root or as the daemon's user")
     errors = [line for line in lines if any(word in line.lower() for word in ERROR_WORDS)][-5:]
     if not errors:
         return Check(name, "ok", f"{path}: no errors in the last {len(lines)} lines")

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -37,6 +38,42 @@ def process_alive(pid: int) -> bool:
 
 class MpsError(Exception):
     """The control daemon did not answer, or answered with an error."""
+
+
+class NotAFile(OSError):
+    """Something other than a regular file (a FIFO, a socket, a folder) where a file belongs."""
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def read_tail(path: str | os.PathLike, limit: int) -> str:
+    """The last `limit` bytes of a regular file, from its first whole line. Never blocks: opening a
+    FIFO to read would wait for a writer, so the file is opened non-blocking and anything but a
+    regular file is refused (NotAFile); a 1 GiB log costs one read of `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise NotAFile(f"{path} is {kind}, not a regular file")
+        start = max(0, info.st_size - limit)
+        data = os.pread(fd, limit, start)
+    finally:
+        os.close(fd)
+    text = data.decode(errors="replace")
+    return text.partition("\n")[2] if start else text
+
+
+def read_pid(path: str | os.PathLike) -> int:
+    """The pid a daemon's pid file names; OSError when it cannot be read, ValueError when it names
+    no process (garbage, 0, -1: psutil and kill() give -1 a meaning of their own)."""
+    text = read_tail(path, 64).strip()
+    pid = int(text) if text.isdigit() else 0
+    if pid <= 0:
+        raise ValueError(f"{path} holds {text[:40]!r}, not a process id")
+    return pid
 
 
 @dataclass(frozen=True)
@@ -297,7 +334,7 @@ class MpsDaemon:
         """A killed daemon cannot clean up; leave no pipe a client would try to reach. Only when the
         pid file names our daemon: one that exited because another already ran must not take its pipe."""
         try:
-            if int(Path(self.settings.pipe_dir, PID_FILE).read_text().strip()) != pid:
+            if read_pid(Path(self.settings.pipe_dir, PID_FILE)) != pid:
                 return
         except (OSError, ValueError):
             return
@@ -347,10 +384,10 @@ class MpsDaemon:
         if self.proc is not None:
             return self.proc.pid
         try:
-            pid = int(Path(self.settings.pipe_dir, PID_FILE).read_text().strip())
+            pid = read_pid(Path(self.settings.pipe_dir, PID_FILE))
         except (OSError, ValueError):
             return None
-        return pid if pid > 0 and process_alive(pid) else None
+        return pid if process_alive(pid) else None
 
     @property
     def managed(self) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpu_orchestrator.supervisor.mps import process_alive
-from support import Orchestrator, wait_for, write_config
+from support import Orchestrator, wait_for, write_config, write_figures
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 
@@ -121,3 +121,74 @@ def test_script_wrapper(dirs):
                             capture_output=True, text=True, timeout=60,
                             env={**os.environ, **dirs, "PATH": f"{bin_dir}:{dirs['PATH']}"})
     assert result.returncode == 1 and json.loads(result.stdout)["problems"] >= 1
+
+
+def one_line_per_check(dirs) -> tuple[int, dict, str]:
+    """The human report and the JSON one, each ending without a traceback."""
+    code, human = diag(dirs)
+    json_code, found = checks(dirs)
+    assert code == json_code and "Traceback" not in human
+    return code, found, human
+
+
+def test_a_pipe_folder_under_a_file(dirs):
+    blocker = Path(dirs["CUDA_MPS_PIPE_DIRECTORY"]).parent / "a-file"
+    blocker.write_text("in the way")
+    dirs = {**dirs, "CUDA_MPS_PIPE_DIRECTORY": str(blocker / "pipe")}
+    code, found, human = one_line_per_check(dirs)
+    assert code == 1
+    folder = found["pipe directory"][0]
+    assert folder["status"] == "problem" and "a folder above it is a file" in folder["detail"]
+    assert found["pid file"][0]["detail"].endswith("Not a directory")
+
+
+@pytest.mark.parametrize("content", ["-1", "0", "garbage\n"])
+def test_a_pid_file_that_names_no_process(dirs, content):
+    pipe = Path(dirs["CUDA_MPS_PIPE_DIRECTORY"])
+    pipe.mkdir(mode=0o755)
+    (pipe / "nvidia-cuda-mps-control.pid").write_text(content)
+    code, found, _ = one_line_per_check(dirs)
+    assert code == 1
+    pid = found["pid file"][0]
+    assert pid["status"] == "problem" and f"holds {content.strip()!r}, not a process id" in pid["detail"]
+    assert "remove" in pid["fix"]
+
+
+def test_fifos_where_files_belong_are_refused_not_waited_on(dirs):
+    pipe, logs = Path(dirs["CUDA_MPS_PIPE_DIRECTORY"]), Path(dirs["CUDA_MPS_LOG_DIRECTORY"])
+    pipe.mkdir(mode=0o755)
+    logs.mkdir(mode=0o755)
+    os.mkfifo(logs / "control.log")  # opening it to read would wait for a writer for ever
+    os.mkfifo(pipe / "nvidia-cuda-mps-control.pid")
+    code, found, _ = one_line_per_check(dirs)
+    assert code == 1
+    assert found["control.log"][0]["status"] == "problem"
+    assert found["control.log"][0]["detail"] == f"{logs / 'control.log'} is a FIFO, not a regular file"
+    assert found["pid file"][0]["detail"].endswith("nvidia-cuda-mps-control.pid is a FIFO, not a regular file")
+
+
+def test_only_the_tail_of_a_huge_log_is_read(dirs):
+    logs = Path(dirs["CUDA_MPS_LOG_DIRECTORY"])
+    logs.mkdir(mode=0o755)
+    huge = logs / "server.log"
+    with open(huge, "wb") as out:  # sparse: 512 MiB to read, nothing on disk
+        out.truncate(512 * 1024 * 1024)
+        out.seek(0, os.SEEK_END)
+        out.write(b"\n[ERROR] Failed to allocate device memory for client 4242\n")
+    # How much the command read in all (rchar), imports included: the log read whole would be 512 MiB.
+    script = ("import sys; from gpu_orchestrator.supervisor.cli import main; code = main(sys.argv[1:]); "
+              "print(open('/proc/self/io').read(), file=sys.stderr); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", script, "mps-diag", "--json", "--timeout", "1"],
+                            capture_output=True, text=True, env={**os.environ, **dirs}, timeout=60)
+    read = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("rchar:")))
+    assert read < 64 * 1024 * 1024, f"read {read} bytes"
+    server_log = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "server.log")
+    assert server_log["status"] == "warning" and "Failed to allocate device memory" in server_log["detail"]
+    write_figures("mps-diag with a 512 MiB server.log", bytes_read_by_the_command=read)
+
+
+def test_bad_arguments_are_one_line_and_exit_2(dirs):
+    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "mps-diag", "--timeout", "nan"],
+                            capture_output=True, text=True, env={**os.environ, **dirs}, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "gpu-orchestrator mps-diag: error: --timeout: expected a positive number of seconds, got 'nan'\n"
