@@ -1,13 +1,18 @@
 """The default backend: snapshot completeness, safetensors headers, manifests, memory limits."""
 
+import io
 import json
+import math
+import os
 import struct
 import zipfile
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpu_orchestrator.loaders.backends import (
-    ModelError, check_fits, check_safetensors, plan, snapshot_checksum, warm,
+    SAFETENSORS_DTYPE_BITS, ModelError, check_fits, check_safetensors, plan, snapshot_checksum, warm,
 )
 from gpu_orchestrator.loaders.store import Snapshot
 from support import add_model
@@ -51,8 +56,8 @@ def test_truncated_and_garbage_safetensors(tmp_path):
     path.write_bytes(b"\x01\x02")
     with pytest.raises(ModelError, match="truncated"):
         check_safetensors(path)
-    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
-    with pytest.raises(ModelError, match="does not fit"):
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(ModelError, match="header length 1000 does not fit the 10-byte file"):
         check_safetensors(path)
     path.write_bytes(struct.pack("<Q", 4) + b"{no}")
     with pytest.raises(ModelError, match="not valid JSON"):
@@ -196,3 +201,178 @@ def test_torch_backend_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
     path = add_model(tmp_path, "org/m")
     with pytest.raises(ModelError, match=r"torch is not installed: pip install 'gpu-orchestrator\[torch\]'"):
         load_torch(snapshot_of(path), plan(snapshot_of(path)), 0, None, warmup=False)
+
+
+def test_every_dtype_of_the_format_is_accepted_sub_byte_ones_counted_in_bits(tmp_path):
+    path = tmp_path / "model.safetensors"
+    for dtype, bits in SAFETENSORS_DTYPE_BITS.items():
+        # 8 elements of a b-bit type fill exactly b bytes.
+        write_raw_safetensors(path, {"w": {"dtype": dtype, "shape": [2, 4], "data_offsets": [0, bits]}}, bits)
+        assert check_safetensors(path) == 8, dtype
+    for dtype, elements, needed in [("F4", 6, 3), ("F6_E2M3", 4, 3), ("F6_E3M2", 12, 9), ("C64", 3, 24)]:
+        write_raw_safetensors(path, {"w": {"dtype": dtype, "shape": [elements], "data_offsets": [0, needed]}}, needed)
+        assert check_safetensors(path) == elements, dtype
+    write_raw_safetensors(path, {"w": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, 2)
+    with pytest.raises(ModelError, match=r"F4\[3\] is 12 bits, which does not end on a byte boundary"):
+        check_safetensors(path)
+
+
+class CountingFile(io.FileIO):
+    """A real file that counts the bytes read from it."""
+    read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_a_header_over_the_formats_limit_is_refused_before_it_is_read(tmp_path):
+    from gpu_orchestrator.loaders.backends import MAX_SAFETENSORS_HEADER, safetensors_parameters
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as handle:  # sparse: the file is large, its blocks are not
+        handle.write(struct.pack("<Q", MAX_SAFETENSORS_HEADER + 1))
+        handle.truncate(MAX_SAFETENSORS_HEADER + 100)
+    with CountingFile(path) as handle:
+        with pytest.raises(ModelError, match="header length 100000001 is over the format's limit of 100000000 bytes"):
+            safetensors_parameters(handle, path.name)
+        assert handle.read_bytes == 8
+
+
+def open_fds() -> set:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_check_and_read_go_through_one_descriptor_per_file_closed_afterwards(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    before = open_fds()
+    model_plan = plan(snapshot_of(path))
+    assert len(open_fds() - before) == len(model_plan.files)
+    # The path now names another file; the checked one is still read, but the model fails.
+    weights = path / "model.safetensors"
+    replacement = path / "replacement"
+    replacement.write_bytes(weights.read_bytes())
+    replacement.rename(weights)
+    with pytest.raises(ModelError, match="model.safetensors: was replaced by another file after it was checked"):
+        warm(snapshot_of(path), model_plan, lambda n: None)
+    assert open_fds() == before
+    plan(snapshot_of(path)).close()
+    (path / "config.json").write_text("{no")
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        plan(snapshot_of(path))
+    assert open_fds() == before  # a plan given up, or one that fails, closes what it opened
+
+
+def test_a_file_rewritten_in_place_after_its_check_fails_the_model(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    model_plan = plan(snapshot_of(path))
+    weights = path / "model.safetensors"
+    with open(weights, "r+b") as handle:  # same size, same inode: a header that passed is gone
+        handle.write(b"\xff" * 8)
+    checked = os.stat(weights)
+    os.utime(weights, ns=(checked.st_atime_ns, checked.st_mtime_ns + 10**9))  # whatever the clock's grain
+    with pytest.raises(ModelError, match=r"model.safetensors: changed since it was checked \(its mtime changed\)"):
+        warm(snapshot_of(path), model_plan, lambda n: None)
+
+
+def test_a_file_that_changes_while_it_is_read_fails_the_model(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    model_plan = plan(snapshot_of(path))
+
+    def grow(done):
+        with open(model_plan.files[0], "ab") as handle:
+            handle.write(b"x")
+    with pytest.raises(ModelError, match="changed while it was being read .size changed from"):
+        warm(snapshot_of(path), model_plan, grow)
+
+
+def raw_safetensors(header, data_len: int) -> bytes:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + bytes(data_len)
+
+
+def tensor(dtype="F32", shape=(1,), offsets=(0, 4)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+BROKEN_AND_ODD = [
+    raw_safetensors({"w": tensor(shape=[2, 2], offsets=[0, 16])}, 8),       # past the end
+    raw_safetensors({"w": tensor(shape=[2, 2], offsets=[0, 12])}, 16),      # wrong size
+    raw_safetensors({"w": tensor("Q4", [2], [0, 2])}, 2),                    # unknown dtype
+    raw_safetensors({"w": tensor(["F32"], [1])}, 4),                         # dtype not a string
+    raw_safetensors({"w": {"dtype": "F16", "shape": [2]}}, 4),               # no offsets
+    raw_safetensors({"a": tensor("F16", [2], [0, 4]), "b": tensor("F16", [2], [2, 6])}, 8),  # overlap
+    raw_safetensors({"a": tensor("F16", [2], [0, 4]), "b": tensor("F16", [2], [8, 12])}, 12),  # hole
+    raw_safetensors({"a": tensor("F16", [2], [0, 4])}, 10),                  # trailing bytes
+    raw_safetensors({"b": tensor("F16", [2], [4, 8]), "a": tensor("F16", [2], [0, 4])}, 8),  # listed out of order
+    raw_safetensors({"z": tensor("F32", [0], [0, 0]), "w": tensor()}, 4),    # empty tensor
+    raw_safetensors({"w": tensor("F4", [3], [0, 2])}, 2),                    # 12 bits
+    raw_safetensors({"w": tensor("F6_E2M3", [2], [0, 2])}, 2),               # 12 bits
+    raw_safetensors({"w": tensor(shape=[True])}, 4),                         # bool dimension
+    raw_safetensors({"w": tensor(shape=[-1], offsets=[0, 0])}, 0),
+    raw_safetensors({"w": tensor(shape=[1.0])}, 4),
+    raw_safetensors({"w": tensor(shape=[2**64], offsets=[0, 0])}, 0),
+    raw_safetensors({"w": tensor(shape=[2**40, 2**40, 0], offsets=[0, 0])}, 0),  # overflows on the way
+    raw_safetensors({"w": tensor(offsets=[0, 4, 4])}, 4),
+    raw_safetensors({"w": {"dtype": "F32", "shape": [1], "data_offsets": {"a": 0, "b": 4}}}, 4),
+    raw_safetensors({"w": ["F32", [1], [0, 4]]}, 4),                         # serde's array form of a struct
+    raw_safetensors({"w": ["F32", [1], [0, 4], 1]}, 4),
+    raw_safetensors({"w": {**tensor(), "extra": 1}}, 4),
+    raw_safetensors({"__metadata__": {"format": "pt"}, "w": tensor()}, 4),
+    raw_safetensors({"__metadata__": {"n": 1}}, 0),
+    raw_safetensors({"__metadata__": None}, 0),
+    raw_safetensors({}, 0),
+    raw_safetensors([], 0),
+    raw_safetensors(b"", 0),
+    raw_safetensors(b"{}    ", 0),
+    raw_safetensors(b"\xef\xbb\xbf{}", 0),                                   # a BOM
+    raw_safetensors(b"\xff{}", 0),                                           # not UTF-8
+    raw_safetensors(b'{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', 4),
+    raw_safetensors(b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                    b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', 4),  # a name twice
+    b"\x01\x02",
+    struct.pack("<Q", 1000) + b"{}",
+    struct.pack("<Q", 10**12) + b"{}",
+]
+
+
+def library_accepts(blob: bytes, safetensors) -> int | None:
+    try:
+        return sum(math.prod(info["shape"]) for _, info in safetensors.deserialize(blob))
+    except safetensors.SafetensorError:
+        return None
+
+
+def we_accept(blob: bytes, path) -> int | None:
+    path.write_bytes(blob)
+    try:
+        return check_safetensors(path)
+    except ModelError:
+        return None
+
+
+def test_the_check_agrees_with_the_safetensors_library_on_every_dtype_and_broken_headers(tmp_path):
+    safetensors = pytest.importorskip("safetensors", reason="the [torch] extra installs safetensors")
+    path = tmp_path / "model.safetensors"
+    valid = [raw_safetensors({"w": tensor(dtype, [8], [0, bits])}, bits) for dtype, bits in SAFETENSORS_DTYPE_BITS.items()]
+    for blob in valid:
+        assert we_accept(blob, path) == library_accepts(blob, safetensors) == 8, blob[:80]
+    for blob in BROKEN_AND_ODD:
+        assert we_accept(blob, path) == library_accepts(blob, safetensors), blob[:200]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tensors=st.lists(st.tuples(st.sampled_from(sorted(SAFETENSORS_DTYPE_BITS) + ["F8", "c64"]),
+                                  st.lists(st.integers(0, 5), max_size=3), st.integers(-2, 2)),
+                        max_size=4),
+       trailing=st.integers(-1, 2))
+def test_the_check_agrees_with_the_library_on_generated_headers(tmp_path, tensors, trailing):
+    """Tensors laid end to end, each span nudged by `skew` bytes and the buffer by `trailing`."""
+    safetensors = pytest.importorskip("safetensors", reason="the [torch] extra installs safetensors")
+    header, offset = {}, 0
+    for index, (dtype, shape, skew) in enumerate(tensors):
+        span = max(0, math.prod(shape) * SAFETENSORS_DTYPE_BITS.get(dtype, 8) // 8 + skew)
+        header[f"t{index}"] = tensor(dtype, shape, [offset, offset + span])
+        offset += span
+    blob = raw_safetensors(header, max(0, offset + trailing))
+    assert we_accept(blob, tmp_path / "model.safetensors") == library_accepts(blob, safetensors)
