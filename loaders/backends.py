@@ -359,8 +359,9 @@ def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress) -> bool:
     return digest is not None
 
 
-def changes(checked: tuple, now: tuple) -> str:
-    """What differs between two identity() tuples, in words."""
+def changes(checked: tuple, now: tuple, path: Path) -> str:
+    """What differs between the identity() checked and the descriptor's `now`, in words; also
+    whether the path still names that file (the client will open the path)."""
     said = []
     if now[0] != checked[0]:
         said.append(f"size changed from {checked[0]} to {now[0]} bytes")
@@ -368,13 +369,16 @@ def changes(checked: tuple, now: tuple) -> str:
         said.append("it is another file (inode)")
     if now[3] != checked[3]:
         said.append("its mtime changed")
+    current = os.stat(path)
+    if (current.st_dev, current.st_ino) != checked[1:3]:
+        said.append("the path now names another file")
     return ", ".join(said)
 
 
 def read_file(handle: BinaryIO, path: Path, checked: tuple, view: memoryview, digest, progress: Progress) -> int:
     """Read the file open as `handle` through `view`; fail if it is not the file that was checked
     (`checked`, its identity() then), changes while read, or its path now names another file."""
-    if before := changes(checked, identity(handle)):
+    if before := changes(checked, identity(handle), path):
         raise ModelError(f"{path.name}: changed since it was checked ({before}); the store must be immutable")
     handle.seek(0)
     os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -385,15 +389,11 @@ def read_file(handle: BinaryIO, path: Path, checked: tuple, view: memoryview, di
             digest.update(view[:n])
         done += n
         progress(done)
-    during = changes(checked, identity(handle))
+    during = changes(checked, identity(handle), path)
     if not during and done != checked[0]:
         during = f"read {done} of its {checked[0]} bytes"
     if during:
         raise ModelError(f"{path.name}: changed while it was being read ({during}); the store must be immutable")
-    current = os.stat(path)
-    if (current.st_dev, current.st_ino) != checked[1:3]:
-        # What was read is what was checked, but the client would open the new file.
-        raise ModelError(f"{path.name}: was replaced by another file after it was checked; the store must be immutable")
     return done
 
 

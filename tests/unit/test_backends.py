@@ -253,7 +253,7 @@ def test_check_and_read_go_through_one_descriptor_per_file_closed_afterwards(tmp
     replacement = path / "replacement"
     replacement.write_bytes(weights.read_bytes())
     replacement.rename(weights)
-    with pytest.raises(ModelError, match="model.safetensors: was replaced by another file after it was checked"):
+    with pytest.raises(ModelError, match=r"model.safetensors: changed since it was checked \(the path now names another file\)"):
         warm(snapshot_of(path), model_plan, lambda n: None)
     assert open_fds() == before
     plan(snapshot_of(path)).close()
