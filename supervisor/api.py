@@ -96,10 +96,15 @@ class GpuInfo(msgspec.Struct):
     mps: Mps
 
 
-def base_url(host: str, port: str | int) -> str:
-    """http://127.0.0.1:8014, http://[::1]:8014: an IPv6 address needs its brackets in a URL."""
+def url_host(host: str) -> str:
+    """The host as a URL spells it: an IPv6 address needs its brackets ([::1])."""
     host = host.strip("[]")
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"[{host}]" if ":" in host else host
+
+
+def base_url(host: str, port: str | int) -> str:
+    """http://127.0.0.1:8014, http://[::1]:8014."""
+    return f"http://{url_host(host)}:{port}"
 
 
 def check_url(url: str, source: str = "--url") -> str:

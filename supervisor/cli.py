@@ -11,7 +11,7 @@ import tempfile
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import create_app, is_loopback
 from gpu_orchestrator.supervisor import channel, demo, gpucheck
-from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds
+from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
@@ -170,7 +170,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"Demo model store written to {directory}", file=sys.stderr)
         return serve(config, policy_from(args), mps=mps_settings_from(config, args),
                      telemetry_interval=args.telemetry_interval,
-                     on_listening=lambda port: print(demo.instructions(config.host, port), file=sys.stderr))
+                     on_listening=lambda port: print(demo.instructions(url_host(config.host), port), file=sys.stderr))
     finally:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds
+from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
 from gpu_orchestrator.supervisor.cli import exposure_warnings
 
 
@@ -18,6 +18,7 @@ def test_ipv6_addresses_get_their_brackets():
     assert base_url("::1", 8014) == "http://[::1]:8014"
     assert base_url("[::1]", "8014") == "http://[::1]:8014"
     assert base_url("127.0.0.1", 8014) == "http://127.0.0.1:8014"
+    assert url_host("::1") == "[::1]" and url_host("localhost") == "localhost"  # demo's curl lines use it
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8014", "http://127.0.0.1:99999", "http://[::1:8014", "https://x:1",
