@@ -8,6 +8,7 @@ before anything is started.
 import json
 import math
 import os
+import re
 import stat
 from typing import Any
 
@@ -183,15 +184,30 @@ def field_path(base: str, key: str) -> str:
     return f"{base}[{msgspec.json.encode(key).decode()}]"
 
 
+_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+
+
+def _value_at(value: Any, where: str) -> str | None:
+    """The JSON text of what msgspec's `$.devices[1]`-style path points at inside `value`."""
+    for key, index in _STEP.findall(where):
+        try:
+            value = value[key] if key else value[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _convert(value: Any, kind: Any, path: str, field: str) -> Any:
-    """msgspec.convert with the error rewritten to name the field by its JSON path."""
+    """msgspec.convert with the error rewritten to name the field by its JSON path, and the value."""
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        message = str(exc).replace("`$", f"`{field}")
-        if " - at `" not in message:
-            message += f" - at `{field}`"
-        raise ConfigError(f"{path}: {message}") from None
+        message, _, where = str(exc).partition(" - at `")
+        where = where.rstrip("`") or "$"
+        found = _value_at(value, where) if message.startswith(("Expected", "Number")) else None
+        got = f", value {found}" if found is not None else ""
+        raise ConfigError(f"{path}: {message} - at `{field}{where[1:]}`{got}") from None
 
 
 def load_model_map(path: str) -> dict[str, list[str]]:
@@ -217,15 +233,18 @@ def load_model_map(path: str) -> dict[str, list[str]]:
     return clients
 
 
-def shown(value: float) -> str:
-    """A number as the file most likely wrote it: 0 not 0.0, 1e+308 as is."""
-    return str(int(value)) if math.isfinite(value) and value.is_integer() and abs(value) < 1e15 else repr(value)
+def shown(value: float | int) -> str:
+    """A number as the file most likely wrote it: 0 not 0.0, 1e+308 as is, 400 digits cut short."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _gb(path: str, field: str, value: float, low: float, *, low_included: bool = False) -> None:
     """A memory figure in GB: a finite number above `low` (or at it) and within what a GPU can have."""
     bound = f">= {low}" if low_included else f"> {low}"
-    if math.isnan(value) or value < low or (value == low and not low_included):
+    if (isinstance(value, float) and math.isnan(value)) or value < low or (value == low and not low_included):
         raise ConfigError(f"{path}: {field}: must be {bound}, got {shown(value)}")
     if value > MAX_GPU_MEMORY_GB:
         raise ConfigError(f"{path}: {field}: must be at most {MAX_GPU_MEMORY_GB} GB (no GPU has more), got {shown(value)}")
@@ -270,12 +289,8 @@ def _memory_figure(path: str, section: dict, field: str, key: str, *, zero_allow
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{path}: {field}: must be a number, got {json.dumps(value)[:80]}")
-    try:
-        value = float(value)
-    except OverflowError:  # an integer with hundreds of digits
-        value = math.inf
-    _gb(path, field, value, 0, low_included=zero_allowed)
-    return value
+    _gb(path, field, value, 0, low_included=zero_allowed)  # an int of 400 digits compares as it is
+    return float(value)
 
 
 def gpu_memory_of(path: str, section: dict, configuration: dict) -> GpuMemory:
