@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from gpu_orchestrator.supervisor import channel
 from gpu_orchestrator.supervisor.config import ConfigError, load_config
-from support import SOAK
+from support import SOAK, Orchestrator, wait_for, write_config
 
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
                        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -81,3 +82,37 @@ def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, model_map):
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     # Only what this run would have made: another orchestrator may be running on the host.
     assert "loader" not in stderr and channel.segments_of(proc.pid) == []
+
+
+def test_files_that_overflow_mislead_or_block_are_refused_on_sighup_and_the_running_state_kept(tmp_path, store):
+    model_map, allocation = write_config(tmp_path, {"alpha": ["org/a1"]}, {"alpha": {"mps_memory_limit_gb": 1.0}})
+    good_allocation = allocation.read_text()
+    def fifo_for_map():  # no writer will ever come: a blocking open or read would hang the loop
+        model_map.unlink()
+        os.mkfifo(model_map)
+
+    breakages = [  # (the files written, what the refusal names)
+        ({allocation: json.dumps({"mps_resource_allocation": {"agent_allocations": {"alpha": {"mps_memory_limit_gb": 1e308}}}})},
+         "mps_memory_limit_gb: must be at most 4096 GB (no GPU has more), got 1e+308"),
+        ({allocation: good_allocation, model_map: '{"alpha": ["org/a1"], "--help": ["org/a1"]}'},
+         "client name '--help' starts with '-'"),
+        ({model_map: '{"alpha": ["org/a1"], "alpha": ["org/a2"]}'}, 'key \\"alpha\\" is given twice'),
+        (fifo_for_map, "it is a FIFO, not a regular file"),
+    ]
+    with Orchestrator(tmp_path, store, model_map, allocation) as orch:
+        before = orch.wait_settled()
+        assert before["all_ready"]
+        for count, (breakage, refusal) in enumerate(breakages, 1):
+            if callable(breakage):
+                breakage()
+            else:
+                for path, text in breakage.items():
+                    path.write_text(text)
+            os.kill(orch.proc.pid, signal.SIGHUP)
+            wait_for(lambda: orch.output().count("reload refused; the running configuration stays") == count,
+                     what=f"refusal {count} logged")
+            assert refusal in [line for line in orch.output().splitlines() if "reload refused" in line][-1]
+            kept = orch.status()
+            assert kept["all_ready"] and kept["clients"]["alpha"]["pid"] == before["clients"]["alpha"]["pid"]
+            assert kept["clients"]["alpha"]["memory_limit_bytes"] == 2**30
+        assert orch.stop() == 0
