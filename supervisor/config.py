@@ -20,7 +20,6 @@ EX_CONFIG = 78
 BACKENDS = ("default", "torch")
 DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"
 GiB = 1024**3
-MiB = 1024**2
 # No GPU has more memory than this (the largest have a few hundred GB): a bigger figure is a
 # typo, and an unbounded one (1e308) overflows every byte count computed from it.
 MAX_GPU_MEMORY_GB = 4096
@@ -89,7 +88,6 @@ class Config(msgspec.Struct, kw_only=True):
         return int(allocation.mps_memory_limit_gb * GiB) if allocation else None
 
 
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -120,7 +118,7 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR:
 
 
 def _not_regular(path: str, what: str, mode: int) -> ConfigError:
-    kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    kind = FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
     return ConfigError(f"{path}: cannot read {what}: it is {kind}, not a regular file; point it at the JSON file")
 
 
