@@ -60,7 +60,9 @@ def test_healthy_setup_with_a_running_orchestrator(tmp_path, store, dirs):
         code, found = checks(dirs)
         assert code == 0, found
         assert found["control answers"][0]["status"] == "ok"
-        limits = [c["detail"] for c in found["loader limits"] if "client alpha" in c["detail"]]
+        # Only our loader: other runs on this machine may have loaders of their own named alpha.
+        ours = f"client alpha (pid {orch.loader_pid('alpha')})"
+        limits = [c["detail"] for c in found["loader limits"] if ours in c["detail"]]
         assert limits and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=2048M" in limits[0]
         assert found["compute mode"][0]["status"] == "skipped"
         code, human = diag(dirs)
