@@ -121,14 +121,17 @@ def check_url(url: str, source: str = "--url") -> str:
     return url.rstrip("/")
 
 
+MAX_SECONDS = 7 * 24 * 3600  # a week; far beyond it, sockets, timers and sleep() overflow the system's clock
+
+
 def seconds(text: str, source: str) -> float:
-    """A finite, positive number of seconds; 'nan' or '-1' would never end or never start."""
+    """A positive number of seconds, at most MAX_SECONDS: 'nan' would never end, '-1' never start."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise UsageError(f"{source}: expected a positive number of seconds, got {text!r}")
+    if not 0 < value <= MAX_SECONDS:
+        raise UsageError(f"{source}: expected a positive number of seconds up to {MAX_SECONDS}, got {text!r}")
     return value
 
 

@@ -112,7 +112,7 @@ def ensure_folders(settings: MpsSettings) -> None:
     """0755: MPS servers the daemon starts for other users must reach both folders. Raises MpsError
     naming the folder when one cannot be made (a read-only file system under ProtectSystem=strict,
     a file in the way): MPS is then off, reported like any other MPS failure, and the service serves on."""
-    for variable, folder in (("CUDA_MPS_PIPE_DIRECTORY", settings.pipe_dir), ("CUDA_MPS_LOG_DIRECTORY", settings.log_dir)):
+    for variable, folder in mps_env(settings).items():
         try:
             os.makedirs(folder, mode=0o755, exist_ok=True)
         except OSError as exc:

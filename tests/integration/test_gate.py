@@ -128,10 +128,10 @@ def test_a_read_only_cache_costs_a_warning_not_the_verdict(tmp_path, store):
 
 
 @pytest.mark.parametrize("args,env,named", [
-    (("--timeout", "nan"), {}, "--timeout: expected a positive number of seconds, got 'nan'"),
-    (("--timeout", "-1"), {}, "--timeout: expected a positive number of seconds, got '-1'"),
-    (("--timeout", "inf"), {}, "--timeout: expected a positive number of seconds, got 'inf'"),
-    ((), {"GATE_TIMEOUT": "nan"}, "GATE_TIMEOUT: expected a positive number of seconds, got 'nan'"),
+    (("--timeout", "nan"), {}, "--timeout: expected a positive number of seconds up to 604800, got 'nan'"),
+    (("--timeout", "-1"), {}, "--timeout: expected a positive number of seconds up to 604800, got '-1'"),
+    (("--timeout", "inf"), {}, "--timeout: expected a positive number of seconds up to 604800, got 'inf'"),
+    ((), {"GATE_TIMEOUT": "nan"}, "GATE_TIMEOUT: expected a positive number of seconds up to 604800, got 'nan'"),
     (("--url", "127.0.0.1:8014"), {}, "--url: expected http://HOST:PORT"),
     (("--url", "http://[::1:8014"), {}, "--url: 'http://[::1:8014' is not a usable URL"),
     ((), {"GPU_ORCHESTRATOR_PORT": "eighty"}, "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT: 'http://127.0.0.1:eighty'"),

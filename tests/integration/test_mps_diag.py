@@ -193,4 +193,5 @@ def test_bad_arguments_are_one_line_and_exit_2(dirs):
     result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "mps-diag", "--timeout", "nan"],
                             capture_output=True, text=True, env={**os.environ, **dirs}, timeout=60)
     assert result.returncode == 2
-    assert result.stderr == "gpu-orchestrator mps-diag: error: --timeout: expected a positive number of seconds, got 'nan'\n"
+    assert result.stderr == ("gpu-orchestrator mps-diag: error: --timeout: "
+                             "expected a positive number of seconds up to 604800, got 'nan'\n")

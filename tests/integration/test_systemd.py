@@ -194,8 +194,8 @@ def test_the_unit_provisions_the_mps_folders_before_its_sandbox(tmp_path):
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "passwd").write_text("gpu-orchestrator:x:991:991::/nonexistent:/usr/sbin/nologin\n")
     (root / "etc" / "group").write_text("gpu-orchestrator:x:991:\n")
-    created = subprocess.run(["systemd-tmpfiles", "--create", f"--root={root}", str(units / "gpu-orchestrator.tmpfiles")],
-                             capture_output=True, text=True, timeout=60)
+    created = subprocess.run(["systemd-tmpfiles", "--create", f"--root={root}",
+                              str(units / "gpu-orchestrator.tmpfiles")], capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr
     made_by_tmpfiles = {"/" + str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir()} - {"/etc"}
     made_by_systemd = {f"/var/log/{name}" for name in unit["LogsDirectory"]}
