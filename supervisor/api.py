@@ -118,6 +118,10 @@ def check_url(url: str, source: str = "--url") -> str:
         raise UsageError(f"{source}: expected http://HOST:PORT (e.g. http://127.0.0.1:8014), got {url!r}")
     if port == 0 or parts.query or parts.fragment:
         raise UsageError(f"{source}: expected http://HOST:PORT with a port from 1 to 65535, got {url!r}")
+    try:
+        parts.hostname.encode("idna")  # what connecting would do, failing there with a traceback
+    except UnicodeError as exc:
+        raise UsageError(f"{source}: {parts.hostname!r} is not a usable host name ({exc})") from None
     return url.rstrip("/")
 
 

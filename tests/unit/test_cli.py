@@ -22,7 +22,8 @@ def test_ipv6_addresses_get_their_brackets():
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8014", "http://127.0.0.1:99999", "http://[::1:8014", "https://x:1",
-                                 "http://:8014", "http://127.0.0.1:0", "http://h:1/?q"])
+                                 "http://:8014", "http://127.0.0.1:0", "http://h:1/?q", "http://a..b:8014",
+                                 "http://" + "a" * 70 + ":8014"])
 def test_unusable_urls_are_named(url):
     with pytest.raises(UsageError, match="--url"):
         check_url(url)
