@@ -196,7 +196,10 @@ def run_gate_command(args: argparse.Namespace) -> int:
     env = os.environ
     timeout = seconds(args.timeout, "--timeout") if args.timeout is not None else \
         seconds(env.get("GATE_TIMEOUT", "180"), "GATE_TIMEOUT")
-    return run_gate(args.instance, client_url(args), timeout, env.get("GPU_ORCHESTRATOR_TOKEN") or None)
+    token = env.get("GPU_ORCHESTRATOR_TOKEN") or None
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise UsageError("GPU_ORCHESTRATOR_TOKEN: only printable ASCII can travel in an Authorization header")
+    return run_gate(args.instance, client_url(args), timeout, token)
 
 
 def run_command(args: argparse.Namespace) -> int:
