@@ -155,5 +155,6 @@ def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
     app.add_route("/models/preload", resources.ModelsPreload(source))
     app.add_route("/gpu/info", resources.GpuInfo(source))
     app.add_route("/mps/allocation", resources.MpsAllocation(source))
+    app.add_route("/clients/{client}/environment", resources.ClientEnvironment(source))
     app.add_route("/metrics", Metrics(source, requests))
     return app

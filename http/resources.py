@@ -103,3 +103,16 @@ class MpsAllocation:
 
     def on_get(self, req, resp):
         respond(resp, self.source.mps_allocation())
+
+
+class ClientEnvironment:
+    """What `gpu-orchestrator env` and `exec` hand a client's service: its loader's limits."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def on_get(self, req, resp, client):
+        try:
+            respond(resp, self.source.client_environment(client))
+        except LookupError as exc:
+            raise falcon.HTTPNotFound(description=str(exc)) from None

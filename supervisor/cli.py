@@ -10,7 +10,7 @@ import tempfile
 
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import create_app, is_loopback
-from gpu_orchestrator.supervisor import channel, demo, gpucheck
+from gpu_orchestrator.supervisor import channel, clientenv, demo, gpucheck
 from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--model-dir", help="a safetensors snapshot to load with the torch backend under MPS")
     commands.add_parser("bench", help="benchmarks (scripts/bench): prints a table, writes BENCHMARKS.md",
                         add_help=False)
+    for name, what in (("env", "print a client's MPS environment as KEY=value lines (for EnvironmentFile=)"),
+                       ("exec", "run COMMAND as this client's service, under its MPS environment")):
+        client_parser = commands.add_parser(name, help=what)
+        client_parser.add_argument("client", help="a client of the model map")
+        client_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT)")
+        client_parser.add_argument("--allow-without-mps", action="store_true",
+                                   help="go on when MPS is configured but its daemon does not answer (no limits)")
+        if name == "exec":
+            client_parser.usage = "gpu-orchestrator exec [-h] [--url URL] [--allow-without-mps] CLIENT -- COMMAND [ARGS...]"
     status_parser = commands.add_parser("status", help="show a running orchestrator: GPUs, clients, models, MPS")
     status_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT)")
     status_parser.add_argument("--json", action="store_true", help="print /models/status and /gpu/info as JSON")
@@ -210,6 +219,10 @@ def run_command(args: argparse.Namespace) -> int:
         return run_status(client_url(args), args.json, watch)
     if args.command == "gpu-check":
         return gpucheck.check(args.model_dir)
+    if args.command == "env":
+        return clientenv.run_env(client_url(args), args.client, args.allow_without_mps)
+    if args.command == "exec":
+        return clientenv.run_exec(client_url(args), args.client, args.command_line, args.allow_without_mps)
     if args.command == "mps-diag":
         return run_diag(MpsSettings(
             args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
@@ -227,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from gpu_orchestrator.supervisor import bench  # only the benchmark needs its helpers
         return bench.main(argv[1:])
+    # exec's COMMAND is everything after '--', its options included: argparse must never see them.
+    command_line = []
+    if argv[:1] == ["exec"] and "--" in argv:
+        cut = argv.index("--")
+        argv, command_line = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.command_line = command_line
     setup_logging()
     try:
         code = run_command(args)

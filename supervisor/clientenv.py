@@ -1,0 +1,106 @@
+"""`gpu-orchestrator env CLIENT` and `gpu-orchestrator exec CLIENT -- COMMAND [ARGS...]`.
+
+A client's limits must reach the service that really runs its models, not only its
+loader. Both commands ask the running orchestrator for the client's environment
+(the one its loader runs with now: after reloads, with MPS in force or not), so
+an operator never copies limits by hand. `env` prints it as KEY=value lines (the
+format of systemd's EnvironmentFile= and of env); `exec` replaces itself with the
+command, that environment added (same pid: systemd supervises the service itself).
+
+Exit status: 0; 2 bad arguments; 67 no such client; 69 no orchestrator answers (or
+not as one); 75 MPS is configured but its daemon does not answer (the service
+would run without its limits; --allow-without-mps runs it anyway); 127 the command
+cannot be run.
+"""
+
+import os
+import sys
+import time
+import urllib.parse
+
+import msgspec
+
+from gpu_orchestrator.supervisor.api import BadAnswer, Unreachable, call, error_of
+
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_NOT_FOUND = 127
+ASK_TIMEOUT = 10.0
+# What `exec` never passes on from its own environment: only the client's limits and folders count.
+CLIENT_MPS = ("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
+              "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+
+
+class ClientEnvironment(msgspec.Struct):
+    client: str
+    mps_configured: bool
+    mps_in_force: bool
+    mps_error: str | None
+    environment: dict[str, str]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def fetch(url: str, client: str, allow_without_mps: bool, timeout: float = ASK_TIMEOUT) -> dict[str, str]:
+    """The client's variables from the orchestrator at `url`, or Refused saying why not."""
+    where = f"{url}/clients/{urllib.parse.quote(client, safe='')}/environment"
+    try:
+        status, document = call(where, time.monotonic() + timeout, ClientEnvironment)
+    except Unreachable as exc:
+        raise Refused(EX_UNAVAILABLE, f"no orchestrator answers at {url} ({exc}); is it running?") from None
+    except BadAnswer as exc:
+        raise Refused(EX_UNAVAILABLE, str(exc)) from None
+    if status == 404:
+        raise Refused(EX_NOUSER, f"client {client!r}: {error_of(status, document)}")
+    if status != 200:
+        raise Refused(EX_UNAVAILABLE, f"{where} answered {error_of(status, document)}")
+    answer = msgspec.convert(document, ClientEnvironment)
+    if answer.mps_configured and not answer.mps_in_force and not allow_without_mps:
+        raise Refused(EX_TEMPFAIL, f"client {client!r}: MPS is configured but its control daemon does not answer "
+                                   f"({answer.mps_error or 'no reason given'}), so this would run without its "
+                                   "memory limit; start the daemon, or pass --allow-without-mps")
+    return answer.environment
+
+
+def environment_lines(environment: dict[str, str]) -> str:
+    """KEY=value lines; a value with a newline could forge another line, so none is printed."""
+    for key, value in environment.items():
+        if "\n" in key or "\n" in value or "=" in key:
+            raise Refused(EX_UNAVAILABLE, f"the orchestrator sent an unusable variable {key!r}")
+    return "".join(f"{key}={value}\n" for key, value in sorted(environment.items()))
+
+
+def run_env(url: str, client: str, allow_without_mps: bool) -> int:
+    try:
+        sys.stdout.write(environment_lines(fetch(url, client, allow_without_mps)))
+    except Refused as exc:
+        print(f"gpu-orchestrator env: {exc}", file=sys.stderr)
+        return exc.status
+    return 0
+
+
+def run_exec(url: str, client: str, command: list[str], allow_without_mps: bool) -> int:
+    """Only returns when it could not exec."""
+    if not command:
+        print("gpu-orchestrator exec: no command given; usage: gpu-orchestrator exec CLIENT -- COMMAND [ARGS...]",
+              file=sys.stderr)
+        return 2
+    try:
+        environment = fetch(url, client, allow_without_mps)
+        environment_lines(environment)
+    except Refused as exc:
+        print(f"gpu-orchestrator exec: {exc}", file=sys.stderr)
+        return exc.status
+    merged = {k: v for k, v in os.environ.items() if k not in CLIENT_MPS} | environment
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, merged)
+    except OSError as exc:
+        print(f"gpu-orchestrator exec: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
+        return EX_NOT_FOUND
