@@ -216,7 +216,8 @@ def bench_warmup(work: Path, total_mb: int, clients: int) -> list[tuple]:
             for _ in range(3):
                 started = time.monotonic()
                 with urllib.request.urlopen(urllib.request.Request(
-                        orch.url + "/models/preload", data=b'{"refresh": true}', method="POST")) as response:
+                        orch.url + "/models/preload", data=b'{"refresh": true}', method="POST",
+                        headers={"Content-Type": "application/json"})) as response:
                     response.read()
                 orch.settled()
                 makespans.append(time.monotonic() - started)
