@@ -73,6 +73,7 @@ class Config(msgspec.Struct, kw_only=True):
     token: str | None = None
     backend: str = "default"
     preload: bool = True
+    service_pattern: str = "*@{client}.service"  # a client's service by its systemd unit, for attribution
     clients: dict[str, list[str]]
     allocations: dict[str, AgentAllocation] = {}
     allocation_document: dict[str, Any] = {}  # the file as read, every key kept, for /mps/allocation
@@ -167,12 +168,28 @@ def _refuse_constant(name: str):
 def _read_json(path: str, what: str) -> Any:
     raw = read_config_file(path, what)
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+        document = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: key {json.dumps(exc.args[0])} is given twice in one object; "
                           "JSON would silently keep the last one: merge them") from None
     except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    _refuse_huge_integers(path, document)
+    return document
+
+
+def _refuse_huge_integers(path: str, document: Any) -> None:
+    """No number in these files means anything past 64 bits, and msgspec before 0.22 fails
+    with a SystemError converting such an integer to a float: refuse it by its path."""
+    pending = [("$", document)]
+    while pending:  # iterative: the document may be nested as deep as the parser allows
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend((field_path(where, key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            pending.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, int) and not -2**63 <= value < 2**64:
+            raise ConfigError(f"{path}: {where}: {shown(value)} is larger than any number this file can mean")
 
 
 def field_path(base: str, key: str) -> str:
@@ -366,6 +383,10 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
     backend = env.get("GPU_ORCHESTRATOR_BACKEND") or "default"
     if backend not in BACKENDS:
         raise ConfigError(f"GPU_ORCHESTRATOR_BACKEND: must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    service_pattern = env.get("GPU_ORCHESTRATOR_SERVICE_PATTERN") or "*@{client}.service"
+    if "{client}" not in service_pattern or "/" in service_pattern:
+        raise ConfigError("GPU_ORCHESTRATOR_SERVICE_PATTERN: a systemd unit name pattern with {client} in it "
+                          f"(e.g. '*@{{client}}.service' or 'inference-{{client}}.service'), got {service_pattern!r}")
     return Config(
         host=_setting("GPU_ORCHESTRATOR_HOST", overrides, env, "127.0.0.1"),
         port=parse_port("GPU_ORCHESTRATOR_PORT", _setting("GPU_ORCHESTRATOR_PORT", overrides, env, 8014)),
@@ -382,6 +403,7 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         token=env.get("GPU_ORCHESTRATOR_TOKEN") or None,
         backend=backend,
         preload=not overrides.get("no_preload", False),
+        service_pattern=service_pattern,
         **files,
     )
 

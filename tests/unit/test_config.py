@@ -71,7 +71,7 @@ REFUSALS = [
     ("client key twice", '{"a": ["x/y"], "a": ["x/z"]}', None, 'AGENT_MODEL_MAP.json: key "a" is given twice in one object'),
     ("allocation key twice", {"a": ["x/y"]}, '{"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": 1, "mps_memory_limit_gb": 90}}}}', 'alloc.json: key "mps_memory_limit_gb" is given twice'),
     ("NaN", {"a": ["x/y"]}, '{"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": NaN}}}}', "alloc.json: not valid JSON: NaN is not a JSON number"),
-    ("a number too big for a float", {"a": ["x/y"]}, '{"mps_resource_allocation": {"available_memory_gb": 1' + "0" * 400 + '}}', "available_memory_gb: must be at most 4096 GB"),
+    ("a number too big for a float", {"a": ["x/y"]}, '{"mps_resource_allocation": {"available_memory_gb": 1' + "0" * 400 + '}}', "$.mps_resource_allocation.available_memory_gb: 1000000000000000000000000000000000000... is larger than any number"),
 ]
 
 
@@ -169,3 +169,12 @@ def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, store, name, mo
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in stderr
     # Only this run's segments: other orchestrators on the host may own theirs meanwhile.
     assert channel.segments_of(proc.pid) == []
+
+
+def test_the_service_pattern_names_a_unit_with_the_client_in_it(tmp_path, store):
+    assert load_config(config_for(tmp_path, store, {"a": ["x/y"]})).service_pattern == "*@{client}.service"
+    custom = config_for(tmp_path, store, {"a": ["x/y"]}, GPU_ORCHESTRATOR_SERVICE_PATTERN="inference-{client}.service")
+    assert load_config(custom).service_pattern == "inference-{client}.service"
+    for bad in ("justnews@analyst.service", "a/{client}.service"):
+        with pytest.raises(ConfigError, match="GPU_ORCHESTRATOR_SERVICE_PATTERN"):
+            load_config(config_for(tmp_path, store, {"a": ["x/y"]}, GPU_ORCHESTRATOR_SERVICE_PATTERN=bad))

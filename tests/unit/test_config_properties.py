@@ -128,6 +128,9 @@ def test_free_text_and_unknown_keys_come_back_exactly_as_given(text, value):
                "monitoring": {text: value}, "mps_configuration": {"pipe_directory": text, "unknown": value}}
     document = {"mps_resource_allocation": section, "elsewhere": value}
     files, refusal = load({"a": ["org/m"]}, document)
+    if is_whole(value) and not -2**63 <= value < 2**64:
+        assert "is larger than any number this file can mean" in refusal  # wherever it is
+        return
     assert refusal is None
     answer = mps_allocation(config_of(files))
     del answer["source"], answer["mps_resource_allocation"]["system_summary"]
