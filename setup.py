@@ -19,17 +19,25 @@ setup(
         "gpu_orchestrator.loaders": "loaders",
         "gpu_orchestrator.http": "http",
     },
+    # The lowest releases that pass the unit tests and the HTTP/telemetry tests on CPython 3.11,
+    # installed as wheels (.ci/run checks them on every run). Below them: psutil 5.9.3 and older
+    # have no 3.11 wheel (building one needs a compiler); nvidia-ml-py 11.450 and older have no
+    # wheel; msgspec 0.15 lacks msgspec.convert; falcon 3.1 lacks HTTPError.status_code and
+    # HTTPContentTooLarge, so every error became a 500; with waitress 2.1.2 and older a POST whose
+    # 70 KB body the app refuses (413) gets no answer at all; prometheus_client 0.7 and older
+    # have no wheel.
     install_requires=[
-        "psutil>=5.9",
-        "nvidia-ml-py>=12.535",
-        "msgspec>=0.18",
-        "falcon>=3.1",
-        "waitress>=2.1",
-        "prometheus_client>=0.17",
+        "psutil>=5.9.4",
+        "nvidia-ml-py>=11.495.46",
+        "msgspec>=0.16",
+        "falcon>=4.0",
+        "waitress>=3.0",
+        "prometheus_client>=0.8",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
-        "torch": ["torch>=2.1", "safetensors>=0.4"],
+        # safetensors before 0.8 refuses the F4, F6 and FNUZ files the model check accepts.
+        "torch": ["torch>=2.1", "safetensors>=0.8"],
     },
     entry_points={
         "console_scripts": ["gpu-orchestrator=gpu_orchestrator.supervisor.cli:main"],
