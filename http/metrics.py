@@ -95,7 +95,6 @@ def client_families(status: dict):
     models_failed = gauge("client_models_failed", "Models failed", ["client"])
     restarts = CounterMetricFamily(PREFIX + "loader_restarts", "Loader restarts", labels=["client"])
     state = gauge("loader_state", "1 for the loader's current state", ["client", "state"])
-    gpu_memory = gauge("client_gpu_memory_bytes", "GPU memory used by the client's loader and its children", ["client"])
     rss = gauge("loader_rss_bytes", "Resident memory of the client's loader", ["client"])
     warmup = gauge("model_warmup_seconds", "Seconds the model's last warm-up took", ["client", "model"])
     for name, client in status["clients"].items():
@@ -105,20 +104,36 @@ def client_families(status: dict):
         restarts.add_metric([name], client["restarts"])
         for each in LOADER_STATES:
             state.add_metric([name, each], 1 if client["state"] == each else 0)
-        if client["gpu_memory_bytes"] is not None:
-            gpu_memory.add_metric([name], client["gpu_memory_bytes"])
         if client["rss_bytes"] is not None:
             rss.add_metric([name], client["rss_bytes"])
         for model in client["models"]:
             if model["status"] in ("ready", "failed"):
                 warmup.add_metric([name, model["model"]], model["seconds"])
-    yield from (ready, models_ready, models_failed, restarts, state, gpu_memory, rss, warmup)
+    yield from (ready, models_ready, models_failed, restarts, state, rss, warmup)
     all_ready = gauge("all_ready", "1 when every model of every client is ready", [])
     all_ready.add_metric([], 1 if status["all_ready"] else 0)
     in_progress = gauge("warmup_in_progress", "1 while a warm-up runs", [])
     in_progress.add_metric([], 1 if status["in_progress"] else 0)
     yield all_ready
     yield in_progress
+
+
+def client_gpu_families(info: dict, status: dict):
+    """What each client's processes (loader, its children, its service) use per GPU, and whether
+    together they pass the client's limit there: MPS limits each CUDA process, not the client."""
+    memory = gauge("client_gpu_memory_bytes", "GPU memory used by the client's processes (loader, service)",
+                   ["client", "gpu"])
+    over = gauge("client_over_limit", "1 when the client's processes together use more than its limit on a GPU",
+                 ["client"])
+    use = info["clients"]
+    for name, client in sorted(use.items()):
+        for gpu, used in client["gpus"].items():
+            memory.add_metric([name, gpu], used)
+    if info["nvml_supported"]:
+        for name, client in status["clients"].items():
+            if client["memory_limit_bytes"] is not None:
+                over.add_metric([name], 1 if use.get(name, {}).get("over_limit") else 0)
+    yield from (memory, over)
 
 
 def mps_families(info: dict, status: dict, allocation: dict):
@@ -156,6 +171,7 @@ class OrchestratorCollector:
         yield build
         yield from gpu_families(info)
         yield from client_families(status)
+        yield from client_gpu_families(info, status)
         yield from mps_families(info, status, self.source.mps_allocation())
         http = CounterMetricFamily(PREFIX + "http_requests", "HTTP requests by route, method and status",
                                    labels=["route", "method", "status"])

@@ -574,7 +574,7 @@ class Arbiter:
             config = self.config
         report = self.mps_report()
         return Owners(loaders, report["servers"] if report else [], tuple(config.clients),
-                      {c: config.memory_limit_bytes(c) for c in config.clients})
+                      {c: config.memory_limit_bytes(c) for c in config.clients}, config.service_pattern)
 
     def telemetry(self) -> Telemetry | None:
         """The sampler's last snapshot. Lock held."""

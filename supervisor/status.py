@@ -216,6 +216,25 @@ def mps_disabled(config: Config) -> dict:
             "error": "ENABLE_MPS is not true"}
 
 
+def client_gpu_use(config: Config, telemetry: Telemetry) -> dict:
+    """Per client: its GPU processes (loader, loader-child, service) with their memory, the sum per
+    GPU and in all, its limit, and the GPUs where its processes together pass that limit."""
+    processes: dict[str, list[dict]] = {}
+    for gpu in telemetry.gpus:
+        for process in gpu.processes:
+            if process.client is not None:
+                processes.setdefault(process.client, []).append(
+                    {"pid": process.pid, "gpu": gpu.index, "role": process.role,
+                     "used_memory_bytes": process.used_memory_bytes})
+    return {client: {"gpu_memory_bytes": telemetry.clients.get(client, 0),
+                     "gpus": {str(index): used for index, used in sorted(telemetry.client_gpus.get(client, {}).items())},
+                     "memory_limit_bytes": config.memory_limit_bytes(client) if client in config.clients else None,
+                     "over_limit": client in telemetry.over_limit,
+                     "over_limit_gpus": telemetry.over_limit.get(client, []),
+                     "processes": processes.get(client, [])}
+            for client in sorted(set(telemetry.clients) | set(processes))}
+
+
 def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now: float | None = None) -> dict:
     """GPU state from the sampler's last snapshot; never touches NVML or a subprocess."""
     now = time.monotonic() if now is None else now
@@ -243,7 +262,7 @@ def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now:
         **info,
         "available": any(gpu.error is None for gpu in telemetry.gpus),
         "gpus": [msgspec.structs.asdict(gpu) for gpu in telemetry.gpus],
-        "clients": {client: {"gpu_memory_bytes": used} for client, used in telemetry.clients.items()},
+        "clients": client_gpu_use(config, telemetry),
         "nvml_supported": telemetry.nvml_supported,
         "nvml_init_error": telemetry.nvml_init_error,
         "driver_version": telemetry.driver_version,

@@ -39,14 +39,28 @@ def gpu_lines(info: dict) -> list[str]:
     return [f"GPUs{age}:", *table(["GPU", "NAME", "MEMORY", "UTIL", "TEMP", "POWER", "MODE"], rows)]
 
 
-def client_lines(status: dict) -> list[str]:
+def client_lines(status: dict, info: dict) -> list[str]:
     rows = []
+    use = info.get("clients", {})
     for name, client in status["clients"].items():
         ready = sum(m["status"] == "ready" for m in client["models"])
+        over = " OVER LIMIT" if use.get(name, {}).get("over_limit") else ""
         rows.append([name, client["state"], str(client["pid"] or "-"), str(client["restarts"]),
                      f"{ready}/{len(client['models'])}", "yes" if client["ready"] else "no",
-                     size(client["gpu_memory_bytes"]), size(client["rss_bytes"])])
+                     size(client["gpu_memory_bytes"]) + over, size(client["rss_bytes"])])
     return table(["CLIENT", "STATE", "PID", "RESTARTS", "MODELS", "READY", "GPU MEM", "RSS"], rows)
+
+
+def over_limit_lines(info: dict) -> list[str]:
+    """MPS limits each CUDA process: say which clients' processes together pass their limit."""
+    lines = []
+    for name, client in sorted(info.get("clients", {}).items()):
+        for gpu in client["over_limit_gpus"]:
+            processes = [p for p in client["processes"] if p["gpu"] == gpu]
+            roles = ", ".join(f"{p['role']} {p['pid']}" for p in processes)
+            lines.append(f"  {name} on GPU {gpu}: {size(client['gpus'][str(gpu)])} of its "
+                         f"{size(client['memory_limit_bytes'])} limit, in {len(processes)} processes ({roles})")
+    return ["", "Over their MPS memory limit (each process is limited, not the client):", *lines] if lines else []
 
 
 def headline(url: str, status: dict) -> str:
@@ -73,7 +87,8 @@ def mps_line(info: dict) -> str:
 
 
 def render(url: str, status: dict, info: dict) -> str:
-    lines = [headline(url, status), mps_line(info), "", *gpu_lines(info), "", *client_lines(status)]
+    lines = [headline(url, status), mps_line(info), "", *gpu_lines(info), "", *client_lines(status, info),
+             *over_limit_lines(info)]
     if status["errors"]:
         lines += ["", "Failures:"] + [f"  {e['agent']} {e['model']}: {e['error']}" for e in status["errors"]]
     return "\n".join(lines)

@@ -4,10 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+import nvml_hosts
 from support import Orchestrator, wait_for, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
@@ -15,6 +18,7 @@ CLI = [sys.executable, "-m", "gpu_orchestrator.supervisor.cli"]
 # Every variable a client's process gets from the orchestrator, whichever way it is started.
 CLIENT_KEYS = ("GPU_ORCHESTRATOR_CLIENT", "CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY",
                "CUDA_MPS_LOG_DIRECTORY", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+MiB = 1024**2
 PRINT_ENV = "import json, os; print(json.dumps({'pid': os.getpid(), 'env': dict(os.environ)}))"
 
 
@@ -96,3 +100,44 @@ def test_mps_configured_but_down_refuses_unless_allowed(mps_orchestrator):
                   env={"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1M"})
         assert ran.returncode == 0
         assert client_part(json.loads(ran.stdout)["env"]) == {"GPU_ORCHESTRATOR_CLIENT": "alpha"}
+
+
+def test_a_service_started_by_exec_counts_for_its_client_and_over_limit_is_flagged(tmp_path, store):
+    """Loader 256 MiB + service 900 MiB on GPU 0, each under the 1 GiB pinned limit, together over it."""
+    pids = tmp_path / "service-pids"
+    pids.write_text("")
+    gpu = {**nvml_hosts.HEALTHY_H100, "processes": [], "pid_file": str(pids), "pid_file_bytes": 900 * MiB}
+    env = {"ENABLE_NVML": "true", "PYTHONPATH": str(nvml_hosts.FAKE_NVML),
+           "FAKE_NVML_CONFIG": str(nvml_hosts.write(tmp_path / "nvml.json", gpus=[gpu]))}
+    model_map, allocation = write_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"]},
+                                         {"alpha": {"mps_memory_limit_gb": 1.0}, "beta": {"mps_memory_limit_gb": 1.0}})
+    with Orchestrator(tmp_path, store, model_map, allocation, env=env,
+                      extra_args=("--telemetry-interval", "0.2")) as orch:
+        assert orch.wait_settled()["all_ready"]
+        service = subprocess.Popen([*CLI, "exec", "alpha", "--url", orch.url, "--", "sleep", "60"])
+        try:
+            wait_for(lambda: environ(service.pid).get("GPU_ORCHESTRATOR_CLIENT") == "alpha", what="service exec'd")
+            pids.write_text(str(service.pid))
+            info = wait_for(lambda: (i := orch.get("/gpu/info")[1])["clients"].get("alpha", {}).get("over_limit") and i,
+                            what="alpha flagged over its limit")
+            alpha = info["clients"]["alpha"]
+            roles = {p["pid"]: p["role"] for p in alpha["processes"]}
+            assert roles == {orch.loader_pid("alpha"): "loader", service.pid: "service"}
+            assert alpha["gpus"] == {"0": 1156 * MiB} and alpha["over_limit_gpus"] == [0]
+            assert info["clients"]["beta"]["over_limit"] is False
+            text = urllib.request.urlopen(orch.url + "/metrics", timeout=10).read().decode()
+            metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(text) for s in family.samples}
+            assert metrics[("gpu_orchestrator_client_over_limit", (("client", "alpha"),))] == 1
+            assert metrics[("gpu_orchestrator_client_over_limit", (("client", "beta"),))] == 0
+            assert metrics[("gpu_orchestrator_client_gpu_memory_bytes", (("client", "alpha"), ("gpu", "0")))] == 1156 * MiB
+            shown = cli("status", "--url", orch.url)
+            assert "OVER LIMIT" in shown.stdout and f"alpha on GPU 0: 1156 MiB of its 1024 MiB limit" in shown.stdout
+            wait_for(lambda: "more than its MPS memory limit" in orch.output(), what="the warning")
+        finally:
+            service.kill()
+            service.wait()
+        pids.write_text("")
+        wait_for(lambda: not orch.get("/gpu/info")[1]["clients"]["alpha"]["over_limit"], what="the episode over")
+        assert orch.output().count("more than its MPS memory limit") == 1
+        assert "client back under its MPS memory limit client=alpha gpu=0" in orch.output()

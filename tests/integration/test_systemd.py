@@ -167,8 +167,10 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
     dropin.mkdir()
     (dropin / "gpu-gate.conf").write_text((units / "gpu-gate.conf").read_text().replace("/usr/local/bin/gpu-orchestrator", binary))
     (tmp_path / "demo-agent@.service").write_text("[Unit]\nDescription=a GPU service\n[Service]\nExecStart=/bin/true\n")
+    client_unit = (units / "gpu-client@.service").read_text().replace("/usr/local/bin/gpu-orchestrator", binary)
+    (tmp_path / "gpu-client@.service").write_text(client_unit.replace("/usr/bin/env python3 -m your_service", "/bin/true"))
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"}
-    for unit in (str(service), str(tmp_path / "demo-agent@x.service")):
+    for unit in (str(service), str(tmp_path / "demo-agent@x.service"), str(tmp_path / "gpu-client@alpha.service")):
         result = subprocess.run([analyze, "verify", unit], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "Unknown" not in result.stderr and "ignoring" not in result.stderr, result.stderr

@@ -43,7 +43,12 @@ def test_gpu_info_from_the_snapshot_with_clients_attributed(telemetry_orch):
     for client in ("alpha", "beta"):
         assert roles[telemetry_orch.loader_pid(client)] == (client, "loader")
     assert roles[1] == (None, None)
-    assert info["clients"] == {"alpha": {"gpu_memory_bytes": 256 * 1024**2}, "beta": {"gpu_memory_bytes": 256 * 1024**2}}
+    for client, limit in (("alpha", 1024**3), ("beta", None)):
+        pid = telemetry_orch.loader_pid(client)
+        assert info["clients"][client] == {
+            "gpu_memory_bytes": 256 * 1024**2, "gpus": {"0": 256 * 1024**2}, "memory_limit_bytes": limit,
+            "over_limit": False, "over_limit_gpus": [],
+            "processes": [{"pid": pid, "gpu": 0, "role": "loader", "used_memory_bytes": 256 * 1024**2}]}
     status = telemetry_orch.status()
     assert status["clients"]["alpha"]["gpu_memory_bytes"] == 256 * 1024**2
     assert status["clients"]["alpha"]["rss_bytes"] > 0
@@ -96,7 +101,9 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
     assert samples(families[prefix + "client_ready"])[beta] == 0
     assert samples(families[prefix + "client_models_failed"])[beta] == 1
     assert samples(families[prefix + "client_models_ready"])[beta] == 1
-    assert samples(families[prefix + "client_gpu_memory_bytes"])[beta] == status["clients"]["beta"]["gpu_memory_bytes"]
+    assert samples(families[prefix + "client_gpu_memory_bytes"])[(("client", "beta"), ("gpu", "0"))] == \
+        status["clients"]["beta"]["gpu_memory_bytes"]
+    assert samples(families[prefix + "client_over_limit"]) == {(("client", "alpha"),): 0}  # beta has no limit
     assert samples(families[prefix + "loader_restarts"])[beta] == 0
     states = samples(families[prefix + "loader_state"])
     assert states[(("client", "beta"), ("state", status["clients"]["beta"]["state"]))] == 1

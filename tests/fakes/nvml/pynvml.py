@@ -8,9 +8,10 @@ FAKE_NVML_CONFIG names a JSON file:
    "gpus": [{"uuid", "name", "bus", "memory": [total, used], "util": [gpu, mem], "temp",
              "power_mw", "limit_mw", "sm_mhz", "mem_mhz", "mode", "persistence", "ecc": [cur, pending],
              "ecc_errors", "throttle", "unsupported": ["power", ...], "lost": bool,
-             "processes": [[pid, bytes], ...], "children_bytes": N}]}
+             "processes": [[pid, bytes], ...], "children_bytes": N, "pid_file": path, "pid_file_bytes": N}]}
 "children_bytes" makes every descendant of the calling process (the supervisor's loaders)
 a compute process using that many bytes, as loaders on a real GPU would appear.
+"pid_file" names a file of pids (read at every call), each a compute process of "pid_file_bytes".
 FAKE_NVML_CALL_LOG, when set, gets one line per call, so tests can count NVML use.
 """
 
@@ -187,6 +188,9 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
     _called("nvmlDeviceGetComputeRunningProcesses")
     gpu = _gpu(handle, "processes")
     found = [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in gpu.get("processes", [])]
+    if gpu.get("pid_file"):  # processes a test starts after the orchestrator, e.g. a client's service
+        with open(gpu["pid_file"]) as listed:
+            found += [SimpleNamespace(pid=int(pid), usedGpuMemory=gpu["pid_file_bytes"]) for pid in listed.read().split()]
     if gpu.get("children_bytes"):
         found += [SimpleNamespace(pid=child.pid, usedGpuMemory=gpu["children_bytes"])
                   for child in psutil.Process().children(recursive=True)
