@@ -393,7 +393,7 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         model_store_root=os.path.abspath(root),
         base_model_dir=base_model_dir,
         strict_model_store=strict,
-        hf_hub=None if strict else str(hf_hub_dir(env)),
+        hf_hub=None if strict else os.path.abspath(hf_hub_dir(env)),  # a loader argument: never "-..."
         enable_nvml=parse_bool("ENABLE_NVML", env.get("ENABLE_NVML", "false")),
         enable_mps=parse_bool("ENABLE_MPS", env.get("ENABLE_MPS", "false")),
         model_map_path=model_map_path,

@@ -152,6 +152,12 @@ def test_strict_mode_never_names_the_hf_cache(tmp_path, store):
     assert load_config(env).hf_hub == str(tmp_path / "hub")
 
 
+def test_a_relative_hf_home_becomes_an_absolute_loader_argument(tmp_path, store, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "-cache/hub" as given would reach the loader as an option
+    env = config_for(tmp_path, store, {"a": ["x/y"]}, HF_HOME="-cache")
+    assert load_config(env).hf_hub == str(tmp_path / "-cache" / "hub")
+
+
 CLI_REFUSALS = {r[0]: r for r in REFUSALS}
 
 
