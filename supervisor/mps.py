@@ -29,10 +29,17 @@ CONTROL_PIPE = "control"
 
 
 def process_alive(pid: int) -> bool:
-    """Running, not merely a zombie nobody has reaped yet."""
+    """Running, not merely a zombie nobody has reaped yet. A process whose main thread has exited
+    while another still runs (a killed loader's heartbeat thread finishing its exit) shows as a
+    zombie but is not dead yet: its parent cannot reap it until the last thread is gone."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return True
     except psutil.NoSuchProcess:
+        return False
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
         return False
 
 
