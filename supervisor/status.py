@@ -150,7 +150,7 @@ def allocation_summary(config: Config, gpu_memory: dict[int, int] | None = None)
                    for index, memory in sorted(gpu_memory.items())]
         overcommitted = any(gpu["overcommitted"] for gpu in per_gpu)
         overcommit = sum(gpu["overcommit_gb"] for gpu in per_gpu)
-        total, source = round(sum(gpu_memory.values()) / GiB, 3), "nvml"
+        total, source = round(sum(gpu["available_gb"] for gpu in per_gpu), 3), "nvml"
     elif declared.available_gb is not None:
         total, source = declared.available_gb, declared.source
         overcommitted, overcommit = allocated > total, max(0.0, allocated - total)

@@ -107,7 +107,8 @@ def test_with_nvml_the_mps_overhead_is_taken_off_each_gpu():
     assert allocation_summary(config, {0: 24 * GiB})["overcommitted"] is False
     config.gpu_memory = GpuMemory(23.5, "available_memory_gb", overhead_gb=0.5)
     summary = allocation_summary(config, {0: 24 * GiB})
-    assert summary["per_gpu"][0]["available_gb"] == 23.5 and summary["overcommit_gb"] == 0.3
+    assert summary["per_gpu"][0]["available_gb"] == summary["gpu_memory_total_gb"] == 23.5
+    assert summary["overcommit_gb"] == 0.3
     assert overcommit_warnings(summary)[0]["gpu_gb"] == 23.5
 
 
