@@ -3,7 +3,7 @@ from setuptools import setup
 # The design card fixes the top-level folders; package_dir maps them under one
 # import root so nothing is ever imported as a bare `supervisor` (PyPI's
 # supervisord owns that name) or `http` (the standard library owns that one).
-# http/ has no __init__.py on purpose: see DESIGN.md, "Layout".
+# http/ has no __init__.py on purpose: tests/unit/test_layout.py says why.
 setup(
     name="gpu-orchestrator",
     version="0.1.0",

@@ -313,7 +313,7 @@ def read_manifest(root: Path) -> dict:
 
 
 def add_path_to_digest(digest, relative_path: str) -> None:
-    """Each file contributes its relative path, a NUL, then its bytes (DESIGN.md)."""
+    """Each file contributes its relative path, a NUL, then its bytes (README, "The model store")."""
     digest.update(relative_path.encode() + b"\0")
 
 

@@ -1,6 +1,6 @@
 """The model store: model id -> snapshot directory, never outside the places it may read.
 
-Resolution order for model `org/name` of client `agent` (DESIGN.md, "The model store"):
+Resolution order for model `org/name` of client `agent` (README, "The model store"):
 1. $MODEL_STORE_ROOT/<agent>/current/<model-id>
 2. $MODEL_STORE_ROOT/$BASE_MODEL_DIR/<agent>/<model-id>   (when BASE_MODEL_DIR is set)
 3. $MODEL_STORE_ROOT/<model-id>
