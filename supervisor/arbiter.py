@@ -379,14 +379,14 @@ class Arbiter:
 
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
-            if loader.state != states.RUNNING:
-                continue
+            if loader.state != states.RUNNING or loader.kill_reason is not None:
+                continue  # killed already: a large process can take a few ticks to be reaped
             published = self.published(loader)
-            silent_for = loader.silent_for(published.heartbeat if published is not None else None, now)
-            if silent_for > self.policy.heartbeat_timeout:
+            idle = loader.idle_for(published.heartbeat if published is not None else None, now, loader.cpu_seconds)
+            if idle > self.policy.heartbeat_timeout:
                 log.error(kv("loader heartbeat lost; killing it", client=loader.client, pid=loader.pid,
-                             silent_s=round(silent_for, 1)))
-                loader.kill(f"heartbeat lost: silent for {silent_for:.1f} s")
+                             silent_s=round(idle, 1)))
+                loader.kill(f"heartbeat lost: silent for {idle:.1f} s")
 
     def restart_loaders(self, now: float) -> None:
         for loader in self.loaders.values():

@@ -61,6 +61,8 @@ class LoaderProcess:
     fatal_reason: str | None = None
     kill_reason: str | None = None  # set when the supervisor kills this run, e.g. heartbeat lost
     last_heartbeat: float | None = None  # the newest heartbeat this run published
+    cpu_seen: float | None = None  # CPU seconds this run had used when last looked at (only while quiet)
+    last_busy: float | None = None  # when its CPU time was last seen growing
     sent_generation: int = 0
     stderr_tail: bytes = b""
     last_line: str | None = None
@@ -94,6 +96,7 @@ class LoaderProcess:
         self.last_line = None  # a reason must quote this run, never an earlier one
         self.kill_reason = None
         self.last_heartbeat = None
+        self.cpu_seen = self.last_busy = None
 
     def send(self, line: bytes) -> bool:
         """Write one command line; False if the loader is gone or its pipe is full."""
@@ -106,6 +109,31 @@ class LoaderProcess:
         """SIGKILL this run, remembering why so that its exit says so."""
         self.kill_reason = reason
         self.signal(signal.SIGKILL)
+
+    def idle_for(self, heartbeat: float | None, now: float, cpu_seconds) -> float:
+        """Seconds this run has shown no sign of life: no heartbeat, and no CPU time used.
+
+        A heartbeat thread cannot publish while the main thread holds the GIL in one long C
+        call (parsing a 100 MB safetensors header takes seconds), but such a loader is working,
+        not hung: its CPU time grows. CPU time is read (`cpu_seconds()`) only once the heartbeat
+        is half the timeout old, so a healthy loader costs no /proc read; a stopped or
+        deadlocked one uses none and is judged on its heartbeat alone."""
+        silent = self.silent_for(heartbeat, now)
+        if silent <= self.policy.heartbeat_timeout / 2:
+            self.cpu_seen = self.last_busy = None
+            return silent
+        used = cpu_seconds()
+        if used is not None and self.cpu_seen is not None and used > self.cpu_seen:
+            self.last_busy = now
+        self.cpu_seen = used
+        return silent if self.last_busy is None else min(silent, now - self.last_busy)
+
+    def cpu_seconds(self) -> float | None:
+        try:
+            times = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
+            return None
+        return times.user + times.system
 
     def silent_for(self, heartbeat: float | None, now: float) -> float:
         """Seconds since this run last published. `heartbeat` is what its slot holds now, None when

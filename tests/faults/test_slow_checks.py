@@ -2,8 +2,10 @@
 
 The slow model is a valid safetensors file whose header lists 600,000 one-element
 tensors (a 46 MB header, several seconds of checking on these machines): longer
-than the 3 s heartbeat timeout the orchestrator runs with here. The loader must
-keep its heartbeat while it checks, so it is never killed for it. A model during
+than the 3 s heartbeat timeout the orchestrator runs with here, and the JSON parse
+alone holds the GIL for seconds. The loader's heartbeat thread publishes while the
+checks run in Python, and the supervisor counts CPU time growing as a sign of life
+during the parse, so it is never killed for it (a stopped loader, using no CPU, still is). A model during
 whose load the loader dies again and again (here the test kills it, as the OOM
 killer would) is failed with the reason, and the client's other models stay ready.
 """

@@ -106,3 +106,18 @@ def test_death_after_running_backs_off_but_is_not_a_failed_start():
         assert loader.state == states.BACKOFF
     assert len(loader.failed_starts) == 0
     assert loader.restart_at == pytest.approx(10.1 + 16.0)  # sixth death in the window
+
+
+def test_a_loader_busy_in_one_long_call_is_not_idle_and_a_stopped_one_is():
+    """No heartbeat for a while, but CPU time growing: working (a long C call holds the GIL)."""
+    loader = new_loader()  # heartbeat_timeout 30: CPU time is read once the heartbeat is 15 s old
+    loader.started_at = 0.0
+    assert loader.idle_for(100.0, 110.0, lambda: 1 / 0) == 10.0  # fresh enough: /proc is not read
+    used = iter([5.0, 5.5, 6.0])
+    assert loader.idle_for(None, 120.0, lambda: next(used)) == 20.0  # first look: nothing to compare yet
+    assert loader.idle_for(None, 125.0, lambda: next(used)) == 0.0  # CPU time grew: busy now
+    assert loader.idle_for(None, 140.0, lambda: next(used)) == 0.0
+    assert loader.idle_for(None, 160.0, lambda: 6.0) == 20.0  # stopped: 20 s since it was last busy
+    assert loader.idle_for(None, 175.0, lambda: 6.0) == 35.0  # past the timeout: the caller kills it
+    assert loader.idle_for(174.0, 175.0, lambda: 1 / 0) == 1.0  # a heartbeat again: all forgotten
+    assert loader.cpu_seen is None and loader.last_busy is None
