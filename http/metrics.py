@@ -8,7 +8,8 @@ import platform
 import threading
 from importlib import metadata
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
+                               CollectorRegistry, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gpu_orchestrator.supervisor.states import TRANSITIONS
@@ -89,6 +90,11 @@ def gpu_families(info: dict):
         yield age
 
 
+def gpu_uuids(info: dict) -> dict[str, str]:
+    """Each GPU index's uuid, so that every per-GPU series carries both labels."""
+    return {str(gpu["index"]): gpu["uuid"] or "" for gpu in info["gpus"]}
+
+
 def client_families(status: dict):
     ready = gauge("client_ready", "1 when every model of the client is ready", ["client"])
     models_ready = gauge("client_models_ready", "Models ready", ["client"])
@@ -97,6 +103,11 @@ def client_families(status: dict):
     state = gauge("loader_state", "1 for the loader's current state", ["client", "state"])
     rss = gauge("loader_rss_bytes", "Resident memory of the client's loader", ["client"])
     warmup = gauge("model_warmup_seconds", "Seconds the model's last warm-up took", ["client", "model"])
+    model_ready = gauge("model_ready", "1 when the model is ready", ["client", "model"])
+    model_bytes = gauge("model_bytes", "Bytes of the model's snapshot", ["client", "model"])
+    bytes_done = gauge("warmup_bytes_done", "Bytes of the client's models read in the current or last warm-up",
+                       ["client"])
+    bytes_total = gauge("warmup_bytes_total", "Bytes of the client's models known so far", ["client"])
     for name, client in status["clients"].items():
         ready.add_metric([name], 1 if client["ready"] else 0)
         models_ready.add_metric([name], sum(m["status"] == "ready" for m in client["models"]))
@@ -107,9 +118,15 @@ def client_families(status: dict):
         if client["rss_bytes"] is not None:
             rss.add_metric([name], client["rss_bytes"])
         for model in client["models"]:
+            labels = [name, model["model"]]
             if model["status"] in ("ready", "failed"):
-                warmup.add_metric([name, model["model"]], model["seconds"])
-    yield from (ready, models_ready, models_failed, restarts, state, rss, warmup)
+                warmup.add_metric(labels, model["seconds"])
+            model_ready.add_metric(labels, 1 if model["status"] == "ready" else 0)
+            model_bytes.add_metric(labels, model["bytes_total"])
+        bytes_done.add_metric([name], sum(m["bytes"] for m in client["models"]))
+        bytes_total.add_metric([name], sum(m["bytes_total"] for m in client["models"]))
+    yield from (ready, models_ready, models_failed, restarts, state, rss, warmup, model_ready, model_bytes,
+                bytes_done, bytes_total)
     all_ready = gauge("all_ready", "1 when every model of every client is ready", [])
     all_ready.add_metric([], 1 if status["all_ready"] else 0)
     in_progress = gauge("warmup_in_progress", "1 while a warm-up runs", [])
@@ -122,13 +139,14 @@ def client_gpu_families(info: dict, status: dict):
     """What each client's processes (loader, its children, its service) use per GPU, and whether
     together they pass the client's limit there: MPS limits each CUDA process, not the client."""
     memory = gauge("client_gpu_memory_bytes", "GPU memory used by the client's processes (loader, service)",
-                   ["client", "gpu"])
+                   ["client", *GPU_LABELS])
     over = gauge("client_over_limit", "1 when the client's processes together use more than its limit on a GPU",
                  ["client"])
     use = info["clients"]
+    uuids = gpu_uuids(info)
     for name, client in sorted(use.items()):
         for gpu, used in client["gpus"].items():
-            memory.add_metric([name, gpu], used)
+            memory.add_metric([name, gpu, uuids.get(gpu, "")], used)
     if info["nvml_supported"]:
         for name, client in status["clients"].items():
             if client["memory_limit_bytes"] is not None:
@@ -138,6 +156,8 @@ def client_gpu_families(info: dict, status: dict):
 
 def mps_families(info: dict, status: dict, allocation: dict):
     """MPS in force, its restarts, each client's pinned limit, and what the limits commit per GPU."""
+    configured = gauge("mps_enabled", "1 when MPS is configured (ENABLE_MPS=true), whether or not it answers", [])
+    configured.add_metric([], 1 if info["mps_configured"] else 0)
     mps_up = gauge("mps_up", "1 when MPS limits are in force for new loaders (0 also when MPS is off)", [])
     mps_up.add_metric([], 1 if info["mps_enabled"] else 0)
     restarts = CounterMetricFamily(PREFIX + "mps_restarts", "Restarts of the MPS control daemon", labels=[])
@@ -151,10 +171,12 @@ def mps_families(info: dict, status: dict, allocation: dict):
     overcommitted = gauge("mps_overcommitted", "1 when the MPS limits exceed the GPU memory present", [])
     overcommitted.add_metric([], 1 if summary.get("overcommitted") else 0)
     committed = gauge("gpu_mps_memory_limit_bytes", "Sum of the pinned limits of the clients that can use the GPU",
-                      ["gpu"])
+                      GPU_LABELS)
+    uuids = gpu_uuids(info)
     for gpu in summary.get("per_gpu", []):
-        committed.add_metric([str(gpu["index"])], round(gpu["mps_memory_limit_gb"] * GiB))
-    yield from (mps_up, restarts, limit, overcommitted, committed)
+        index = str(gpu["index"])
+        committed.add_metric([index, uuids.get(index, "")], round(gpu["mps_memory_limit_gb"] * GiB))
+    yield from (configured, mps_up, restarts, limit, overcommitted, committed)
 
 
 class OrchestratorCollector:
@@ -184,6 +206,10 @@ class Metrics:
     def __init__(self, source, requests: RequestCounter):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(OrchestratorCollector(source, requests))
+        # The standard process_* and python_* series (CPU, memory, descriptors, GC), as every
+        # Prometheus client exposes them: fleet dashboards and alerts expect them by these names.
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
 
     def on_get(self, req, resp):
         resp.content_type = CONTENT_TYPE_LATEST

@@ -250,6 +250,7 @@ def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now:
         "cuda_driver_version": None,
         "sampled_at": None,
         "age_s": None,
+        "mps_configured": config.enable_mps,
         "mps_enabled": mps["enabled"],
         "mps": {**mps, "allocation_overcommitted":
                 allocation_summary(config, gpu_memory_present(telemetry))["overcommitted"] is True},

@@ -101,7 +101,7 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
     assert samples(families[prefix + "client_ready"])[beta] == 0
     assert samples(families[prefix + "client_models_failed"])[beta] == 1
     assert samples(families[prefix + "client_models_ready"])[beta] == 1
-    assert samples(families[prefix + "client_gpu_memory_bytes"])[(("client", "beta"), ("gpu", "0"))] == \
+    assert samples(families[prefix + "client_gpu_memory_bytes"])[(("client", "beta"), *labels)] == \
         status["clients"]["beta"]["gpu_memory_bytes"]
     assert samples(families[prefix + "client_over_limit"]) == {(("client", "alpha"),): 0}  # beta has no limit
     assert samples(families[prefix + "loader_restarts"])[beta] == 0
@@ -111,19 +111,33 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
     warmups = samples(families[prefix + "model_warmup_seconds"])
     a1 = status["clients"]["alpha"]["models"][0]
     assert warmups[(("client", "alpha"), ("model", "org/a1"))] == pytest.approx(a1["seconds"])
+    model_ready = samples(families[prefix + "model_ready"])
+    assert model_ready == {(("client", "alpha"), ("model", "org/a1")): 1, (("client", "beta"), ("model", "org/b1")): 1,
+                           (("client", "beta"), ("model", "org/missing")): 0}
+    assert samples(families[prefix + "model_bytes"])[(("client", "alpha"), ("model", "org/a1"))] == a1["bytes_total"] > 0
+    alpha = (("client", "alpha"),)
+    assert samples(families[prefix + "warmup_bytes_done"])[alpha] == \
+        samples(families[prefix + "warmup_bytes_total"])[alpha] == a1["bytes_total"]
     assert samples(families[prefix + "all_ready"])[()] == 0
+    assert samples(families[prefix + "mps_enabled"])[()] == 0  # not configured: an mps_up == 0 alert stays quiet
     assert samples(families[prefix + "mps_up"])[()] == 0
     assert samples(families[prefix + "mps_restarts"])[()] == 0 and families[prefix + "mps_restarts"].type == "counter"
     assert samples(families[prefix + "client_memory_limit_bytes"]) == {(("client", "alpha"),): 1024**3}
     assert samples(families[prefix + "mps_overcommitted"])[()] == 0
     summary = telemetry_orch.get("/mps/allocation")[1]["mps_resource_allocation"]["system_summary"]
+    uuids = {str(g["index"]): g["uuid"] or "" for g in info["gpus"]}
     assert samples(families[prefix + "gpu_mps_memory_limit_bytes"]) == {
-        (("gpu", str(g["index"])),): g["mps_memory_limit_gb"] * 1024**3 for g in summary["per_gpu"]}
+        (("gpu", str(g["index"])), ("uuid", uuids[str(g["index"])])): g["mps_memory_limit_gb"] * 1024**3
+        for g in summary["per_gpu"]}
     http = samples(families[prefix + "http_requests"])
     assert http[(("method", "POST"), ("route", "/models/preload"), ("status", "400"))] == 1
     assert http[(("method", "GET"), ("route", "/models/status"), ("status", "200"))] >= 1
     build = families[prefix + "build_info"].samples[0]
     assert build.labels["version"] and build.labels["python"]
+    # The standard collectors: the orchestrator's own process, as every Prometheus client exposes it.
+    assert samples(families["process_resident_memory_bytes"])[()] > 0
+    assert families["python_info"].samples[0].labels["implementation"] == "CPython"
+    assert "python_gc_collections" in families
 
 
 def run_status(*args):
