@@ -138,11 +138,14 @@ def unavailable(req, resp, exc, params):
 
 
 def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
-               served: tuple[str, int] | None = None, warnings: tuple[str, ...] = ()) -> falcon.App:
+               served: tuple[str, int] | None = None, warnings: tuple[str, ...] = (),
+               scrape_only: bool = False, requests: RequestCounter | None = None) -> falcon.App:
     """`unavailable_errors`: exception types the source raises when it cannot answer (503).
     `served`: the (address, port) listened on, for the Host and Origin checks; None (an app not
-    behind a socket of ours, as in falcon.testing) checks neither. `warnings`: shown in /health."""
-    requests = RequestCounter()
+    behind a socket of ours, as in falcon.testing) checks neither. `warnings`: shown in /health.
+    `scrape_only`: only GET /metrics, /health and /ready (the metrics listener); every other route
+    is 404 there. `requests`: a counter shared with another app, so one /metrics counts both."""
+    requests = requests or RequestCounter()
     guards = [SameOrigin(*served)] if served is not None else []
     app = falcon.App(middleware=[requests, JsonOptions(), *guards, *([BearerToken(token)] if token else [])])
     app.set_error_serializer(serialize_error)
@@ -151,10 +154,12 @@ def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
         app.add_error_handler(error, unavailable)
     app.add_route("/health", resources.Health(source, warnings))
     app.add_route("/ready", resources.Ready(source))
+    app.add_route("/metrics", Metrics(source, requests))
+    if scrape_only:
+        return app
     app.add_route("/models/status", resources.ModelsStatus(source))
     app.add_route("/models/preload", resources.ModelsPreload(source))
     app.add_route("/gpu/info", resources.GpuInfo(source))
     app.add_route("/mps/allocation", resources.MpsAllocation(source))
     app.add_route("/clients/{client}/environment", resources.ClientEnvironment(source))
-    app.add_route("/metrics", Metrics(source, requests))
     return app

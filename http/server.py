@@ -18,6 +18,7 @@ Transfer-Encoding, 500 when the app fails outside Falcon) are answered in the AP
 
 import heapq
 import logging
+import socket
 import time
 
 from waitress.adjustments import Adjustments
@@ -112,6 +113,12 @@ class GuardedServer(TcpWSGIServer):
             self.next_report = now + EVICTION_REPORT_S
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket for create_server or serve_also; OSError when the address is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
 def create_server(app, sock, threads: int) -> GuardedServer:
     """Serve `app` on the listening socket `sock`, as waitress.create_server would with our guards."""
     adj = Adjustments(
@@ -127,3 +134,10 @@ def create_server(app, sock, threads: int) -> GuardedServer:
     dispatcher.set_thread_count(threads)
     return GuardedServer(app, dispatcher=dispatcher, adj=adj, _sock=sock, bind_socket=False,
                          sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
+
+
+def serve_also(main: GuardedServer, app, sock) -> GuardedServer:
+    """Serve `app` on another listening socket from `main`'s event loop and worker threads, under
+    the same limits and guards (each listener counts its own connections): `main.run()` serves both."""
+    return GuardedServer(app, map=main._map, dispatcher=main.task_dispatcher, adj=main.adj, _sock=sock,
+                         bind_socket=False, sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))

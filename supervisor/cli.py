@@ -4,12 +4,12 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 
-from gpu_orchestrator.http import server
+from gpu_orchestrator.http import scrape, server
 from gpu_orchestrator.http.app import create_app, is_loopback
+from gpu_orchestrator.http.metrics import RequestCounter
 from gpu_orchestrator.supervisor import channel, clientenv, demo, gpucheck
 from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
@@ -40,6 +40,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address (GPU_ORCHESTRATOR_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (GPU_ORCHESTRATOR_PORT, default 8014)")
     parser.add_argument("--no-preload", action="store_true", help="do not start a warm-up at start")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="also serve GET /metrics, /health and /ready here, e.g. 0.0.0.0:9014 "
+                             f"({scrape.ENV}, default off)")
     parser.add_argument("--heartbeat-timeout", type=float, default=Policy.heartbeat_timeout, metavar="SECONDS",
                         help="kill and restart a loader silent this long (default %(default)s)")
     parser.add_argument("--telemetry-interval", type=float, default=2.0, metavar="SECONDS",
@@ -94,28 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def listen(config: Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    return socket.create_server((config.host, config.port), family=family, backlog=1024)
-
-
 def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None,
-          telemetry_interval: float = 2.0) -> int:
-    """Run until SIGTERM/SIGINT. Order matters: nothing is started if the port is taken."""
+          telemetry_interval: float = 2.0, metrics_listen: tuple[str, int] | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Order matters: nothing is started if a port is taken."""
     for warning in config.warnings:
         log.warning(warning)
     try:
-        sock = listen(config)
+        sock = server.listen(config.host, config.port)
     except OSError as exc:
         log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror,
                      hint="another orchestrator may be running; pick another --port"))
         return EX_UNAVAILABLE
+    metrics_sock = None
+    if metrics_listen is not None:
+        try:
+            metrics_sock = server.listen(*metrics_listen)
+        except OSError as exc:
+            sock.close()
+            log.error(kv("cannot listen for metrics", host=metrics_listen[0], port=metrics_listen[1],
+                         error=exc.strerror, hint=f"pick another --metrics-listen ({scrape.ENV})"))
+            return EX_UNAVAILABLE
     for name in channel.remove_stale_segments():
         log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
     try:
         segment = create_segment(config)
     except channel.ChannelError as exc:
         sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         log.error(kv("cannot create the shared-memory channel", error=exc))
         return EX_OSERR
     try:
@@ -125,9 +134,16 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
         warnings = exposure_warnings(host, config.token)
         for warning in warnings:
             log.warning(warning)
+        requests = RequestCounter()  # one count for both listeners, whichever /metrics is scraped
         app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
-                         warnings=warnings)
+                         warnings=warnings, requests=requests)
         arbiter.server = server.create_server(app, sock, HTTP_THREADS)
+        if metrics_sock is not None:
+            metrics_host, metrics_port = metrics_sock.getsockname()[:2]
+            server.serve_also(arbiter.server, create_app(
+                arbiter, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port), warnings=warnings,
+                scrape_only=True, requests=requests), metrics_sock)
+            log.info(kv("metrics listening", url=base_url(metrics_host, metrics_port), routes="/metrics /health /ready"))
         log.info(kv("listening", url=base_url(host, port), clients=len(config.clients), segment=segment.name))
         if on_listening is not None:
             on_listening(port)
@@ -179,6 +195,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"Demo model store written to {directory}", file=sys.stderr)
         return serve(config, policy_from(args), mps=mps_settings_from(config, args),
                      telemetry_interval=args.telemetry_interval,
+                     metrics_listen=scrape.listen_address(args.metrics_listen, os.environ),
                      on_listening=lambda port: print(demo.instructions(url_host(config.host), port), file=sys.stderr))
     finally:
         if not args.dir:
@@ -232,7 +249,8 @@ def run_command(args: argparse.Namespace) -> int:
         return run_demo(args)
     config = load_config(overrides=overrides_from(args))
     return serve(config, policy_from(args), mps=mps_settings_from(config, args),
-                 telemetry_interval=args.telemetry_interval)
+                 telemetry_interval=args.telemetry_interval,
+                 metrics_listen=scrape.listen_address(args.metrics_listen, os.environ))
 
 
 def main(argv: list[str] | None = None) -> int:
