@@ -146,6 +146,7 @@ class Loader:
         self.publish()
         log.info(kv("model loading", client=self.client, model=model.model))
         started = time.monotonic()
+        model_plan = None
         try:
             snapshot = self.store.resolve(self.client, model.model)
             model.path = str(snapshot.path)
@@ -168,6 +169,9 @@ class Loader:
             model.status, model.seconds = READY, round(time.monotonic() - started, 3)
             log.info(kv("model ready", client=self.client, model=model.model, bytes=model.bytes_done,
                         seconds=model.seconds, verified=model.verified))
+        finally:
+            if model_plan is not None:
+                model_plan.close()  # plan() opened every file; a model refused before warm() must not keep them
 
     def place_on_device(self, model: ModelProgress, snapshot, model_plan, used_bytes: int) -> None:
         from gpu_orchestrator.loaders.torch_backend import load_torch  # torch is optional and slow to import
