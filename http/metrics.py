@@ -81,8 +81,11 @@ def gpu_families(info: dict):
         for reason in gpu["throttle_reasons"] or []:
             throttled.add_metric(labels + [reason], 1)
     yield from (up, gpu_info, *metrics.values(), ecc, throttled)
+    nvml_enabled = gauge("nvml_enabled", "1 when NVML telemetry is configured (ENABLE_NVML=true)", [])
+    nvml_enabled.add_metric([], 1 if info["nvml_enabled"] else 0)
     nvml_up = gauge("nvml_up", "1 when NVML telemetry is enabled and working", [])
     nvml_up.add_metric([], 1 if info["nvml_supported"] else 0)
+    yield nvml_enabled
     yield nvml_up
     if info["age_s"] is not None:
         age = gauge("telemetry_age_seconds", "Age of the last NVML sample", [])

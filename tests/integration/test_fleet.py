@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import nvml_hosts
-from support import Orchestrator, free_port, request, status_code, wait_for, write_config
+from support import Orchestrator, add_model, free_port, request, status_code, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 FAKES = REPO / "tests" / "fakes" / "bin"
@@ -31,7 +32,6 @@ def fleet_orch(tmp_path_factory, request):
     org/missing fails, so failure panels and alerts have something to show."""
     tmp = tmp_path_factory.mktemp("fleet")
     store = tmp / "store"
-    from support import add_model
     for seed, model in enumerate(["org/a1", "org/b1"]):
         add_model(store, model, seed=seed)
     model_map, allocation = write_config(tmp, {"alpha": ["org/a1"], "beta": ["org/b1", "org/missing"]},
@@ -86,3 +86,111 @@ def test_metrics_listener_refusals(tmp_path, store):
         busy = serve("--metrics-listen", f"127.0.0.1:{taken.port}")
         assert busy.returncode == 69 and "cannot listen for metrics" in busy.stderr, busy.stderr
         assert "Traceback" not in busy.stderr
+
+
+@pytest.fixture
+def prometheus(fleet_orch):
+    """Debian's prometheus on a free loopback port with its own data folder, scraping the metrics
+    listener every second and evaluating the shipped rules every second; stopped and removed after."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus is not installed (.ci/run installs Debian's prometheus package)")
+    home = fleet_orch.tmp / "prometheus"
+    home.mkdir()
+    port = free_port()
+    config = home / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [{"job_name": "gpu-orchestrator",
+                            "static_configs": [{"targets": [fleet_orch.metrics_url.removeprefix("http://")]}]}]}))
+    log = open(home / "prometheus.log", "wb")
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={home / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"prometheus exited with {proc.returncode}:\n{(home / 'prometheus.log').read_text()}")
+        try:
+            return status_code(url + "/-/ready") == 200
+        except OSError:
+            return False
+    try:
+        wait_for(ready, timeout=60, interval=0.2, what="prometheus to be ready")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        shutil.rmtree(home)
+
+
+def api(url: str, path: str, **params):
+    """The `data` of a Prometheus HTTP API answer; the error it gives, as an assertion, otherwise."""
+    full = f"{url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
+    try:
+        with urllib.request.urlopen(full, timeout=30) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = json.loads(err.read())
+    assert body["status"] == "success", f"{params}: {body.get('errorType')}: {body.get('error')}"
+    return body["data"]
+
+
+def dashboard_queries(variables: dict) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target of the dashboard, its variables filled in as Grafana would."""
+    queries = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, value in variables.items():
+                expr = expr.replace(name, value)
+            queries.append((panel["title"], expr))
+    return queries
+
+
+READINESS = re.compile(r"gpu_orchestrator_(all|client|model)_ready\b")
+
+
+def test_prometheus_scrapes_the_listener_loads_the_rules_and_answers_every_dashboard_query(fleet_orch, prometheus):
+    instance = fleet_orch.metrics_url.removeprefix("http://")
+    wait_for(lambda: api(prometheus, "query", query='gpu_orchestrator_client_ready{job="gpu-orchestrator"}')["result"],
+             timeout=60, interval=0.2, what="a first scrape of the metrics listener")
+    assert api(prometheus, "targets")["activeTargets"][0]["health"] == "up"
+
+    # The dashboard's variables, through the API Grafana's label_values() uses.
+    variables = {v["name"]: v["definition"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]
+                 if v["type"] == "query"}
+    assert api(prometheus, "label/instance/values", **{"match[]": "gpu_orchestrator_build_info"}) == [instance]
+    assert variables["client"] == 'label_values(gpu_orchestrator_client_ready{instance=~"$instance"}, client)'
+    clients = api(prometheus, "label/client/values", **{"match[]": f'gpu_orchestrator_client_ready{{instance=~"{instance}"}}'})
+    assert clients == ["alpha", "beta"]
+
+    queries = dashboard_queries({"$__rate_interval": "1m", "$instance": instance, "$client": "|".join(clients)})
+    readiness = [(title, expr) for title, expr in queries if READINESS.search(expr)]
+    assert len(queries) == 30 and len(readiness) >= 3
+    for title, expr in queries:
+        api(prometheus, "query", query=expr)  # each valid: a parse error is a 400 with errorType bad_data
+    for title, expr in readiness:
+        assert api(prometheus, "query", query=expr)["result"], f"panel {title!r} has no data: {expr}"
+
+    # The rules are loaded, evaluate without error, and the alerts that match this host go pending:
+    # beta's org/missing failed (so beta is not ready), and the fake host's third GPU is lost.
+    def evaluated():
+        rules = [r for g in api(prometheus, "rules")["groups"] for r in g["rules"]]
+        return len(rules) == 12 and all(r["health"] == "ok" for r in rules) and rules
+    wait_for(evaluated, timeout=60, interval=0.2, what="every rule evaluated without error")
+
+    def active():
+        return {(a["labels"]["alertname"], a["labels"].get("client"), a["labels"].get("model"), a["labels"].get("gpu"))
+                for a in api(prometheus, "alerts")["alerts"]}
+    expected = {("GpuOrchestratorModelFailed", "beta", "org/missing", None),
+                ("GpuOrchestratorNotReady", "beta", None, None),
+                ("GpuOrchestratorGpuLost", None, None, "2")}
+    wait_for(lambda: active() == expected, timeout=60, interval=0.2, what=f"exactly the alerts {expected}")

@@ -95,7 +95,7 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
     rtx = (("gpu", "1"), ("uuid", info["gpus"][1]["uuid"]))
     assert rtx not in samples(families[prefix + "gpu_power_watts"])  # unsupported: absent, not zero
     assert samples(families[prefix + "gpu_up"])[(("gpu", "2"), ("uuid", ""))] == 0
-    assert samples(families[prefix + "nvml_up"])[()] == 1
+    assert samples(families[prefix + "nvml_up"])[()] == 1 and samples(families[prefix + "nvml_enabled"])[()] == 1
 
     beta = (("client", "beta"),)
     assert samples(families[prefix + "client_ready"])[beta] == 0
