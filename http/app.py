@@ -16,6 +16,7 @@ import falcon
 import msgspec
 
 from gpu_orchestrator.http import resources
+from gpu_orchestrator.http.page import Page
 from gpu_orchestrator.http.metrics import Metrics, RequestCounter
 from gpu_orchestrator.supervisor.logs import kv
 
@@ -157,6 +158,7 @@ def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
     app.add_route("/metrics", Metrics(source, requests))
     if scrape_only:
         return app
+    app.add_route("/", Page(token_required=bool(token)))
     app.add_route("/models/status", resources.ModelsStatus(source))
     app.add_route("/models/preload", resources.ModelsPreload(source))
     app.add_route("/gpu/info", resources.GpuInfo(source))

@@ -35,6 +35,15 @@ class ModelProgress(msgspec.Struct, omit_defaults=True):
     note: str | None = None
     error: str | None = None
 
+    def rate_and_eta(self) -> tuple[float | None, float | None]:
+        """(bytes per second, seconds left) of a model being read, from its own bytes and seconds so
+        far (its loader counts `seconds` from when it began this model, so a restarted loader's
+        model is timed from its restart); None before anything has been read."""
+        if self.status != LOADING or self.bytes_done <= 0 or self.seconds <= 0:
+            return None, None
+        rate = self.bytes_done / self.seconds
+        return rate, max(0, self.bytes_total - self.bytes_done) / rate
+
 
 class LoaderState(msgspec.Struct, tag="loader"):
     """What a loader publishes to its slot: who it is, which warm-up, how far."""

@@ -68,14 +68,30 @@ def client_settled(view: ClientView, generation: int) -> bool:
 
 
 def model_detail(model: ModelProgress) -> dict:
+    rate, eta = model.rate_and_eta()
     return {
         "model": model.model, "status": model.status, "bytes": model.bytes_done,
-        "bytes_total": model.bytes_total, "weight_bytes": model.weight_bytes,
+        "bytes_total": model.bytes_total, "rate_bytes_per_s": rounded(rate), "eta_s": rounded(eta),
+        "weight_bytes": model.weight_bytes,
         "parameters": model.parameters, "format": model.format, "seconds": model.seconds,
         "verified": model.verified, "backend": model.backend, "device": model.device,
         "device_memory_bytes": model.device_memory_bytes, "embedding_dim": model.embedding_dim,
         "note": model.note, "path": model.path, "error": model.error,
     }
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def client_progress(models: list[ModelProgress]) -> dict:
+    """The client's bytes read of those known (a model's size is known once its loader has planned
+    it), at the rate of the model being read; the ETA covers what is left of the loading and
+    pending models at that rate."""
+    rate = next((r for m in models if m.status == LOADING and (r := m.rate_and_eta()[0])), None)
+    left = sum(max(0, m.bytes_total - m.bytes_done) for m in models if m.status in (LOADING, PENDING))
+    return {"bytes": sum(m.bytes_done for m in models), "bytes_total": sum(m.bytes_total for m in models),
+            "rate_bytes_per_s": rounded(rate), "eta_s": rounded(left / rate) if rate else None}
 
 
 def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
@@ -103,6 +119,7 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
             "gpu_memory_bytes": view.gpu_memory_bytes,
             "rss_bytes": view.rss_bytes,
             "heartbeat_age_s": round(now - view.published.heartbeat, 3) if view.published else None,
+            "progress": client_progress(models),
             "models": [model_detail(m) for m in models],
         }
     total = sum(counts.values())

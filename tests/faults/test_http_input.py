@@ -74,6 +74,8 @@ def test_any_request_gets_json_and_changes_nothing_it_should_not(server, method,
     if method != "HEAD":
         if path == "/metrics" and method == "GET" and code == 200:
             assert kind.startswith("text/plain")
+        elif path == "/" and method == "GET" and code == 200:
+            assert kind.startswith("text/html")  # the web page
         else:
             assert kind.startswith("application/json") and isinstance(json.loads(payload), dict)
     after = server.status()["generation"]

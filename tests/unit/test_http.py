@@ -185,3 +185,13 @@ def test_health_carries_the_warnings_it_is_given(source):
     assert falcon.testing.TestClient(create_app(source)).simulate_get("/health").json["warnings"] == []
     warned = falcon.testing.TestClient(create_app(source, warnings=("listening on 0.0.0.0 without a token",)))
     assert warned.simulate_get("/health").json == {"status": "ok", "warnings": ["listening on 0.0.0.0 without a token"]}
+
+
+@pytest.mark.parametrize("token,shown", [(None, "no"), ("s3cret", "yes")])
+def test_the_page_is_self_contained_and_shows_a_token_field_when_one_is_needed(source, token, shown):
+    page = falcon.testing.TestClient(create_app(source, token=token)).simulate_get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'data-token-required="{shown}"' in page.text and "s3cret" not in page.text
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "http://" not in page.text.replace("http://127.0.0.1", "") and "https://" not in page.text

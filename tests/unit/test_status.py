@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from gpu_orchestrator.supervisor import states
-from gpu_orchestrator.supervisor.schema import FAILED, IDLE, READY, WORKING, LoaderState, ModelProgress
+from gpu_orchestrator.supervisor.schema import (
+    FAILED, IDLE, LOADING, PENDING, READY, WORKING, LoaderState, ModelProgress,
+)
 from gpu_orchestrator.supervisor.status import ClientView, Warmup, models_status
 
 
@@ -191,3 +193,16 @@ def test_without_nvml_the_measure_is_available_else_total_less_overhead_else_tot
     summary = allocation_summary(field_config(tmp_path, document))
     assert (summary["gpu_memory_total_gb"], summary["gpu_memory_total_source"]) == (measure, source)
     assert summary["overcommitted"] is (23.6 > measure)
+
+
+def test_progress_has_the_rate_and_eta_of_the_model_being_read():
+    models = [ModelProgress("org/done", READY, bytes_done=100, bytes_total=100, seconds=1.0),
+              ModelProgress("org/reading", LOADING, bytes_done=400, bytes_total=1000, seconds=2.0),
+              ModelProgress("org/next", PENDING, bytes_total=500)]
+    view = ClientView("a", [m.model for m in models], states.RUNNING, 7, 0, None, None, None,
+                             LoaderState("a", 7, 1, WORKING, 0.0, models))
+    client = models_status([view], Warmup(generation=1), now=1.0)["clients"]["a"]
+    reading = client["models"][1]
+    assert (reading["rate_bytes_per_s"], reading["eta_s"]) == (200.0, 3.0)
+    assert client["models"][0]["eta_s"] is None and client["models"][2]["rate_bytes_per_s"] is None
+    assert client["progress"] == {"bytes": 500, "bytes_total": 1600, "rate_bytes_per_s": 200.0, "eta_s": 5.5}
