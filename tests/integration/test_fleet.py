@@ -194,3 +194,42 @@ def test_prometheus_scrapes_the_listener_loads_the_rules_and_answers_every_dashb
                 ("GpuOrchestratorNotReady", "beta", None, None),
                 ("GpuOrchestratorGpuLost", None, None, "2")}
     wait_for(lambda: active() == expected, timeout=60, interval=0.2, what=f"exactly the alerts {expected}")
+
+
+def test_the_example_workloads_gate_init_container_against_a_live_orchestrator(tmp_path):
+    """The ConfigMap's two files serve as written; the init container's command, only its Service URL
+    pointed at this orchestrator, asks for the warm-up with the token and exits 0 once analyst is ready."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (.ci/run installs it)")
+    config = yaml.safe_load((REPO / "scripts" / "kubernetes" / "configmap.yaml").read_text())["data"]
+    (workload,) = yaml.safe_load_all(WORKLOAD.read_text())
+    (init,) = workload["spec"]["template"]["spec"]["initContainers"]
+    model_map = tmp_path / "AGENT_MODEL_MAP.json"
+    model_map.write_text(config["AGENT_MODEL_MAP.json"])
+    allocation = tmp_path / "mps_allocation_config.json"
+    allocation.write_text(config["mps_allocation_config.json"])
+    store = tmp_path / "store"
+    for seed, model in enumerate(m for models in json.loads(model_map.read_text()).values() for m in models):
+        add_model(store, model, seed=seed)
+    token = "fleet-test-token"
+    # --no-preload: nothing warms up unless the gate asks, with the token, as on a fresh node.
+    with Orchestrator(tmp_path, store, model_map, allocation, env={"GPU_ORCHESTRATOR_TOKEN": token},
+                      extra_args=("--no-preload",)) as orch:
+        command = list(init["command"])
+        assert command[:3] == ["gpu-orchestrator", "gate", "analyst"]
+        command[command.index("--url") + 1] = orch.url  # the Service's name resolves only in the cluster
+        env = {e["name"]: e.get("value") for e in init["env"]}
+        assert set(env) == {"GPU_ORCHESTRATOR_TOKEN", "XDG_CACHE_HOME"}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "GATE_"))}
+
+        def gate(**extra):
+            return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", *command[1:]],
+                                  capture_output=True, text=True, timeout=120,
+                                  env={**clean, "XDG_CACHE_HOME": str(tmp_path / "cache"), **extra})
+        refused = gate()  # without the Secret's token the warm-up request is refused
+        assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
+        result = gate(GPU_ORCHESTRATOR_TOKEN=token)
+        assert result.returncode == 0, result.stdout + result.stderr
+        clients = orch.status()["clients"]
+        assert clients["analyst"]["ready"] and len(clients["analyst"]["models"]) == 2
+        assert json.loads((tmp_path / "cache" / "gpu-orchestrator" / "preflight" / "summary_analyst.json").read_text())
+        assert orch.stop() == 0
