@@ -45,7 +45,9 @@ class JsonErrorTask(ErrorTask):
 
     def execute(self):
         error = self.request.error
-        body = error_body(error.reason, error.code, error.body)
+        # waitress states its own limit (MAX_BODY + 1, see create_server); say the route's.
+        detail = f"request body exceeds {MAX_BODY} bytes" if error.code == 413 else error.body
+        body = error_body(error.reason, error.code, detail)
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()

@@ -123,6 +123,7 @@ def test_a_declared_oversized_body_is_refused_from_its_headers(server):
     code, kind, body = exchange(server.port, head)
     assert code == 413 and kind == "application/json"
     assert json.loads(body)["status"] == 413
+    assert json.loads(body)["description"] == f"request body exceeds {MAX_BODY} bytes"  # the route's limit
     # A chunked body declares no length: it is refused as it passes the limit. Exactly that much is
     # sent, so the server closes with nothing unread (which would reset the connection instead).
     size_line = f"{100 * 1024:x}\r\n".encode()
