@@ -43,6 +43,21 @@ class Summary(msgspec.Struct):
 
 class ModelState(msgspec.Struct):
     status: str
+    # What `status` shows of a model; defaults keep an older orchestrator's answer acceptable to `gate`.
+    model: str = ""
+    bytes: int = 0
+    bytes_total: int = 0
+    rate_bytes_per_s: float | None = None
+    eta_s: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class Progress(msgspec.Struct):
+    bytes: int
+    bytes_total: int
+    rate_bytes_per_s: float | None
+    eta_s: float | None
 
 
 class Client(msgspec.Struct):
@@ -54,6 +69,11 @@ class Client(msgspec.Struct):
     models: list[ModelState]
     gpu_memory_bytes: int | None
     rss_bytes: int | None
+    memory_limit_bytes: int | None = None
+    last_exit: str | None = None
+    error: str | None = None
+    heartbeat_age_s: float | None = None
+    progress: Progress | None = None
 
 
 class ModelsStatus(msgspec.Struct):

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "exec":
             client_parser.usage = "gpu-orchestrator exec [-h] [--url URL] [--allow-without-mps] CLIENT -- COMMAND [ARGS...]"
     status_parser = commands.add_parser("status", help="show a running orchestrator: GPUs, clients, models, MPS")
+    status_parser.add_argument("client", nargs="?", help="show this client in detail, its errors in full")
+    status_parser.add_argument("-v", "--verbose", action="store_true", help="each model's state and warm-up progress")
     status_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT)")
     status_parser.add_argument("--json", action="store_true", help="print /models/status and /gpu/info as JSON")
     status_parser.add_argument("--watch", nargs="?", const="2", metavar="SECONDS",
@@ -233,7 +235,7 @@ def run_command(args: argparse.Namespace) -> int:
         return run_gate_command(args)
     if args.command == "status":
         watch = seconds(args.watch, "--watch") if args.watch is not None else None
-        return run_status(client_url(args), args.json, watch)
+        return run_status(client_url(args), args.json, watch, args.client, args.verbose)
     if args.command == "gpu-check":
         return gpucheck.check(args.model_dir)
     if args.command == "env":
