@@ -17,7 +17,7 @@ from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
 from gpu_orchestrator.supervisor.diag import run_diag
 from gpu_orchestrator.supervisor.gate import run_gate
-from gpu_orchestrator.supervisor.logs import kv, setup_logging
+from gpu_orchestrator.supervisor.logs import LogLevelError, for_stderr, kv, setup_logging
 from gpu_orchestrator.supervisor.mps import MpsSettings
 from gpu_orchestrator.supervisor.statusview import run_status
 
@@ -267,16 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         argv, command_line = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.command_line = command_line
-    setup_logging()
     try:
+        setup_logging()
         code = run_command(args)
         sys.stdout.flush()  # here, where a closed pipe can still be handled, not at exit
         return code
     except UsageError as exc:
-        print(f"gpu-orchestrator {args.command}: error: {exc}", file=sys.stderr)
+        print(for_stderr(f"gpu-orchestrator {args.command}: error: {exc}"), file=sys.stderr)
         return EX_USAGE
-    except ConfigError as exc:
-        print(f"gpu-orchestrator: configuration error: {exc}", file=sys.stderr)
+    except (ConfigError, LogLevelError) as exc:
+        print(for_stderr(f"gpu-orchestrator: configuration error: {exc}"), file=sys.stderr)
         return EX_CONFIG
     except BrokenPipeError:
         # The reader went away (`status --json | head -c 10`): stop as cat does, without a traceback,

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gpu_orchestrator.supervisor.logs import kv, relay_line, setup_logging
 
 
@@ -31,9 +33,48 @@ def test_log_level_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("LOG_LEVEL", "warning")
     setup_logging()
     assert logging.getLogger().level == logging.WARNING
-    monkeypatch.setenv("LOG_LEVEL", "nonsense")
+    monkeypatch.setenv("LOG_LEVEL", "")  # set but empty, as an EnvironmentFile line `LOG_LEVEL=` leaves it
     setup_logging()
     assert logging.getLogger().level == logging.INFO
+
+
+@pytest.mark.parametrize("command", [["serve", "--model-store", "/nonexistent"], ["status"], ["gate"]])
+def test_an_invalid_log_level_is_refused_at_start_with_exit_78(command):
+    refused = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", *command],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "LOG_LEVEL": "verbose", "GPU_ORCHESTRATOR_PORT": "1"})
+    assert refused.returncode == 78 and refused.stdout == ""
+    assert refused.stderr == ("gpu-orchestrator: configuration error: LOG_LEVEL: expected one of DEBUG, INFO, "
+                              "WARNING, ERROR, CRITICAL, got 'verbose'\n")
+
+
+JOURNALED = """
+import logging, sys
+from gpu_orchestrator.supervisor.logs import setup_logging
+setup_logging()
+log = logging.getLogger("supervisor")
+log.debug("d"); log.info("i"); log.warning("w"); log.error("e"); log.critical("c")
+"""
+
+
+@pytest.mark.parametrize("same_file", [True, False])
+def test_journald_gets_each_lines_priority_only_when_stderr_is_the_journal(tmp_path, same_file):
+    """systemd's JOURNAL_STREAM names stderr's device and inode; a pipe or file elsewhere (as a
+    loader's stderr is) gets plain lines even though it inherits the variable."""
+    journal, elsewhere = tmp_path / "journal", tmp_path / "elsewhere"
+    journal.touch()
+    identity = os.stat(journal)
+    with open(journal if same_file else elsewhere, "wb") as stderr:
+        subprocess.run([sys.executable, "-c", JOURNALED], stderr=stderr, timeout=60, check=True,
+                       env={**os.environ, "LOG_LEVEL": "DEBUG",
+                            "JOURNAL_STREAM": f"{identity.st_dev}:{identity.st_ino}"})
+    lines = (journal if same_file else elsewhere).read_text().splitlines()
+    plain = ["DEBUG supervisor: d", "INFO supervisor: i", "WARNING supervisor: w", "ERROR supervisor: e",
+             "CRITICAL supervisor: c"]
+    if same_file:
+        assert lines == [f"<{p}>{line}" for p, line in zip((7, 6, 4, 3, 2), plain)]
+    else:
+        assert lines == plain
 
 
 CHILD = """
