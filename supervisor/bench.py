@@ -26,6 +26,7 @@ import psutil
 
 from gpu_orchestrator.loaders.backends import plan, warm
 from gpu_orchestrator.loaders.store import Snapshot
+from gpu_orchestrator.supervisor import helptext
 from gpu_orchestrator.supervisor.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.supervisor.cli import HTTP_THREADS
 from gpu_orchestrator.supervisor.demo import write_snapshot
@@ -319,6 +320,7 @@ def environment() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu-orchestrator bench")
+    helptext.describe(parser, "bench")
     parser.add_argument("--quick", action="store_true", help="short runs, a 200 MB store")
     parser.add_argument("--smoke", action="store_true", help="seconds-long run that only checks everything works")
     parser.add_argument("--output", default="BENCHMARKS.md")

@@ -10,7 +10,7 @@ import tempfile
 from gpu_orchestrator.http import scrape, server
 from gpu_orchestrator.http.app import create_app, is_loopback
 from gpu_orchestrator.http.metrics import RequestCounter
-from gpu_orchestrator.supervisor import channel, clientenv, demo, gpucheck
+from gpu_orchestrator.supervisor import channel, clientenv, demo, gpucheck, helptext
 from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
@@ -57,6 +57,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="gpu-orchestrator", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {helptext.version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the orchestrator (what systemd starts)")
     add_serve_flags(serve_parser)
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser.add_argument("--json", action="store_true", help="print /models/status and /gpu/info as JSON")
     status_parser.add_argument("--watch", nargs="?", const="2", metavar="SECONDS",
                                help="refresh every SECONDS (default 2) until Ctrl-C")
+    for name, subparser in commands.choices.items():
+        helptext.describe(subparser, name)
     return parser
 
 
