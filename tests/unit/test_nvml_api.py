@@ -1,5 +1,5 @@
 """The NVML names the supervisor uses exist in the installed nvidia-ml-py (tests use a fake
-pynvml, so this is what holds setup.py's lower bound to the real module)."""
+pynvml, so this is what holds pyproject.toml's lower bound to the real module)."""
 
 import os
 import re
