@@ -9,7 +9,7 @@ from nvml_hosts import env as nvml_env
 from support import Orchestrator, add_model, wait_for, write_config
 from warming_host import LONG_CLIENT, MISSING, WarmingHost, serving
 
-TEXT = "document.body.innerText"
+TEXT = "document.body ? document.body.innerText : ''"  # empty while the page is still loading
 
 
 def wait_for_text(browser: Browser, *words: str, what: str) -> str:
