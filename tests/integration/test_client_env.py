@@ -130,7 +130,8 @@ def test_a_service_started_by_exec_counts_for_its_client_and_over_limit_is_flagg
                        for family in text_string_to_metric_families(text) for s in family.samples}
             assert metrics[("gpu_orchestrator_client_over_limit", (("client", "alpha"),))] == 1
             assert metrics[("gpu_orchestrator_client_over_limit", (("client", "beta"),))] == 0
-            assert metrics[("gpu_orchestrator_client_gpu_memory_bytes", (("client", "alpha"), ("gpu", "0")))] == 1156 * MiB
+            gpu0 = (("client", "alpha"), ("gpu", "0"), ("uuid", info["gpus"][0]["uuid"]))
+            assert metrics[("gpu_orchestrator_client_gpu_memory_bytes", gpu0)] == 1156 * MiB
             shown = cli("status", "--url", orch.url)
             assert "OVER LIMIT" in shown.stdout and f"alpha on GPU 0: 1156 MiB of its 1024 MiB limit" in shown.stdout
             wait_for(lambda: "more than its MPS memory limit" in orch.output(), what="the warning")
