@@ -18,7 +18,7 @@ MiB = 1024**2
 GiB = 1024**3
 MIN_WIDTH = 80
 EX_NOUSER = 67  # sysexits, as `env` and `exec` answer for a client the model map lacks
-COLOURS = {"green": "32", "yellow": "33", "red": "31", "bold": "1"}
+COLOURS = {"green": "32", "yellow": "33", "red": "31"}
 STATE_COLOUR = {"RUNNING": "green", "ready": "green", "ALL READY": "green", "STARTING": "yellow",
                 "BACKOFF": "yellow", "STOPPING": "yellow", "loading": "yellow", "WARMING UP": "yellow",
                 "FATAL": "red", "failed": "red", "NOT READY": "red", "OVER LIMIT": "red"}
@@ -84,7 +84,7 @@ def duration(seconds: float) -> str:
 
 
 def progress_text(done: int, total: int, rate: float | None, eta: float | None) -> str:
-    """'41% 5.30/12.9 GB, 366 MB/s, ETA 21 s'; rate and ETA once the loader has timed a read."""
+    """'41% 5.30 GB of 12.9 GB, 366 MB/s, ETA 21 s'; rate and ETA once the loader has timed a read."""
     percent = f"{100 * done // total}% " if total else ""
     parts = [f"{percent}{human_bytes(done)} of {human_bytes(total)}"]
     if rate:
@@ -114,8 +114,10 @@ def table(style: Style, headers: list[str], rows: list[list[str]], narrow: tuple
 
 
 def state_word(cell: str) -> str:
-    """The state a cell shows, for its colour: 'RUNNING', '9216 MiB OVER LIMIT', '1 failed'."""
-    return next((word for word in ("OVER LIMIT", "failed") if cell.endswith(word)), "OVER LIMIT" if cell.endswith("!") else cell)
+    """The state a cell shows, for its colour: 'RUNNING', '1 failed', '9216 MiB!' (over its limit)."""
+    if cell.endswith("!"):
+        return "OVER LIMIT"
+    return "failed" if cell.endswith(" failed") else cell
 
 
 def gpu_lines(style: Style, info: dict) -> list[str]:
@@ -138,17 +140,18 @@ def gpu_lines(style: Style, info: dict) -> list[str]:
                                             narrow=(6, 2, 1))]
 
 
-def warmup_text(client: dict) -> str:
-    """The client's part of the warm-up: its progress while it runs, else how it ended."""
+def warmup_text(client: dict) -> tuple[str, str | None]:
+    """The client's part of the warm-up: (in a word, its progress while it reads)."""
     failed = sum(m["status"] == "failed" for m in client["models"])
     progress = client.get("progress")
     if client["in_progress"] and progress and progress["bytes_total"]:
-        return progress_text(progress["bytes"], progress["bytes_total"], progress["rate_bytes_per_s"], progress["eta_s"])
+        return (f"{100 * progress['bytes'] // progress['bytes_total']}%",
+                progress_text(progress["bytes"], progress["bytes_total"], progress["rate_bytes_per_s"], progress["eta_s"]))
     if client["in_progress"]:
-        return "pending"
+        return "pending", None
     if failed:
-        return f"{failed} failed"
-    return "ready" if client["ready"] else "-"
+        return f"{failed} failed", None
+    return "ready" if client["ready"] else "-", None
 
 
 def model_text(model: dict) -> str:
@@ -166,11 +169,11 @@ def client_lines(style: Style, status: dict, info: dict, verbose: bool = False) 
     for name, client in status["clients"].items():
         ready = sum(m["status"] == "ready" for m in client["models"])
         over = "!" if use.get(name, {}).get("over_limit") else ""
-        warm = warmup_text(client)
+        word, progress = warmup_text(client)
         rows.append([name, client["state"], str(client["pid"] or "-"), str(client["restarts"]),
                      f"{ready}/{len(client['models'])}", size(client["gpu_memory_bytes"]) + over,
-                     size(client["rss_bytes"]), warm.split(" ")[0] if warm[0].isdigit() and "%" in warm else warm])
-        detail = [style.cut(f"  warm-up: {warm}")] if "%" in warm else []
+                     size(client["rss_bytes"]), word])
+        detail = [style.cut(f"  warm-up: {progress}")] if progress else []
         details.append(detail + (model_lines(style, client["models"]) if verbose else []))
     head, *body = table(style, ["CLIENT", "STATE", "PID", "RESTARTS", "MODELS", "GPU MEM", "RSS", "WARM-UP"], rows)
     lines = [head]
@@ -255,7 +258,8 @@ def render_client(url: str, name: str, status: dict, info: dict, style: Style) -
              style.cut(f"{memory}; RSS {size(client['rss_bytes'])}")]
     if use and use["over_limit"]:
         lines.append(style.fit(f"OVER LIMIT on GPU {', '.join(map(str, use['over_limit_gpus']))}", "OVER LIMIT"))
-    lines += [style.cut(f"Warm-up: {warmup_text(client)}"), "", "Models:", *model_lines(style, client["models"], "  ")]
+    word, progress = warmup_text(client)
+    lines += [style.cut(f"Warm-up: {progress or word}"), "", "Models:", *model_lines(style, client["models"], "  ")]
     wrap = textwrap.TextWrapper(width=style.width, initial_indent="  ", subsequent_indent="    ",
                                 break_long_words=True, break_on_hyphens=False)
     failures = [(m["model"], m["error"]) for m in client["models"] if m.get("error")]
