@@ -1,5 +1,6 @@
 """`gpu-orchestrator status` against a host mid-warm-up: width, progress, colour, the client view."""
 
+import json
 import os
 import pty
 import subprocess
@@ -68,5 +69,7 @@ def test_client_view_shows_errors_in_full_and_refuses_an_unknown_client(url):
     assert "OVER LIMIT on GPU 0" in shown.stdout and "Client synthesizer: loader RUNNING, pid 4102" in shown.stdout
     errors = shown.stdout.split("Errors:\n")[1]
     assert " ".join(errors.split()) == "org/reranker-large: " + MISSING
+    as_json = json.loads(status(url, "analyst", "--json").stdout)
+    assert as_json["models_status"]["progress"]["eta_s"] == 20.8 and as_json["gpu_info"]["gpus"] == {"0": 9 * 1024**3}
     unknown = status(url, "nobody")
     assert unknown.returncode == 67 and "no client 'nobody'" in unknown.stderr and unknown.stdout == ""
