@@ -129,6 +129,9 @@ class Loader:
                 model.status, model.error, model.bytes_done = FAILED, command.failed[model.model], 0
             elif command.refresh or model.status != READY:
                 model.status, model.error, model.bytes_done = PENDING, None, 0
+            else:
+                continue
+            model.seconds = 0.0  # a model's seconds are its own load's, never an earlier warm-up's
         self.publish()
         for model in self.state.models:
             if model.status == PENDING:
@@ -155,7 +158,7 @@ class Loader:
             model.bytes_total, model.weight_bytes = model_plan.total_bytes, model_plan.weight_bytes
             check_fits(model_plan, used_bytes, self.limit_bytes)
             self.publish()
-            model.verified = warm(snapshot, model_plan, self.progress(model))
+            model.verified = warm(snapshot, model_plan, self.progress(model, started))
             if self.backend == "torch":
                 self.place_on_device(model, snapshot, model_plan, used_bytes)
         except (StoreError, ModelError) as exc:
@@ -180,9 +183,23 @@ class Loader:
         model.embedding_dim, model.note = result.embedding_dim, result.note
         self.tick()
 
-    def progress(self, model: ModelProgress):
+    def progress(self, model: ModelProgress, started: float):
+        """Per chunk read: the bytes and this model's own seconds so far (this run's: a restarted
+        loader's model is timed from its restart), from which /models/status derives the rate and
+        ETA; and one log line as each tenth of the model is passed."""
+        logged = 0  # tenths of the model already logged
+
         def report(done: int) -> None:
-            model.bytes_done = done
+            nonlocal logged
+            model.bytes_done, model.seconds = done, round(time.monotonic() - started, 3)
+            tenth = 10 * done // model.bytes_total if model.bytes_total else 0
+            if logged < tenth < 10:
+                logged = tenth
+                rate, eta = model.rate_and_eta()
+                log.info(kv("model progress", client=self.client, model=model.model, percent=10 * tenth,
+                            bytes=done, bytes_total=model.bytes_total, seconds=model.seconds,
+                            rate_bytes_per_s=None if rate is None else round(rate),
+                            eta_s=None if eta is None else round(eta, 1)))
             self.tick()
         return report
 
