@@ -14,11 +14,11 @@ from gpu_orchestrator.supervisor import channel, clientenv, demo, gpucheck, help
 from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
 from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
 from gpu_orchestrator.supervisor.clients import Policy
-from gpu_orchestrator.supervisor.config import EX_CONFIG, Config, ConfigError, load_config
+from gpu_orchestrator.supervisor.config import DEFAULT_HOST, DEFAULT_PORT, EX_CONFIG, Config, ConfigError, load_config
 from gpu_orchestrator.supervisor.diag import run_diag
 from gpu_orchestrator.supervisor.gate import run_gate
 from gpu_orchestrator.supervisor.logs import LogLevelError, for_stderr, kv, setup_logging
-from gpu_orchestrator.supervisor.mps import MpsSettings
+from gpu_orchestrator.supervisor.mps import MpsSettings, mps_folders
 from gpu_orchestrator.supervisor.statusview import run_status
 
 log = logging.getLogger("supervisor")
@@ -219,7 +219,7 @@ def client_url(args: argparse.Namespace) -> str:
     if args.url:
         return check_url(args.url)
     env = os.environ
-    return check_url(base_url(env.get("GPU_ORCHESTRATOR_HOST", "127.0.0.1"), env.get("GPU_ORCHESTRATOR_PORT", "8014")),
+    return check_url(base_url(env.get("GPU_ORCHESTRATOR_HOST", DEFAULT_HOST), env.get("GPU_ORCHESTRATOR_PORT", DEFAULT_PORT)),
                      "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT")
 
 
@@ -247,8 +247,8 @@ def run_command(args: argparse.Namespace) -> int:
         return clientenv.run_exec(client_url(args), args.client, args.command_line, args.allow_without_mps)
     if args.command == "mps-diag":
         return run_diag(MpsSettings(
-            args.pipe_dir or os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
-            args.log_dir or os.environ.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
+            args.pipe_dir or mps_folders(os.environ)[0],
+            args.log_dir or mps_folders(os.environ)[1],
             command_timeout=seconds(args.timeout, "--timeout")), args.json)
     if args.command == "demo":
         return run_demo(args)

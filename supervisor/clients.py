@@ -14,6 +14,11 @@ from gpu_orchestrator.supervisor import states
 from gpu_orchestrator.supervisor.schema import EXIT_CANNOT_BOOT
 
 
+def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:
+    """low, 2 x low, 4 x low, ... up to high, by deaths within the window: for loaders and the MPS daemon."""
+    return min(high, low * 2 ** max(0, recent_deaths - 1))
+
+
 @dataclass(frozen=True)
 class Policy:
     """How loaders are supervised (supervisord's startsecs/startretries, with backoff)."""
@@ -30,7 +35,7 @@ class Policy:
     def restart_delay(self, recent_deaths: int) -> float:
         """0.5 s, 1 s, 2 s, ... up to 30 s, by deaths within the window since the loader last
         finished a warm-up (a loader that proved healthy starts over at 0.5 s)."""
-        return min(self.backoff_max, self.backoff_min * 2 ** max(0, recent_deaths - 1))
+        return backoff_delay(recent_deaths, self.backoff_min, self.backoff_max)
 
 
 def describe_exit(status: int) -> str:

@@ -15,10 +15,13 @@ from typing import Any
 import msgspec
 
 from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_model_id, hf_hub_dir
+from gpu_orchestrator.supervisor.mps import DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR, mps_folders
 
 EX_CONFIG = 78
 BACKENDS = ("default", "torch")
 DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"
+DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: the API can start warm-ups
+DEFAULT_PORT = 8014
 GiB = 1024**3
 # No GPU has more memory than this (the largest have a few hundred GB): a bigger figure is a
 # typo, and an unbounded one (1e308) overflows every byte count computed from it.
@@ -58,8 +61,8 @@ class GpuMemory(msgspec.Struct):
 
 
 class Config(msgspec.Struct, kw_only=True):
-    host: str = "127.0.0.1"
-    port: int = 8014
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     model_store_root: str
     base_model_dir: str | None = None
     strict_model_store: bool = False
@@ -68,8 +71,8 @@ class Config(msgspec.Struct, kw_only=True):
     enable_mps: bool = False
     model_map_path: str
     allocation_path: str
-    mps_pipe_dir: str = "/tmp/nvidia-mps"
-    mps_log_dir: str = "/var/log/nvidia-mps"
+    mps_pipe_dir: str = DEFAULT_PIPE_DIR
+    mps_log_dir: str = DEFAULT_LOG_DIR
     token: str | None = None
     backend: str = "default"
     preload: bool = True
@@ -388,8 +391,8 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         raise ConfigError("GPU_ORCHESTRATOR_SERVICE_PATTERN: a systemd unit name pattern with {client} in it "
                           f"(e.g. '*@{{client}}.service' or 'inference-{{client}}.service'), got {service_pattern!r}")
     return Config(
-        host=_setting("GPU_ORCHESTRATOR_HOST", overrides, env, "127.0.0.1"),
-        port=parse_port("GPU_ORCHESTRATOR_PORT", _setting("GPU_ORCHESTRATOR_PORT", overrides, env, 8014)),
+        host=_setting("GPU_ORCHESTRATOR_HOST", overrides, env, DEFAULT_HOST),
+        port=parse_port("GPU_ORCHESTRATOR_PORT", _setting("GPU_ORCHESTRATOR_PORT", overrides, env, DEFAULT_PORT)),
         model_store_root=os.path.abspath(root),
         base_model_dir=base_model_dir,
         strict_model_store=strict,
@@ -398,8 +401,8 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         enable_mps=parse_bool("ENABLE_MPS", env.get("ENABLE_MPS", "false")),
         model_map_path=model_map_path,
         allocation_path=allocation_path,
-        mps_pipe_dir=env.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps",
-        mps_log_dir=env.get("CUDA_MPS_LOG_DIRECTORY") or "/var/log/nvidia-mps",
+        mps_pipe_dir=mps_folders(env)[0],
+        mps_log_dir=mps_folders(env)[1],
         token=env.get("GPU_ORCHESTRATOR_TOKEN") or None,
         backend=backend,
         preload=not overrides.get("no_preload", False),

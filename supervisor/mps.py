@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from gpu_orchestrator.supervisor.clients import backoff_delay
 from gpu_orchestrator.supervisor.logs import kv
 
 log = logging.getLogger("mps")
@@ -85,12 +86,21 @@ def read_pid(path: str | os.PathLike) -> int:
 
 @dataclass(frozen=True)
 class MpsSettings:
-    pipe_dir: str
+    pipe_dir: str  # CUDA_MPS_PIPE_DIRECTORY, else DEFAULT_PIPE_DIR
     log_dir: str
     probe_interval: float = 5.0
     command_timeout: float = 5.0
     start_timeout: float = 15.0
     failures_to_restart: int = 2
+
+
+DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # NVIDIA's defaults, used when the variables are unset
+DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
+
+
+def mps_folders(env) -> tuple[str, str]:
+    """The pipe and log folders an environment names, NVIDIA's defaults for what it leaves unset."""
+    return env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR, env.get("CUDA_MPS_LOG_DIRECTORY") or DEFAULT_LOG_DIR
 
 
 def mps_env(settings: MpsSettings) -> dict[str, str]:
@@ -291,7 +301,7 @@ class MpsDaemon:
 
     def schedule_restart(self, now: float) -> None:
         self.deaths = [t for t in self.deaths if now - t < 60] + [now]
-        delay = min(30.0, 0.5 * 2 ** (len(self.deaths) - 1))
+        delay = backoff_delay(len(self.deaths))
         self.restart_at = now + delay
         log.warning(kv("MPS control daemon restart scheduled", in_s=delay))
 
