@@ -30,7 +30,6 @@ log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
 TICK = 1.0  # heartbeat checks and state promotion need no finer grain
 STATUS_REUSE_S = 0.1
-TELEMETRY_SLOT = 0  # kept for the telemetry sampler; loaders get the others
 SPARE_SLOTS = 16  # room for clients a reload adds, and for replacements of changed ones
 MIN_MODELS_PER_SLOT = 32  # so a reload can grow a client; untouched slot pages cost no memory
 RELOAD_TIMEOUT = 10.0  # reading the configuration files on SIGHUP; a hung filesystem must not hang reloads
@@ -45,7 +44,7 @@ def slot_size_for(max_models: int) -> int:
 def create_segment(config: Config) -> Segment:
     largest = max([MIN_MODELS_PER_SLOT, *(len(models) for models in config.clients.values())])
     clients = len(config.clients)
-    return Segment.create_for(os.getpid(), slots=1 + clients + max(SPARE_SLOTS, clients),
+    return Segment.create_for(os.getpid(), slots=clients + max(SPARE_SLOTS, clients),
                               slot_size=slot_size_for(largest))
 
 
@@ -161,11 +160,9 @@ class Arbiter:
         self.overcommit_checked = False  # per configuration, once the GPU memory is known
         self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
-        self.telemetry_reader = SlotReader(segment, Telemetry)
-        self.sampler = Sampler(segment, TELEMETRY_SLOT, telemetry_interval, self.sampler_owners) \
-            if config.enable_nvml else None
+        self.sampler = Sampler(telemetry_interval, self.sampler_owners) if config.enable_nvml else None
         self.lock = threading.RLock()  # re-entrant: status_line() is used both inside and outside the loop's lock
-        self.free_slots = list(range(segment.slots - 1, TELEMETRY_SLOT, -1))  # popped from the end: 1, 2, ...
+        self.free_slots = list(range(segment.slots - 1, -1, -1))  # popped from the end: 0, 1, ...
         self.loaders: dict[str, LoaderProcess] = {}  # made in run(), once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
         self.warmup = status.Warmup()
@@ -577,8 +574,8 @@ class Arbiter:
                       {c: config.memory_limit_bytes(c) for c in config.clients}, config.service_pattern)
 
     def telemetry(self) -> Telemetry | None:
-        """The sampler's last snapshot. Lock held."""
-        return self.telemetry_reader.read(TELEMETRY_SLOT) if self.sampler is not None else None
+        """The sampler's last snapshot (any thread: the sampler guards it)."""
+        return self.sampler.snapshot()[1] if self.sampler is not None else None
 
     def client_views(self) -> list[status.ClientView]:
         telemetry = self.telemetry()
@@ -650,7 +647,7 @@ class Arbiter:
         report = self.mps_report() or status.mps_disabled(self.config)
         mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")}
         key = (self.warmup, tuple(mps.values()), int(time.monotonic() / STATUS_REUSE_S),
-               self.reader.peek(TELEMETRY_SLOT) if self.sampler is not None else 0,
+               self.sampler.snapshot()[0] if self.sampler is not None else 0,
                tuple((l.client, l.state, l.pid, l.restarts, l.last_exit, l.fatal_reason, l.rss_bytes,
                       self.reader.peek(l.slot)) for l in self.loaders.values()))
         if self.status_cache is None or self.status_cache[0] != key:

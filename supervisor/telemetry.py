@@ -24,7 +24,6 @@ import msgspec
 import psutil
 
 from gpu_orchestrator.supervisor import nvml
-from gpu_orchestrator.supervisor.channel import Segment, SlotWriter
 from gpu_orchestrator.supervisor.logs import kv
 
 log = logging.getLogger("telemetry")
@@ -268,15 +267,25 @@ def take_sample(owners: Owners) -> Telemetry:
 
 
 class Sampler:
-    """Samples every `interval` seconds in its own thread; stops when NVML cannot start."""
+    """Samples every `interval` seconds in its own thread; stops when NVML cannot start.
 
-    def __init__(self, segment: Segment, slot: int, interval: float, owners: Callable[[], Owners]):
-        self.writer = SlotWriter(segment, slot)
+    The snapshot stays in this process, behind a lock: only what crosses processes goes
+    through the shared-memory channel (and a large host's snapshot has no slot to outgrow)."""
+
+    def __init__(self, interval: float, owners: Callable[[], Owners]):
         self.interval = interval
         self.owners = owners
         self.over: set[tuple[str, int]] = set()  # (client, GPU) over its limit in the last sample
+        self.lock = threading.Lock()
+        self.latest: Telemetry | None = None
+        self.samples = 0  # how many snapshots were taken: tells a reader whether it changed
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="nvml-sampler", daemon=True)
+
+    def snapshot(self) -> tuple[int, Telemetry | None]:
+        """(samples taken, the newest snapshot); the snapshot is never changed once published."""
+        with self.lock:
+            return self.samples, self.latest
 
     def start(self) -> None:
         self.thread.start()
@@ -286,10 +295,8 @@ class Sampler:
             owners = self.owners()
             snapshot = take_sample(owners)
             self.warn_over_limit(snapshot, owners)
-            try:
-                self.writer.publish(snapshot)
-            except Exception as exc:  # a snapshot too big for the slot must not kill telemetry silently
-                log.error(kv("telemetry snapshot not published", error=exc))
+            with self.lock:
+                self.latest, self.samples = snapshot, self.samples + 1
             if not snapshot.nvml_supported:
                 log.warning(kv("NVML unavailable: no GPU telemetry", reason=snapshot.nvml_init_error))
                 return

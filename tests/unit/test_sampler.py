@@ -13,7 +13,6 @@ import pytest
 
 import nvml_hosts
 from gpu_orchestrator.supervisor import nvml, telemetry
-from gpu_orchestrator.supervisor.channel import Segment
 from support import wait_for
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "nvml" / "pynvml.py"
@@ -170,16 +169,12 @@ def test_two_processes_of_a_client_over_its_limit_together_are_flagged_once(fake
     assert snapshot.over_limit == {"alpha": [0]}
     assert sorted(p.role for p in snapshot.gpus[0].processes) == ["loader", "service"]
 
-    segment = Segment.create(f"gpu-orchestrator-test-{uuid.uuid4().hex[:8]}", slots=1, slot_size=65536)
-    sampler = telemetry.Sampler(segment, 0, 1.0, lambda: owners)  # its thread is never started
-    try:
-        with caplog.at_level(logging.INFO, logger="telemetry"):
-            for _ in range(3):
-                sampler.warn_over_limit(snapshot, owners)
-            raised = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha",), {"alpha": 2 * 1024**3})
-            sampler.warn_over_limit(telemetry.take_sample(raised), raised)  # the episode ends
-    finally:
-        segment.close()
+    sampler = telemetry.Sampler(1.0, lambda: owners)  # its thread is never started
+    with caplog.at_level(logging.INFO, logger="telemetry"):
+        for _ in range(3):
+            sampler.warn_over_limit(snapshot, owners)
+        raised = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha",), {"alpha": 2 * 1024**3})
+        sampler.warn_over_limit(telemetry.take_sample(raised), raised)  # the episode ends
     messages = [r.getMessage() for r in caplog.records]
     assert sum("more than its MPS memory limit" in m for m in messages) == 1
     assert any("roles=loader,service" in m and "used_bytes=1363148800" in m for m in messages)
