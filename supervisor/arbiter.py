@@ -578,9 +578,12 @@ class Arbiter:
         return self.sampler.snapshot()[1] if self.sampler is not None else None
 
     def client_views(self) -> list[status.ClientView]:
+        """Every configured client, those whose loader is not started yet included: while start-up
+        waits for the MPS daemon there are no loaders, and a status without their clients would
+        read as all ready."""
         telemetry = self.telemetry()
         gpu_memory = telemetry.clients if telemetry is not None and telemetry.nvml_supported else None
-        return [
+        views = [
             status.ClientView(
                 client=loader.client, models=self.config.clients[loader.client], state=loader.state,
                 pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
@@ -590,6 +593,12 @@ class Arbiter:
                 gpu_memory_bytes=gpu_memory.get(loader.client, 0) if gpu_memory is not None else None,
                 rss_bytes=loader.rss_bytes if loader.pid is not None else None)
             for loader in self.loaders.values()
+        ]
+        return views + [
+            status.ClientView(client=client, models=models, state=states.STOPPED, pid=None, restarts=0,
+                              last_exit=None, fatal_reason=None, memory_limit_bytes=self.config.memory_limit_bytes(client),
+                              published=None)
+            for client, models in self.config.clients.items() if client not in self.loaders
         ]
 
     # ---- shutdown ------------------------------------------------------------
