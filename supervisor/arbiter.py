@@ -21,7 +21,7 @@ from gpu_orchestrator.supervisor.channel import Segment, SlotReader
 from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
 from gpu_orchestrator.supervisor.logs import kv, relay_line
-from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings, mps_env
+from gpu_orchestrator.supervisor.mps import CLIENT_MPS, MpsDaemon, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.schema import LOADING, WORKING, LoadCommand, LoaderState
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE, Owners, Sampler, Telemetry
@@ -60,10 +60,6 @@ def count_gpus() -> int:
         return 0
 
 
-# What a client process carries only as client_env gives it: its client's limits and MPS folders,
-# never ours (a loader of a client without MPS must not find a daemon through our folders).
-CLIENT_MPS = {"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
-              "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"}
 # NOTIFY_SOCKET: only the supervisor talks to systemd.
 INHERITED_LIMITS = {"NOTIFY_SOCKET", *CLIENT_MPS}
 

@@ -21,15 +21,13 @@ import urllib.parse
 import msgspec
 
 from gpu_orchestrator.supervisor.api import BadAnswer, Unreachable, call, error_of
+from gpu_orchestrator.supervisor.mps import CLIENT_MPS
 
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_NOT_FOUND = 127
 ASK_TIMEOUT = 10.0
-# What `exec` never passes on from its own environment: only the client's limits and folders count.
-CLIENT_MPS = ("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
-              "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
 
 
 class ClientEnvironment(msgspec.Struct):

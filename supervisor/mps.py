@@ -103,6 +103,12 @@ def mps_folders(env) -> tuple[str, str]:
     return env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR, env.get("CUDA_MPS_LOG_DIRECTORY") or DEFAULT_LOG_DIR
 
 
+# What a client process carries only as its client's (limits and folders), never inherited from ours:
+# a loader or service of a client without MPS must not find a daemon through our folders.
+CLIENT_MPS = frozenset({"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
+                        "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"})
+
+
 def mps_env(settings: MpsSettings) -> dict[str, str]:
     return {"CUDA_MPS_PIPE_DIRECTORY": settings.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": settings.log_dir}
 
