@@ -13,7 +13,6 @@ end of the read, so the bytes read are the bytes checked.
 
 import hashlib
 import json
-import math
 import os
 import struct
 import zipfile

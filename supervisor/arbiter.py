@@ -16,7 +16,7 @@ import time
 
 import msgspec
 
-from gpu_orchestrator.supervisor import channel, states, status
+from gpu_orchestrator.supervisor import states, status
 from gpu_orchestrator.supervisor.channel import Segment, SlotReader
 from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config

@@ -133,7 +133,7 @@ def test_a_service_started_by_exec_counts_for_its_client_and_over_limit_is_flagg
             gpu0 = (("client", "alpha"), ("gpu", "0"), ("uuid", info["gpus"][0]["uuid"]))
             assert metrics[("gpu_orchestrator_client_gpu_memory_bytes", gpu0)] == 1156 * MiB
             shown = cli("status", "--url", orch.url)
-            assert "OVER LIMIT" in shown.stdout and f"alpha on GPU 0: 1156 MiB of its 1024 MiB limit" in shown.stdout
+            assert "OVER LIMIT" in shown.stdout and "alpha on GPU 0: 1156 MiB of its 1024 MiB limit" in shown.stdout
             wait_for(lambda: "more than its MPS memory limit" in orch.output(), what="the warning")
         finally:
             service.kill()

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from support import Orchestrator, add_model, wait_for, write_config
+from support import Orchestrator, add_model, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 
