@@ -178,7 +178,7 @@ class Arbiter:
 
     def new_loader(self, config: Config, client: str) -> LoaderProcess:
         slot = self.free_slots.pop()
-        mps = self.mps.settings if self.mps is not None and self.mps.healthy else None
+        mps = self.mps_in_force()
         return LoaderProcess(client, slot, loader_argv(config, client, self.segment.name, slot, self.policy),
                              loader_env(config, client, mps, self.gpu_count), self.policy)
 
@@ -532,7 +532,7 @@ class Arbiter:
         self.warmup = status.Warmup(self.warmup.generation + 1, refresh, time.time(), None)
         self.settled = False
         if refresh:
-            self.forget_kills(list(self.kills_while_loading))
+            self.forget_kills(list(self.config.clients))
             for loader in self.loaders.values():
                 if loader.state == states.FATAL:
                     loader.reset()
@@ -549,6 +549,9 @@ class Arbiter:
             log.info(kv("loader running", client=loader.client, pid=loader.pid))
         if finished:
             loader.deaths.clear()
+            # A whole warm-up went through: earlier deaths say nothing about its models any more
+            # (models already failed for them stay failed until a refresh).
+            self.kills_while_loading.pop(loader.client, None)
 
     def finished_warmup(self, loader: LoaderProcess) -> bool:
         return status.finished(self.published(loader), self.warmup.generation)
@@ -690,6 +693,10 @@ class Arbiter:
             telemetry = self.telemetry()
         return status.gpu_info(self.config, self.mps_report(), telemetry)
 
+    def mps_in_force(self) -> MpsSettings | None:
+        """The daemon's settings when loaders started now get MPS limits, else None."""
+        return self.mps.settings if self.mps is not None and self.mps.healthy else None
+
     def mps_report(self) -> dict | None:
         return self.mps.report() if self.mps is not None else None
 
@@ -708,7 +715,7 @@ class Arbiter:
                 raise UnknownClient(client, sorted(self.config.clients))
             config = self.config
         mps = self.mps_report() or status.mps_disabled(config)
-        settings = self.mps.settings if self.mps is not None and self.mps.healthy else None
+        settings = self.mps.settings if mps["enabled"] else None  # the same reading as mps_error
         return {"client": client, "mps_configured": config.enable_mps, "mps_in_force": settings is not None,
                 "mps_error": mps["error"], "environment": client_env(config, client, settings, self.gpu_count)}
 
