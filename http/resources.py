@@ -54,8 +54,7 @@ class Health:
         self.warnings = list(warnings)
 
     def on_get(self, req, resp):
-        current = self.source.health()
-        respond(resp, {**current, "warnings": [*current.get("warnings", []), *self.warnings]})
+        respond(resp, {**self.source.health(), "warnings": self.warnings})
 
 
 class Ready:

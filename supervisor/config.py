@@ -16,6 +16,7 @@ import msgspec
 
 from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_model_id, hf_hub_dir
 from gpu_orchestrator.supervisor.mps import DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR, mps_folders
+from gpu_orchestrator.supervisor.telemetry import SERVICE_PATTERN
 
 EX_CONFIG = 78
 BACKENDS = ("default", "torch")
@@ -76,7 +77,7 @@ class Config(msgspec.Struct, kw_only=True):
     token: str | None = None
     backend: str = "default"
     preload: bool = True
-    service_pattern: str = "*@{client}.service"  # a client's service by its systemd unit, for attribution
+    service_pattern: str = SERVICE_PATTERN  # a client's service by its systemd unit, for attribution
     clients: dict[str, list[str]]
     allocations: dict[str, AgentAllocation] = {}
     allocation_document: dict[str, Any] = {}  # the file as read, every key kept, for /mps/allocation
@@ -386,7 +387,7 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
     backend = env.get("GPU_ORCHESTRATOR_BACKEND") or "default"
     if backend not in BACKENDS:
         raise ConfigError(f"GPU_ORCHESTRATOR_BACKEND: must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    service_pattern = env.get("GPU_ORCHESTRATOR_SERVICE_PATTERN") or "*@{client}.service"
+    service_pattern = env.get("GPU_ORCHESTRATOR_SERVICE_PATTERN") or SERVICE_PATTERN
     if "{client}" not in service_pattern or "/" in service_pattern:
         raise ConfigError("GPU_ORCHESTRATOR_SERVICE_PATTERN: a systemd unit name pattern with {client} in it "
                           f"(e.g. '*@{{client}}.service' or 'inference-{{client}}.service'), got {service_pattern!r}")
