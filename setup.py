@@ -7,6 +7,7 @@ from setuptools import setup
 setup(
     packages=[
         "gpu_orchestrator.supervisor",
+        "gpu_orchestrator.supervisor.commands",
         "gpu_orchestrator.loaders",
         "gpu_orchestrator.http",
     ],

@@ -16,9 +16,9 @@ import falcon
 import msgspec
 
 from gpu_orchestrator.http import resources
-from gpu_orchestrator.http.page import Page
 from gpu_orchestrator.http.metrics import Metrics, RequestCounter
-from gpu_orchestrator.supervisor.logs import kv
+from gpu_orchestrator.http.page import Page
+from gpu_orchestrator.loaders.logs import kv
 
 log = logging.getLogger("http")
 
@@ -165,3 +165,14 @@ def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
     app.add_route("/mps/allocation", resources.MpsAllocation(source))
     app.add_route("/clients/{client}/environment", resources.ClientEnvironment(source))
     return app
+
+
+def url_host(host: str) -> str:
+    """The host as a URL spells it: an IPv6 address needs its brackets ([::1])."""
+    host = host.strip("[]")
+    return f"[{host}]" if ":" in host else host
+
+
+def base_url(host: str, port: str | int) -> str:
+    """http://127.0.0.1:8014, http://[::1]:8014."""
+    return f"http://{url_host(host)}:{port}"

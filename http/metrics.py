@@ -8,11 +8,17 @@ import platform
 import threading
 from importlib import metadata
 
-from prometheus_client import (CONTENT_TYPE_LATEST, GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
-                               CollectorRegistry, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from gpu_orchestrator.supervisor.states import TRANSITIONS
+from gpu_orchestrator.loaders.states import TRANSITIONS
 
 PREFIX = "gpu_orchestrator_"
 GiB = 1024**3

@@ -28,7 +28,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from gpu_orchestrator.http.app import error_body
 from gpu_orchestrator.http.resources import MAX_BODY
-from gpu_orchestrator.supervisor.logs import kv
+from gpu_orchestrator.loaders.logs import kv
 
 log = logging.getLogger("http")
 

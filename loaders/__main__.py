@@ -24,17 +24,25 @@ from pathlib import Path
 import msgspec
 
 from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, warm
+from gpu_orchestrator.loaders.channel import ChannelError, Segment, SlotWriter
+from gpu_orchestrator.loaders.logs import kv, setup_logging
 from gpu_orchestrator.loaders.store import ModelStore, StoreError
-from gpu_orchestrator.supervisor.channel import ChannelError, Segment, SlotWriter
-from gpu_orchestrator.supervisor.logs import kv, setup_logging
-from gpu_orchestrator.supervisor.schema import (
-    EXIT_CANNOT_BOOT, FAILED, IDLE, LOADING, PENDING, READY, WORKING,
-    LoadCommand, LoaderState, ModelProgress,
+from gpu_orchestrator.loaders.wire import (
+    EXIT_CANNOT_BOOT,
+    FAILED,
+    IDLE,
+    LOADING,
+    MAX_ERROR,
+    PENDING,
+    READY,
+    WORKING,
+    LoadCommand,
+    LoaderState,
+    ModelProgress,
 )
 
 log = logging.getLogger("loader")
 PROGRESS_INTERVAL = 0.2
-MAX_ERROR = 4096  # keeps a model's state within its share of the slot
 
 
 class Stop(BaseException):

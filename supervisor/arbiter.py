@@ -8,7 +8,6 @@ read state under `lock` and never start a process.
 import dataclasses
 import logging
 import os
-import re
 import select
 import signal
 import threading
@@ -16,15 +15,17 @@ import time
 
 import msgspec
 
-from gpu_orchestrator.supervisor import states, status
-from gpu_orchestrator.supervisor.channel import Segment, SlotReader
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.channel import Segment, SlotReader
+from gpu_orchestrator.loaders.logs import kv, relay_line
+from gpu_orchestrator.loaders.wire import LOADING, WORKING, LoadCommand, LoaderState, slot_size_for
+from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
-from gpu_orchestrator.supervisor.logs import kv, relay_line
-from gpu_orchestrator.supervisor.mps import CLIENT_MPS, MpsDaemon, MpsSettings, mps_env
-from gpu_orchestrator.supervisor.schema import LOADING, WORKING, LoadCommand, LoaderState
+from gpu_orchestrator.supervisor.launch import client_env, count_gpus, loader_argv, loader_env
+from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings
 from gpu_orchestrator.supervisor.systemd import Notifier
-from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE, Owners, Sampler, Telemetry
+from gpu_orchestrator.supervisor.telemetry import Owners, Sampler, Telemetry
 
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
@@ -36,82 +37,11 @@ RELOAD_TIMEOUT = 10.0  # reading the configuration files on SIGHUP; a hung files
 KILLS_TO_FAIL_A_MODEL = 3  # loader deaths while one model was loading before that model is failed, not retried
 
 
-def slot_size_for(max_models: int) -> int:
-    """Room for a client's state with long errors (the loader caps each at MAX_ERROR)."""
-    return (16 * 1024 + max_models * 6 * 1024 + 4095) // 4096 * 4096
-
-
 def create_segment(config: Config) -> Segment:
     largest = max([MIN_MODELS_PER_SLOT, *(len(models) for models in config.clients.values())])
     clients = len(config.clients)
     return Segment.create_for(os.getpid(), slots=clients + max(SPARE_SLOTS, clients),
                               slot_size=slot_size_for(largest))
-
-
-def count_gpus() -> int:
-    """The GPUs our loaders can see: CUDA_VISIBLE_DEVICES when we run under one (a unit that
-    hands us two GPUs of eight), else the NVIDIA device nodes present; no NVML or subprocess needed."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
-    try:
-        return sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name))
-    except OSError:
-        return 0
-
-
-# NOTIFY_SOCKET: only the supervisor talks to systemd.
-INHERITED_LIMITS = {"NOTIFY_SOCKET", *CLIENT_MPS}
-
-
-def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
-    """The loader's environment: ours, less what is not its business, plus its client's."""
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_LIMITS}
-    return env | client_env(config, client, mps, gpu_count)
-
-
-def client_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
-    """What a client's processes (its loader, and its service through `gpu-orchestrator env` or
-    `exec`) must carry: the client's name, its GPUs and, with `mps` (the daemon answers), its MPS
-    folders and limits; without, none, even if our own environment had some."""
-    env = {CLIENT_VARIABLE: client}
-    allocation = config.allocations.get(client)
-    if allocation is not None and allocation.devices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in allocation.devices)
-    elif "CUDA_VISIBLE_DEVICES" in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]  # unpinned: what we see
-    if mps is None:
-        return env
-    env.update(mps_env(mps))
-    if allocation is not None:
-        # Ordinals as the client sees them: CUDA_VISIBLE_DEVICES renumbers from 0.
-        ordinals = range(len(allocation.devices)) if allocation.devices else range(max(gpu_count, 1))
-        mib = int(allocation.mps_memory_limit_gb * 1024)
-        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{o}={mib}M" for o in ordinals)
-        if allocation.active_thread_percentage is not None:
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(allocation.active_thread_percentage)
-    return env
-
-
-def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Policy) -> list[str]:
-    argv = ["--client", client, "--segment", segment, "--slot", str(slot),
-            "--store-root", config.model_store_root, "--heartbeat-interval", str(policy.heartbeat_interval)]
-    for model in config.clients[client]:
-        argv += ["--model", model]
-    if config.base_model_dir:
-        argv += ["--base-model-dir", config.base_model_dir]
-    if config.strict_model_store:
-        argv.append("--strict")
-    elif config.hf_hub:
-        argv += ["--hf-hub", config.hf_hub]
-    limit = config.memory_limit_bytes(client)
-    if limit is not None:
-        argv += ["--memory-limit-bytes", str(limit)]
-    argv += ["--backend", config.backend_for(client)]
-    allocation = config.allocations.get(client)
-    if allocation is not None and allocation.warmup:
-        argv.append("--warmup-inference")
-    return argv
 
 
 class PendingReload:

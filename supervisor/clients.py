@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from gpu_orchestrator.supervisor import states
-from gpu_orchestrator.supervisor.schema import EXIT_CANNOT_BOOT
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT
 
 
 def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:

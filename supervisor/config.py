@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import urllib.parse
 from typing import Any
 
 import msgspec
@@ -18,7 +19,6 @@ from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_
 from gpu_orchestrator.supervisor.mps import DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR, mps_folders
 from gpu_orchestrator.supervisor.telemetry import SERVICE_PATTERN
 
-EX_CONFIG = 78
 BACKENDS = ("default", "torch")
 DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: the API can start warm-ups
@@ -429,3 +429,31 @@ def load_files(model_map_path: str, allocation_path: str) -> dict:
 def reload_config(config: Config) -> Config:
     """Re-read the model map and allocation file (SIGHUP); the environment stays as started."""
     return msgspec.structs.replace(config, **load_files(config.model_map_path, config.allocation_path))
+
+
+# The metrics listener: GET /metrics, /health and /ready on a second address, so a central
+# Prometheus (or a kubelet's probes) can reach them while the API, whose POST routes start
+# warm-ups, stays on loopback. Off unless the flag or the variable names an address.
+METRICS_LISTEN_ENV = "GPU_ORCHESTRATOR_METRICS_LISTEN"
+
+
+def parse_listen(value: str, source: str) -> tuple[str, int]:
+    """'0.0.0.0:9014', '127.0.0.1:9014', '[::]:9014' -> (host, port); ConfigError naming `source`."""
+    try:
+        parts = urllib.parse.urlsplit("//" + value)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {value!r} is not HOST:PORT ({exc})") from None
+    if not host or port is None or port == 0 or parts.path or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"{source}: expected HOST:PORT with a port from 1 to 65535 "
+                          f"(e.g. 0.0.0.0:9014 or [::]:9014), got {value!r}")
+    return host, port
+
+
+def metrics_listen_address(flag: str | None, env: dict) -> tuple[str, int] | None:
+    """The flag, else the variable; None (off, the default) when neither is set."""
+    if flag is not None:
+        return parse_listen(flag, "--metrics-listen")
+    if env.get(METRICS_LISTEN_ENV):
+        return parse_listen(env[METRICS_LISTEN_ENV], METRICS_LISTEN_ENV)
+    return None

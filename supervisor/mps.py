@@ -20,8 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor.clients import backoff_delay
-from gpu_orchestrator.supervisor.logs import kv
 
 log = logging.getLogger("mps")
 BINARY = "nvidia-cuda-mps-control"

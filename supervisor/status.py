@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 
 import msgspec
 
-from gpu_orchestrator.supervisor import states
-from gpu_orchestrator.supervisor.config import GiB, Config, GpuMemory
-from gpu_orchestrator.supervisor.schema import FAILED, IDLE, LOADING, PENDING, READY, LoaderState, ModelProgress
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.wire import FAILED, IDLE, LOADING, PENDING, READY, LoaderState, ModelProgress
+from gpu_orchestrator.supervisor.config import Config, GiB, GpuMemory
 from gpu_orchestrator.supervisor.telemetry import Telemetry
 
 

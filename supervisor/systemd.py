@@ -8,7 +8,7 @@ import os
 import socket
 import time
 
-from gpu_orchestrator.supervisor.logs import kv
+from gpu_orchestrator.loaders.logs import kv
 
 log = logging.getLogger("supervisor")
 

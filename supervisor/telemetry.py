@@ -23,8 +23,8 @@ from typing import Callable
 import msgspec
 import psutil
 
+from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor import nvml
-from gpu_orchestrator.supervisor.logs import kv
 
 log = logging.getLogger("telemetry")
 

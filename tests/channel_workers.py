@@ -10,8 +10,8 @@ import signal
 import sys
 import time
 
-from gpu_orchestrator.supervisor.channel import Segment, SlotReader, SlotWriter
-from gpu_orchestrator.supervisor.schema import LoaderState, ModelProgress
+from gpu_orchestrator.loaders.channel import Segment, SlotReader, SlotWriter
+from gpu_orchestrator.loaders.wire import LoaderState, ModelProgress
 
 
 def message(counter: int) -> LoaderState:

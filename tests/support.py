@@ -11,8 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpu_orchestrator.supervisor import channel
-from gpu_orchestrator.supervisor.demo import write_snapshot
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 
 SMALL = (32, 1, 256)  # hidden, layers, vocabulary: a ~100 KB model
 SOAK = os.environ.get("GPU_ORCHESTRATOR_SOAK") == "1"  # the fault suite's long variants
@@ -97,7 +97,7 @@ class Orchestrator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"orchestrator-{self.port}.log"
-        argv = [*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(self.port),
+        argv = [*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", str(self.port),
                 "--model-store", str(store), "--model-map", str(model_map), *extra_args]
         if allocation is not None:
             argv += ["--allocation", str(allocation)]

@@ -12,13 +12,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from support import free_port
+
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import create_app
-from gpu_orchestrator.supervisor import states, status
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, WORKING, LoaderState, ModelProgress
+from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.config import load_config
-from gpu_orchestrator.supervisor.schema import FAILED, LOADING, PENDING, READY, WORKING, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.telemetry import GpuProcess, GpuSample, Telemetry
-from support import free_port
 
 GB, GiB, MiB = 1000**3, 1024**3, 1024**2
 MISSING = ("model org/reranker-large not found for client synthesizer (STRICT_MODEL_STORE=1: the Hugging Face "

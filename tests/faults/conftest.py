@@ -5,7 +5,6 @@ Figures go to stdout (run with -s) and to $FAULT_FIGURES (JSON lines) when set.
 """
 
 import pytest
-
 from support import write_figures
 
 

@@ -5,10 +5,10 @@ import stat
 from pathlib import Path
 
 import psutil
-
-from gpu_orchestrator.supervisor import channel
-from gpu_orchestrator.supervisor.config import load_config
 from support import Orchestrator, add_model, status_code, write_config
+
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.supervisor.config import load_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from gpu_orchestrator.supervisor import channel
-from gpu_orchestrator.supervisor.config import ConfigError, load_config
 from support import SOAK, Orchestrator, wait_for, write_config
+
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.supervisor.config import ConfigError, load_config
 
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
                        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -74,7 +74,7 @@ def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, model_map):
     if refused(tmp_path, model_map, None) is None:
         return  # hypothesis found a valid map; only refusals are under test here
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", "0",
                              "--model-store", str(tmp_path / "store"), "--model-map", str(tmp_path / "map.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _, stderr = proc.communicate(timeout=60)

@@ -10,9 +10,10 @@ import sys
 import uuid
 from pathlib import Path
 
-from gpu_orchestrator.supervisor.channel import Segment
 from channel_workers import anomalies
 from support import SOAK
+
+from gpu_orchestrator.loaders.channel import Segment
 
 WORKERS = Path(__file__).resolve().parents[1] / "channel_workers.py"
 

@@ -12,10 +12,10 @@ import urllib.parse
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import SOAK, Orchestrator, wait_for, write_config, write_figures
 
 from gpu_orchestrator.http.resources import MAX_BODY
 from gpu_orchestrator.http.server import MAX_HEADER_BYTES, REQUEST_DEADLINE
-from support import SOAK, Orchestrator, wait_for, write_config, write_figures
 
 ROUTES = ["/health", "/ready", "/models/status", "/models/preload", "/gpu/info", "/mps/allocation", "/metrics"]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
@@ -213,7 +213,7 @@ def test_trickling_connections_do_not_lock_out_health_and_gate(server, tmp_path,
         conn.close()
         health_s = time.monotonic() - started
         started = time.monotonic()
-        gate = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "gate", "alpha",
+        gate = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "gate", "alpha",
                                "--url", server.url, "--timeout", "5"], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
         gate_s = time.monotonic() - started

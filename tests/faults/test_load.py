@@ -2,8 +2,9 @@
 
 import time
 
-from gpu_orchestrator.supervisor.bench import finish_load, start_load
 from support import SOAK, Orchestrator, add_model, write_config
+
+from gpu_orchestrator.supervisor.commands.bench import finish_load, start_load
 
 CLIENTS = 48
 

@@ -5,8 +5,9 @@ import random
 import signal
 import time
 
-from gpu_orchestrator.supervisor.mps import process_alive
 from support import SOAK, Orchestrator, add_model, wait_for, write_config
+
+from gpu_orchestrator.supervisor.mps import process_alive
 
 MEDIUM = (384, 4, 30000)  # ~37 MB each: a warm-up long enough to be interrupted
 

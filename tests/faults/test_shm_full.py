@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from support import add_model, write_config
 
 NAMESPACE = ["unshare", "--mount", "--propagation", "private"]
@@ -30,7 +29,7 @@ def test_full_dev_shm_is_a_one_line_error_and_exit_71(tmp_path, record):
     store = tmp_path / "store"
     add_model(store, "org/small")
     model_map, _ = write_config(tmp_path, {"alpha": ["org/small"]})
-    serve = [sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0",
+    serve = [sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", "0",
              "--model-store", str(store), "--model-map", str(model_map)]
     script = 'mount -t tmpfs -o size=16k tmpfs /dev/shm && exec "$@"'
     result = subprocess.run([*NAMESPACE, "sh", "-c", script, "sh", *serve],

@@ -17,8 +17,9 @@ import struct
 import time
 from pathlib import Path
 
-from gpu_orchestrator.supervisor.mps import process_alive
 from support import Orchestrator, add_model, wait_for, write_config
+
+from gpu_orchestrator.supervisor.mps import process_alive
 
 TENSORS = 600_000
 

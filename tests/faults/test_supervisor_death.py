@@ -4,9 +4,10 @@ import os
 import time
 from pathlib import Path
 
-from gpu_orchestrator.supervisor import channel
-from gpu_orchestrator.supervisor.mps import process_alive
 from support import Orchestrator, children_of, wait_for, write_config
+
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.supervisor.mps import process_alive
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 

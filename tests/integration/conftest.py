@@ -1,5 +1,4 @@
 import pytest
-
 from support import Orchestrator, write_config
 
 CLIENTS = {"alpha": ["org/a1", "org/a2"], "beta": ["org/b1", "org/missing"], "gamma": ["org/g1"]}

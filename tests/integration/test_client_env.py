@@ -7,14 +7,13 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import nvml_hosts
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-import nvml_hosts
 from support import Orchestrator, wait_for, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
-CLI = [sys.executable, "-m", "gpu_orchestrator.supervisor.cli"]
+CLI = [sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli"]
 # Every variable a client's process gets from the orchestrator, whichever way it is started.
 CLIENT_KEYS = ("GPU_ORCHESTRATOR_CLIENT", "CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY",
                "CUDA_MPS_LOG_DIRECTORY", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")

@@ -6,15 +6,16 @@ import signal
 import subprocess
 import sys
 
-from gpu_orchestrator.supervisor import channel
 from support import children_of, free_port, request, wait_for
+
+from gpu_orchestrator.loaders import channel
 
 
 def test_demo_reaches_all_ready_and_cleans_up_on_ctrl_c(tmp_path):
     port = free_port()
     log = tmp_path / "demo.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "demo", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "demo", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -14,9 +14,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 import nvml_hosts
+import pytest
 from support import Orchestrator, add_model, free_port, request, status_code, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +73,7 @@ def test_metrics_listener_refusals(tmp_path, store):
     model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
 
     def serve(*args, env=None):
-        argv = [sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(free_port()),
+        argv = [sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", str(free_port()),
                 "--model-store", str(store), "--model-map", str(model_map), *args]
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "ENABLE_"))}
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**clean, **(env or {})})
@@ -222,7 +221,7 @@ def test_the_example_workloads_gate_init_container_against_a_live_orchestrator(t
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "GATE_"))}
 
         def gate(**extra):
-            return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", *command[1:]],
+            return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", *command[1:]],
                                   capture_output=True, text=True, timeout=120,
                                   env={**clean, "XDG_CACHE_HOME": str(tmp_path / "cache"), **extra})
         refused = gate()  # without the Secret's token the warm-up request is refused

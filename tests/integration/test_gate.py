@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import Orchestrator, free_port, wait_for, write_config, write_figures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +22,7 @@ def command(tmp_path, name, *args, env=None, prefix=()):
     for variable in ("GPU_ORCHESTRATOR_HOST", "GPU_ORCHESTRATOR_PORT", "GATE_TIMEOUT"):
         if variable not in (env or {}):
             full_env.pop(variable, None)
-    return subprocess.run([*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.cli", name, *args],
+    return subprocess.run([*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", name, *args],
                           capture_output=True, text=True, env=full_env, timeout=120)
 
 
@@ -223,7 +222,7 @@ def test_status_into_a_closed_pipe_and_ipv6_urls(tmp_path, orchestrator):
     read_end, write_end = os.pipe()
     os.close(read_end)  # `| head -c 10` that has already finished: every write fails with EPIPE
     try:
-        closed = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", "--json",
+        closed = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "status", "--json",
                                  "--url", orchestrator.url], stdout=write_end, stderr=subprocess.PIPE, text=True,
                                 timeout=60)
     finally:

@@ -4,9 +4,10 @@ import os
 import signal
 import time
 
-from gpu_orchestrator.supervisor import channel
-from gpu_orchestrator.supervisor.mps import process_alive
 from support import Orchestrator, children_of, wait_for, write_config
+
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.supervisor.mps import process_alive
 
 
 def test_killed_loader_is_restarted_and_ready_again(orchestrator):
@@ -84,7 +85,7 @@ def test_port_in_use_exits_69_and_starts_nothing(tmp_path, store):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         before = set(os.listdir(channel.SHM_DIR))
-        proc = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", str(port),
+        proc = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", str(port),
                                "--model-store", str(store), "--model-map", str(model_map)],
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 69

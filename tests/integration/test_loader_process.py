@@ -10,10 +10,10 @@ import uuid
 
 import msgspec
 import pytest
-
-from gpu_orchestrator.supervisor.channel import Segment, SlotReader
-from gpu_orchestrator.supervisor.schema import LoadCommand, LoaderState
 from support import add_model, wait_for
+
+from gpu_orchestrator.loaders.channel import Segment, SlotReader
+from gpu_orchestrator.loaders.wire import LoadCommand, LoaderState
 
 BIG = 4 * 1024**3  # sparse: costs no disk, takes a while to read
 

@@ -8,12 +8,12 @@ import stat
 import subprocess
 from pathlib import Path
 
+import nvml_hosts
 import psutil
 import pytest
+from support import Orchestrator, wait_for, write_config
 
 from gpu_orchestrator.supervisor.mps import process_alive
-import nvml_hosts
-from support import Orchestrator, wait_for, write_config
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 FAST = ("--mps-probe-interval", "0.3", "--mps-timeout", "1")

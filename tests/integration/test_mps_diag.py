@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support import Orchestrator, wait_for, write_config, write_figures
 
 from gpu_orchestrator.supervisor.mps import process_alive
-from support import Orchestrator, wait_for, write_config, write_figures
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 
@@ -28,7 +28,7 @@ def dirs():
 
 
 def diag(dirs, *args):
-    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "mps-diag", "--timeout", "1", *args],
+    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "mps-diag", "--timeout", "1", *args],
                             capture_output=True, text=True, env={**os.environ, **dirs}, timeout=60)
     return result.returncode, result.stdout
 
@@ -178,7 +178,7 @@ def test_only_the_tail_of_a_huge_log_is_read(dirs):
         out.seek(0, os.SEEK_END)
         out.write(b"\n[ERROR] Failed to allocate device memory for client 4242\n")
     # How much the command read in all (rchar), imports included: the log read whole would be 512 MiB.
-    script = ("import sys; from gpu_orchestrator.supervisor.cli import main; code = main(sys.argv[1:]); "
+    script = ("import sys; from gpu_orchestrator.supervisor.commands.cli import main; code = main(sys.argv[1:]); "
               "print(open('/proc/self/io').read(), file=sys.stderr); sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", script, "mps-diag", "--json", "--timeout", "1"],
                             capture_output=True, text=True, env={**os.environ, **dirs}, timeout=60)
@@ -190,7 +190,7 @@ def test_only_the_tail_of_a_huge_log_is_read(dirs):
 
 
 def test_bad_arguments_are_one_line_and_exit_2(dirs):
-    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "mps-diag", "--timeout", "nan"],
+    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "mps-diag", "--timeout", "nan"],
                             capture_output=True, text=True, env={**os.environ, **dirs}, timeout=60)
     assert result.returncode == 2
     assert result.stderr == ("gpu-orchestrator mps-diag: error: --timeout: "

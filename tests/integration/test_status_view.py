@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from warming_host import LONG_CLIENT, MISSING, WarmingHost, serving
 
 
@@ -19,7 +18,7 @@ def url(tmp_path_factory):
 
 def status(url, *args, columns="80", **env):
     environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"COLUMNS": columns, **env}
-    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", "--url", url, *args],
+    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "status", "--url", url, *args],
                           capture_output=True, text=True, timeout=60, env=environment)
 
 
@@ -40,7 +39,7 @@ def test_fits_80_columns_with_progress_per_client_and_per_model(url):
 def test_a_terminal_gets_coloured_states_unless_no_color(url):
     def on_a_terminal(**env):
         leader, follower = pty.openpty()
-        with subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", "--url", url],
+        with subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "status", "--url", url],
                               stdout=follower, stderr=subprocess.PIPE,
                               env={k: v for k, v in os.environ.items() if k != "NO_COLOR"} | env) as proc:
             os.close(follower)

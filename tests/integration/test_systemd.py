@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from support import Orchestrator, add_model, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]

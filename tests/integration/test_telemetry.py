@@ -5,10 +5,9 @@ import json
 import subprocess
 import sys
 
+import nvml_hosts
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-import nvml_hosts
 from support import Orchestrator, free_port, status_code, wait_for, write_config
 
 nvml_env = nvml_hosts.env
@@ -141,7 +140,7 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
 
 
 def run_status(*args):
-    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", *args],
+    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "status", *args],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -181,7 +180,7 @@ def test_status_watch_refreshes_until_ctrl_c(telemetry_orch, tmp_path):
     import signal
     out = tmp_path / "watch.out"
     with open(out, "w") as sink:
-        watch = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "status", "--url",
+        watch = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "status", "--url",
                                   telemetry_orch.url, "--watch", "0.2"], stdout=sink, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: out.read_text().count("gpu-orchestrator at ") >= 3, what="three refreshes")

@@ -10,12 +10,18 @@ import zipfile
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import add_model
 
 from gpu_orchestrator.loaders.backends import (
-    SAFETENSORS_DTYPE_BITS, ModelError, check_fits, check_safetensors, plan, snapshot_checksum, warm,
+    SAFETENSORS_DTYPE_BITS,
+    ModelError,
+    check_fits,
+    check_safetensors,
+    plan,
+    snapshot_checksum,
+    warm,
 )
 from gpu_orchestrator.loaders.store import Snapshot
-from support import add_model
 
 
 def snapshot_of(path):
@@ -196,6 +202,7 @@ def test_onnx_must_look_like_a_model_proto(tmp_path):
 
 def test_torch_backend_without_torch_says_how_to_get_it(tmp_path, monkeypatch):
     import sys
+
     from gpu_orchestrator.loaders.torch_backend import load_torch
     monkeypatch.setitem(sys.modules, "torch", None)
     path = add_model(tmp_path, "org/m")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpu_orchestrator.supervisor import channel
-from gpu_orchestrator.supervisor.channel import ChannelError, Segment, SlotReader, SlotWriter
-from gpu_orchestrator.supervisor.schema import LoaderState, ModelProgress
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.loaders.channel import ChannelError, Segment, SlotReader, SlotWriter
+from gpu_orchestrator.loaders.wire import LoaderState, ModelProgress
 
 WORKERS = Path(__file__).resolve().parents[1] / "channel_workers.py"
 sys.path.insert(0, str(WORKERS.parent))

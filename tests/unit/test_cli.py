@@ -2,8 +2,9 @@
 
 import pytest
 
-from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
-from gpu_orchestrator.supervisor.cli import exposure_warnings
+from gpu_orchestrator.http.app import base_url, url_host
+from gpu_orchestrator.supervisor.commands.api import UsageError, check_url, seconds
+from gpu_orchestrator.supervisor.daemon import exposure_warnings
 
 
 def test_a_network_bind_without_a_token_is_warned_about():

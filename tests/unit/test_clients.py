@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gpu_orchestrator.supervisor import states
+from gpu_orchestrator.loaders import states
 from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 
 

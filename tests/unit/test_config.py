@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gpu_orchestrator.supervisor import channel
+from gpu_orchestrator.loaders import channel
 from gpu_orchestrator.supervisor.config import ConfigError, load_config
 
 
@@ -167,7 +167,7 @@ CLI_REFUSALS = {r[0]: r for r in REFUSALS}
 def test_cli_exits_78_with_one_line_and_starts_nothing(tmp_path, store, name, model_map, alloc, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
     env.update(config_for(tmp_path, store, model_map, alloc))
-    with subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port", "0"],
+    with subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", "0"],
                           env=env, stderr=subprocess.PIPE, text=True) as proc:
         stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 78, stderr

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpu_orchestrator.loaders.__main__ import parse_args
-from gpu_orchestrator.supervisor.arbiter import loader_argv
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import MAX_GPU_MEMORY_GB, ConfigError, load_files
+from gpu_orchestrator.supervisor.launch import loader_argv
 from gpu_orchestrator.supervisor.status import mps_allocation
 
 EXAMPLES = settings(max_examples=120, deadline=None)

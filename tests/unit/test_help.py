@@ -1,17 +1,17 @@
 """--version, and every command's --help ending with its environment and exit codes."""
 
+import os
 import subprocess
 import sys
 from importlib import metadata
 
 import pytest
 
-from gpu_orchestrator.supervisor import cli, clientenv, helptext, statusview
-from gpu_orchestrator.supervisor.config import EX_CONFIG
+from gpu_orchestrator.supervisor.commands import cli, clientenv, helptext
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", *args],
+    return subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", *args],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -36,6 +36,6 @@ def test_help_lists_environment_and_exit_codes(command):
 
 def test_the_exit_codes_listed_are_the_ones_the_code_returns():
     serve_exits, client_exits = helptext.COMMANDS["serve"][1], helptext.COMMANDS["exec"][1]
-    assert {cli.EX_USAGE, cli.EX_UNAVAILABLE, cli.EX_OSERR, EX_CONFIG} <= set(serve_exits)
-    assert {clientenv.EX_NOUSER, clientenv.EX_UNAVAILABLE, clientenv.EX_TEMPFAIL, clientenv.EX_NOT_FOUND} <= set(client_exits)
-    assert {statusview.EX_NOUSER, cli.EX_BROKEN_PIPE} <= set(helptext.COMMANDS["status"][1])
+    assert {cli.EX_USAGE, os.EX_UNAVAILABLE, os.EX_OSERR, os.EX_CONFIG} <= set(serve_exits)
+    assert {os.EX_NOUSER, os.EX_UNAVAILABLE, os.EX_TEMPFAIL, clientenv.EX_NOT_FOUND} <= set(client_exits)
+    assert {os.EX_NOUSER, cli.EX_BROKEN_PIPE} <= set(helptext.COMMANDS["status"][1])

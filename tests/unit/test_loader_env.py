@@ -1,7 +1,7 @@
 """How many GPUs a loader's limits name, and which of our variables a loader inherits."""
 
-from gpu_orchestrator.supervisor.arbiter import count_gpus, loader_env
 from gpu_orchestrator.supervisor.config import AgentAllocation, Config
+from gpu_orchestrator.supervisor.launch import count_gpus, loader_env
 from gpu_orchestrator.supervisor.mps import MpsSettings
 
 

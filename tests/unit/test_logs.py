@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gpu_orchestrator.supervisor.logs import kv, relay_line, setup_logging
+from gpu_orchestrator.loaders.logs import kv, relay_line, setup_logging
 
 
 def test_kv_quotes_only_what_needs_it():
@@ -40,7 +40,7 @@ def test_log_level_comes_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize("command", [["serve", "--model-store", "/nonexistent"], ["status"], ["gate"]])
 def test_an_invalid_log_level_is_refused_at_start_with_exit_78(command):
-    refused = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", *command],
+    refused = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", *command],
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, "LOG_LEVEL": "verbose", "GPU_ORCHESTRATOR_PORT": "1"})
     assert refused.returncode == 78 and refused.stdout == ""
@@ -50,7 +50,7 @@ def test_an_invalid_log_level_is_refused_at_start_with_exit_78(command):
 
 JOURNALED = """
 import logging, sys
-from gpu_orchestrator.supervisor.logs import setup_logging
+from gpu_orchestrator.loaders.logs import setup_logging
 setup_logging()
 log = logging.getLogger("supervisor")
 log.debug("d"); log.info("i"); log.warning("w"); log.error("e"); log.critical("c")
@@ -79,7 +79,7 @@ def test_journald_gets_each_lines_priority_only_when_stderr_is_the_journal(tmp_p
 
 CHILD = """
 import json, logging, warnings
-from gpu_orchestrator.supervisor.logs import setup_logging
+from gpu_orchestrator.loaders.logs import setup_logging
 setup_logging()
 log = logging.getLogger("loader")
 try:

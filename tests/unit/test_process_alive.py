@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import psutil
+from support import wait_for
 
 from gpu_orchestrator.supervisor.mps import process_alive
-from support import wait_for
 
 # The main thread ends with pthread_exit while another thread runs on: the leader shows as a
 # zombie, yet the process lives (as a killed multi-threaded loader does for a moment).

@@ -4,16 +4,16 @@ import importlib.util
 import logging
 import os
 import subprocess
-import uuid
 import sys
+import uuid
 from pathlib import Path
 
+import nvml_hosts
 import psutil
 import pytest
-
-import nvml_hosts
-from gpu_orchestrator.supervisor import nvml, telemetry
 from support import wait_for
+
+from gpu_orchestrator.supervisor import nvml, telemetry
 
 FAKE = Path(__file__).resolve().parents[1] / "fakes" / "nvml" / "pynvml.py"
 

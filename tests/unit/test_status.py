@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from gpu_orchestrator.supervisor import states
-from gpu_orchestrator.supervisor.schema import (
-    FAILED, IDLE, LOADING, PENDING, READY, WORKING, LoaderState, ModelProgress,
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.wire import (
+    FAILED,
+    IDLE,
+    LOADING,
+    PENDING,
+    READY,
+    WORKING,
+    LoaderState,
+    ModelProgress,
 )
 from gpu_orchestrator.supervisor.status import ClientView, Warmup, models_status
 

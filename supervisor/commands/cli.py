@@ -7,26 +7,29 @@ import shutil
 import sys
 import tempfile
 
-from gpu_orchestrator.http import scrape, server
-from gpu_orchestrator.http.app import create_app, is_loopback
-from gpu_orchestrator.http.metrics import RequestCounter
-from gpu_orchestrator.supervisor import channel, clientenv, demo, gpucheck, helptext
-from gpu_orchestrator.supervisor.api import UsageError, base_url, check_url, seconds, url_host
-from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
+from gpu_orchestrator.http.app import base_url, url_host
+from gpu_orchestrator.loaders.logs import LogLevelError, for_stderr, setup_logging
 from gpu_orchestrator.supervisor.clients import Policy
-from gpu_orchestrator.supervisor.config import DEFAULT_HOST, DEFAULT_PORT, EX_CONFIG, Config, ConfigError, load_config
-from gpu_orchestrator.supervisor.diag import run_diag
-from gpu_orchestrator.supervisor.gate import run_gate
-from gpu_orchestrator.supervisor.logs import LogLevelError, for_stderr, kv, setup_logging
+from gpu_orchestrator.supervisor.commands import clientenv, demo, gpucheck, helptext
+from gpu_orchestrator.supervisor.commands.api import UsageError, check_url, seconds
+from gpu_orchestrator.supervisor.commands.diag import run_diag
+from gpu_orchestrator.supervisor.commands.gate import run_gate
+from gpu_orchestrator.supervisor.commands.statusview import run_status
+from gpu_orchestrator.supervisor.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    METRICS_LISTEN_ENV,
+    Config,
+    ConfigError,
+    load_config,
+    metrics_listen_address,
+)
+from gpu_orchestrator.supervisor.daemon import serve
 from gpu_orchestrator.supervisor.mps import MpsSettings, mps_folders
-from gpu_orchestrator.supervisor.statusview import run_status
 
 log = logging.getLogger("supervisor")
 EX_USAGE = 2  # argparse's own status for a bad argument; ours for a bad value of one
-EX_UNAVAILABLE = 69
 EX_BROKEN_PIPE = 141  # what a shell reports for a command killed by SIGPIPE (`| head`)
-EX_OSERR = 71  # sysexits: an operating-system resource (here /dev/shm space) is missing
-HTTP_THREADS = 8
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,7 +45,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preload", action="store_true", help="do not start a warm-up at start")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help="also serve GET /metrics, /health and /ready here, e.g. 0.0.0.0:9014 "
-                             f"({scrape.ENV}, default off)")
+                             f"({METRICS_LISTEN_ENV}, default off)")
     parser.add_argument("--heartbeat-timeout", type=float, default=Policy.heartbeat_timeout, metavar="SECONDS",
                         help="kill and restart a loader silent this long (default %(default)s)")
     parser.add_argument("--telemetry-interval", type=float, default=2.0, metavar="SECONDS",
@@ -102,70 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None,
-          telemetry_interval: float = 2.0, metrics_listen: tuple[str, int] | None = None) -> int:
-    """Run until SIGTERM/SIGINT. Order matters: nothing is started if a port is taken."""
-    for warning in config.warnings:
-        log.warning(warning)
-    try:
-        sock = server.listen(config.host, config.port)
-    except OSError as exc:
-        log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror,
-                     hint="another orchestrator may be running; pick another --port"))
-        return EX_UNAVAILABLE
-    metrics_sock = None
-    if metrics_listen is not None:
-        try:
-            metrics_sock = server.listen(*metrics_listen)
-        except OSError as exc:
-            sock.close()
-            log.error(kv("cannot listen for metrics", host=metrics_listen[0], port=metrics_listen[1],
-                         error=exc.strerror, hint=f"pick another --metrics-listen ({scrape.ENV})"))
-            return EX_UNAVAILABLE
-    for name in channel.remove_stale_segments():
-        log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
-    try:
-        segment = create_segment(config)
-    except channel.ChannelError as exc:
-        sock.close()
-        if metrics_sock is not None:
-            metrics_sock.close()
-        log.error(kv("cannot create the shared-memory channel", error=exc))
-        return EX_OSERR
-    try:
-        arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
-                          telemetry_interval=telemetry_interval)
-        host, port = sock.getsockname()[:2]
-        warnings = exposure_warnings(host, config.token)
-        for warning in warnings:
-            log.warning(warning)
-        requests = RequestCounter()  # one count for both listeners, whichever /metrics is scraped
-        app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
-                         warnings=warnings, requests=requests)
-        arbiter.server = server.create_server(app, sock, HTTP_THREADS)
-        if metrics_sock is not None:
-            metrics_host, metrics_port = metrics_sock.getsockname()[:2]
-            server.serve_also(arbiter.server, create_app(
-                arbiter, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port), warnings=warnings,
-                scrape_only=True, requests=requests), metrics_sock)
-            log.info(kv("metrics listening", url=base_url(metrics_host, metrics_port), routes="/metrics /health /ready"))
-        log.info(kv("listening", url=base_url(host, port), clients=len(config.clients), segment=segment.name))
-        if on_listening is not None:
-            on_listening(port)
-        arbiter.run()
-    finally:
-        segment.close()  # idempotent; covers a failure before the loop owned it
-    return 0
-
-
-def exposure_warnings(address: str, token: str | None) -> tuple[str, ...]:
-    """Listening beyond loopback without a token lets anyone who reaches the port start warm-ups."""
-    if token or is_loopback(address):
-        return ()
-    return (f"LISTENING ON {address}, NOT LOOPBACK, WITHOUT GPU_ORCHESTRATOR_TOKEN: anyone who can reach this "
-            "port can start warm-ups and read every path and error; set GPU_ORCHESTRATOR_TOKEN or listen on 127.0.0.1",)
-
-
 def overrides_from(args: argparse.Namespace) -> dict:
     return {
         "gpu_orchestrator_host": args.host,
@@ -200,7 +139,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"Demo model store written to {directory}", file=sys.stderr)
         return serve(config, policy_from(args), mps=mps_settings_from(config, args),
                      telemetry_interval=args.telemetry_interval,
-                     metrics_listen=scrape.listen_address(args.metrics_listen, os.environ),
+                     metrics_listen=metrics_listen_address(args.metrics_listen, os.environ),
                      on_listening=lambda port: print(demo.instructions(url_host(config.host), port), file=sys.stderr))
     finally:
         if not args.dir:
@@ -255,13 +194,13 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(overrides=overrides_from(args))
     return serve(config, policy_from(args), mps=mps_settings_from(config, args),
                  telemetry_interval=args.telemetry_interval,
-                 metrics_listen=scrape.listen_address(args.metrics_listen, os.environ))
+                 metrics_listen=metrics_listen_address(args.metrics_listen, os.environ))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from gpu_orchestrator.supervisor import bench  # only the benchmark needs its helpers
+        from gpu_orchestrator.supervisor.commands import bench  # only the benchmark needs its helpers
         return bench.main(argv[1:])
     # exec's COMMAND is everything after '--', its options included: argparse must never see them.
     command_line = []
@@ -280,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_USAGE
     except (ConfigError, LogLevelError) as exc:
         print(for_stderr(f"gpu-orchestrator: configuration error: {exc}"), file=sys.stderr)
-        return EX_CONFIG
+        return os.EX_CONFIG
     except BrokenPipeError:
         # The reader went away (`status --json | head -c 10`): stop as cat does, without a traceback,
         # and keep the interpreter's own last flush from failing on the same pipe.

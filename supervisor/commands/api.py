@@ -116,17 +116,6 @@ class GpuInfo(msgspec.Struct):
     mps: Mps
 
 
-def url_host(host: str) -> str:
-    """The host as a URL spells it: an IPv6 address needs its brackets ([::1])."""
-    host = host.strip("[]")
-    return f"[{host}]" if ":" in host else host
-
-
-def base_url(host: str, port: str | int) -> str:
-    """http://127.0.0.1:8014, http://[::1]:8014."""
-    return f"http://{url_host(host)}:{port}"
-
-
 def check_url(url: str, source: str = "--url") -> str:
     """The URL without a trailing '/', or UsageError saying what is wrong with it."""
     try:

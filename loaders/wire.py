@@ -1,5 +1,7 @@
 """Messages every process shares. No project imports, so a loader can import it cheaply."""
 
+import os
+
 import msgspec
 
 # Per-model status values, in the order a warm-up moves through them.
@@ -14,7 +16,7 @@ WORKING = "loading"
 
 # Exit status a loader uses when it cannot boot (bad arguments, no store, no
 # channel): restarting cannot help, so the supervisor goes straight to FATAL.
-EXIT_CANNOT_BOOT = 78
+EXIT_CANNOT_BOOT = os.EX_CONFIG  # 78
 
 
 class ModelProgress(msgspec.Struct, omit_defaults=True):
@@ -62,3 +64,13 @@ class LoadCommand(msgspec.Struct, tag="load"):
     generation: int
     refresh: bool = False
     failed: dict[str, str] = {}  # model -> why the supervisor failed it: report that, do not load it
+
+
+# A loader caps each model's error at MAX_ERROR, so a slot sized by slot_size_for holds its
+# client's whole state with every model failed at the longest error.
+MAX_ERROR = 4096
+
+
+def slot_size_for(max_models: int) -> int:
+    """Room for a client's state with long errors (each error capped at MAX_ERROR)."""
+    return (16 * 1024 + max_models * 6 * 1024 + 4095) // 4096 * 4096

@@ -45,7 +45,7 @@ class Orchestrator:
         env = {**os.environ, "STRICT_MODEL_STORE": "1", "LOG_LEVEL": "INFO" if log else "WARNING", **(env or {})}
         self.started = time.monotonic()
         output = open(log, "wb") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.cli", "serve", "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port",
                                       str(self.port), "--model-store", str(store), "--model-map", str(model_map), *args],
                                      env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         if log:

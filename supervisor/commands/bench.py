@@ -25,13 +25,13 @@ from pathlib import Path
 import psutil
 
 from gpu_orchestrator.loaders.backends import plan, warm
+from gpu_orchestrator.loaders.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.loaders.store import Snapshot
-from gpu_orchestrator.supervisor import helptext
-from gpu_orchestrator.supervisor.channel import Segment, SlotReader, SlotWriter
-from gpu_orchestrator.supervisor.cli import HTTP_THREADS
-from gpu_orchestrator.supervisor.demo import write_snapshot
-from gpu_orchestrator.supervisor.localrun import Orchestrator, free_port, wait
-from gpu_orchestrator.supervisor.schema import LoaderState, ModelProgress
+from gpu_orchestrator.loaders.wire import LoaderState, ModelProgress
+from gpu_orchestrator.supervisor.commands import helptext
+from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+from gpu_orchestrator.supervisor.commands.harness import Orchestrator, free_port, wait
+from gpu_orchestrator.supervisor.daemon import HTTP_THREADS
 
 CLIENTS = 48  # as the issue asks; --smoke uses 6 to stay a few seconds long
 
@@ -91,7 +91,7 @@ def load_worker(url: str, paths: list[str], seconds: float) -> None:
 
 def start_load(url: str, paths: list[str], seconds: float, connections: int) -> list[subprocess.Popen]:
     """Loopback load from `connections` processes (not threads: the generator must not share a GIL)."""
-    return [subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.bench", "--load-worker", url,
+    return [subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.bench", "--load-worker", url,
                               str(seconds), *paths], stdout=subprocess.PIPE, text=True) for _ in range(connections)]
 
 
@@ -134,7 +134,7 @@ def bench_api(work: Path, seconds: float, connections: int, clients: int) -> lis
         for path in ("/models/status", "/gpu/info"):
             size = len(urllib.request.urlopen(orch.url + path).read())
             port = free_port()
-            ceiling = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.bench", "--ceiling",
+            ceiling = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.bench", "--ceiling",
                                         str(port), str(size)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/fixed"), 30, "the ceiling server")

@@ -20,12 +20,9 @@ import urllib.parse
 
 import msgspec
 
-from gpu_orchestrator.supervisor.api import BadAnswer, Unreachable, call, error_of
+from gpu_orchestrator.supervisor.commands.api import BadAnswer, Unreachable, call, error_of
 from gpu_orchestrator.supervisor.mps import CLIENT_MPS
 
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
 EX_NOT_FOUND = 127
 ASK_TIMEOUT = 10.0
 
@@ -50,16 +47,16 @@ def fetch(url: str, client: str, allow_without_mps: bool, timeout: float = ASK_T
     try:
         status, document = call(where, time.monotonic() + timeout, ClientEnvironment)
     except Unreachable as exc:
-        raise Refused(EX_UNAVAILABLE, f"no orchestrator answers at {url} ({exc}); is it running?") from None
+        raise Refused(os.EX_UNAVAILABLE, f"no orchestrator answers at {url} ({exc}); is it running?") from None
     except BadAnswer as exc:
-        raise Refused(EX_UNAVAILABLE, str(exc)) from None
+        raise Refused(os.EX_UNAVAILABLE, str(exc)) from None
     if status == 404:
-        raise Refused(EX_NOUSER, f"client {client!r}: {error_of(status, document)}")
+        raise Refused(os.EX_NOUSER, f"client {client!r}: {error_of(status, document)}")
     if status != 200:
-        raise Refused(EX_UNAVAILABLE, f"{where} answered {error_of(status, document)}")
+        raise Refused(os.EX_UNAVAILABLE, f"{where} answered {error_of(status, document)}")
     answer = msgspec.convert(document, ClientEnvironment)
     if answer.mps_configured and not answer.mps_in_force and not allow_without_mps:
-        raise Refused(EX_TEMPFAIL, f"client {client!r}: MPS is configured but its control daemon does not answer "
+        raise Refused(os.EX_TEMPFAIL, f"client {client!r}: MPS is configured but its control daemon does not answer "
                                    f"({answer.mps_error or 'no reason given'}), so this would run without its "
                                    "memory limit; start the daemon, or pass --allow-without-mps")
     return answer.environment
@@ -69,7 +66,7 @@ def environment_lines(environment: dict[str, str]) -> str:
     """KEY=value lines; a value with a newline could forge another line, so none is printed."""
     for key, value in environment.items():
         if "\n" in key or "\n" in value or "=" in key:
-            raise Refused(EX_UNAVAILABLE, f"the orchestrator sent an unusable variable {key!r}")
+            raise Refused(os.EX_UNAVAILABLE, f"the orchestrator sent an unusable variable {key!r}")
     return "".join(f"{key}={value}\n" for key, value in sorted(environment.items()))
 
 

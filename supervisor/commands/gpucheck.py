@@ -24,9 +24,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from gpu_orchestrator.supervisor import mps, nvml, statusview
-from gpu_orchestrator.supervisor.demo import write_snapshot
-from gpu_orchestrator.supervisor.localrun import Orchestrator, get_json, wait
+from gpu_orchestrator.supervisor import mps, nvml
+from gpu_orchestrator.supervisor.commands import statusview
+from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+from gpu_orchestrator.supervisor.commands.harness import Orchestrator, get_json, wait
 
 LIMIT_MIB = 512
 UNDER_MIB = 256
@@ -85,7 +86,7 @@ def torch_load(directory: str, limit_mib: int) -> dict:
 
 def run_client(settings: mps.MpsSettings, limit_mib: int, *child_args: str) -> dict:
     env = {**os.environ, **mps.mps_env(settings), "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={limit_mib}M"}
-    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.gpucheck", *child_args],
+    result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.gpucheck", *child_args],
                             capture_output=True, text=True, env=env, timeout=300)
     if result.returncode != 0:
         return {"ok": False, "result": (result.stderr.strip().splitlines() or ["?"])[-1]}

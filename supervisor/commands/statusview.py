@@ -12,12 +12,11 @@ import sys
 import textwrap
 import time
 
-from gpu_orchestrator.supervisor.api import BadAnswer, GpuInfo, ModelsStatus, Unreachable, call, error_of
+from gpu_orchestrator.supervisor.commands.api import BadAnswer, GpuInfo, ModelsStatus, Unreachable, call, error_of
 
 MiB = 1024**2
 GiB = 1024**3
 MIN_WIDTH = 80
-EX_NOUSER = 67  # sysexits, as `env` and `exec` answer for a client the model map lacks
 COLOURS = {"green": "32", "yellow": "33", "red": "31"}
 STATE_COLOUR = {"RUNNING": "green", "ready": "green", "ALL READY": "green", "STARTING": "yellow",
                 "BACKOFF": "yellow", "STOPPING": "yellow", "loading": "yellow", "WARMING UP": "yellow",
@@ -301,7 +300,7 @@ def run_status(url: str, as_json: bool, watch: float | None, client: str | None 
             if client is not None and client not in status["clients"]:
                 print(f"gpu-orchestrator status: no client {client!r}; the model map has: "
                       f"{', '.join(status['clients']) or 'none'}", file=sys.stderr)
-                return EX_NOUSER
+                return os.EX_NOUSER
             if as_json:
                 document = {"models_status": status, "gpu_info": info}
                 if client is not None:

@@ -1,0 +1,85 @@
+"""The daemon assembled: listen, create the channel, start the arbiter's loop and the HTTP server.
+
+`serve` is what `gpu-orchestrator serve` (and `demo`) runs; the order of its steps is the
+contract that a taken port or a full /dev/shm starts nothing at all.
+"""
+
+import logging
+import os
+
+from gpu_orchestrator.http import server
+from gpu_orchestrator.http.app import base_url, create_app, is_loopback
+from gpu_orchestrator.http.metrics import RequestCounter
+from gpu_orchestrator.loaders import channel
+from gpu_orchestrator.loaders.logs import kv
+from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
+from gpu_orchestrator.supervisor.clients import Policy
+from gpu_orchestrator.supervisor.config import METRICS_LISTEN_ENV, Config
+from gpu_orchestrator.supervisor.mps import MpsSettings
+
+log = logging.getLogger("supervisor")
+HTTP_THREADS = 8
+
+
+def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None,
+          telemetry_interval: float = 2.0, metrics_listen: tuple[str, int] | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Order matters: nothing is started if a port is taken."""
+    for warning in config.warnings:
+        log.warning(warning)
+    try:
+        sock = server.listen(config.host, config.port)
+    except OSError as exc:
+        log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror,
+                     hint="another orchestrator may be running; pick another --port"))
+        return os.EX_UNAVAILABLE
+    metrics_sock = None
+    if metrics_listen is not None:
+        try:
+            metrics_sock = server.listen(*metrics_listen)
+        except OSError as exc:
+            sock.close()
+            log.error(kv("cannot listen for metrics", host=metrics_listen[0], port=metrics_listen[1],
+                         error=exc.strerror, hint=f"pick another --metrics-listen ({METRICS_LISTEN_ENV})"))
+            return os.EX_UNAVAILABLE
+    for name in channel.remove_stale_segments():
+        log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
+    try:
+        segment = create_segment(config)
+    except channel.ChannelError as exc:
+        sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
+        log.error(kv("cannot create the shared-memory channel", error=exc))
+        return os.EX_OSERR
+    try:
+        arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
+                          telemetry_interval=telemetry_interval)
+        host, port = sock.getsockname()[:2]
+        warnings = exposure_warnings(host, config.token)
+        for warning in warnings:
+            log.warning(warning)
+        requests = RequestCounter()  # one count for both listeners, whichever /metrics is scraped
+        app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
+                         warnings=warnings, requests=requests)
+        arbiter.server = server.create_server(app, sock, HTTP_THREADS)
+        if metrics_sock is not None:
+            metrics_host, metrics_port = metrics_sock.getsockname()[:2]
+            server.serve_also(arbiter.server, create_app(
+                arbiter, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port), warnings=warnings,
+                scrape_only=True, requests=requests), metrics_sock)
+            log.info(kv("metrics listening", url=base_url(metrics_host, metrics_port), routes="/metrics /health /ready"))
+        log.info(kv("listening", url=base_url(host, port), clients=len(config.clients), segment=segment.name))
+        if on_listening is not None:
+            on_listening(port)
+        arbiter.run()
+    finally:
+        segment.close()  # idempotent; covers a failure before the loop owned it
+    return 0
+
+
+def exposure_warnings(address: str, token: str | None) -> tuple[str, ...]:
+    """Listening beyond loopback without a token lets anyone who reaches the port start warm-ups."""
+    if token or is_loopback(address):
+        return ()
+    return (f"LISTENING ON {address}, NOT LOOPBACK, WITHOUT GPU_ORCHESTRATOR_TOKEN: anyone who can reach this "
+            "port can start warm-ups and read every path and error; set GPU_ORCHESTRATOR_TOKEN or listen on 127.0.0.1",)
