@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from gpu_orchestrator.supervisor import mps, nvml
+from gpu_orchestrator.supervisor.files import NotAFile, read_pid, read_tail
 
 LOG_LINES = 200
 LOG_TAIL_BYTES = 256 * 1024  # enough for LOG_LINES lines; a log may be gigabytes
@@ -95,11 +96,11 @@ def check_control_files(settings: mps.MpsSettings) -> list[Check]:
         found.append(Check("control pipe", "problem", f"{pipe} is missing: no daemon serves this pipe directory",
                            "start it: nvidia-cuda-mps-control -d (or restart gpu-orchestrator with ENABLE_MPS=true)"))
     try:
-        pid = mps.read_pid(pid_file)
+        pid = read_pid(pid_file)
     except FileNotFoundError:
         found.append(Check("pid file", "problem", f"{pid_file} is missing", "start the control daemon"))
         return found
-    except (mps.NotAFile, ValueError) as exc:
+    except (NotAFile, ValueError) as exc:
         found.append(Check("pid file", "problem", str(exc), f"remove {pid_file} and restart the control daemon"))
         return found
     except OSError as exc:
@@ -147,10 +148,10 @@ def check_answers(settings: mps.MpsSettings) -> Check:
 
 def check_log(name: str, path: Path) -> Check:
     try:
-        lines = mps.read_tail(path, LOG_TAIL_BYTES).splitlines()[-LOG_LINES:]
+        lines = read_tail(path, LOG_TAIL_BYTES).splitlines()[-LOG_LINES:]
     except FileNotFoundError:
         return Check(name, "skipped", f"{path} does not exist (yet)")
-    except mps.NotAFile as exc:
+    except NotAFile as exc:
         return Check(name, "problem", str(exc), f"move it away: the daemon writes its log as {path}")
     except OSError as exc:
         return Check(name, "error", f"cannot read {path}: {exc.strerror or exc}", "run as root or as the daemon's user")

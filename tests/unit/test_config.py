@@ -137,7 +137,7 @@ def test_a_config_path_that_is_not_a_regular_file_is_refused_without_blocking(tm
 
 
 def test_a_config_file_is_read_only_up_to_a_bound(tmp_path, store):
-    from gpu_orchestrator.supervisor.config import MAX_CONFIG_BYTES
+    from gpu_orchestrator.supervisor.jsonfile import MAX_CONFIG_BYTES
     env = config_for(tmp_path, store, {"a": ["x/y"]})
     with open(env["AGENT_MODEL_MAP"], "a") as handle:
         handle.write(" " * MAX_CONFIG_BYTES)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from gpu_orchestrator.loaders.__main__ import parse_args
 from gpu_orchestrator.supervisor.clients import Policy
-from gpu_orchestrator.supervisor.config import MAX_GPU_MEMORY_GB, ConfigError, load_files
+from gpu_orchestrator.supervisor.allocation import MAX_GPU_MEMORY_GB
+from gpu_orchestrator.supervisor.config import ConfigError, load_files
 from gpu_orchestrator.supervisor.launch import loader_argv
 from gpu_orchestrator.supervisor.status import mps_allocation
 

@@ -1,0 +1,59 @@
+"""Reading a small file an operator points us at, without ever blocking or reading too much.
+
+Opening a FIFO to read waits for a writer, a character device may never end and a folder
+cannot be read: anything but a regular file is refused (NotAFile) before it is opened, and
+again through the descriptor in case the path was swapped meanwhile. Reads are bounded, so a
+1 GiB log costs one read of the bytes asked for.
+"""
+
+import os
+import stat
+
+KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+class NotAFile(OSError):
+    """Something other than a regular file (a FIFO, a socket, a folder) where a file belongs."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        super().__init__(f"{os.fspath(path)} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def refuse_unless_regular(path: str | os.PathLike, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotAFile(path, KINDS.get(stat.S_IFMT(mode), "a special file"))
+
+
+def read_regular(path: str | os.PathLike, limit: int, from_end: bool = False) -> tuple[bytes, bool]:
+    """At most `limit` bytes of a regular file, its first or (from_end) its last, and whether
+    that is all of it. OSError when it cannot be read, NotAFile when it is not a regular file."""
+    refuse_unless_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        refuse_unless_regular(path, info.st_mode)
+        start = max(0, info.st_size - limit) if from_end else 0
+        data = os.pread(fd, limit, start)
+        whole = start == 0 and (from_end or len(data) < limit or not os.pread(fd, 1, limit))
+    finally:
+        os.close(fd)
+    return data, whole
+
+
+def read_tail(path: str | os.PathLike, limit: int) -> str:
+    """The last `limit` bytes of a regular file as text, from its first whole line."""
+    data, whole = read_regular(path, limit, from_end=True)
+    text = data.decode(errors="replace")
+    return text if whole else text.partition("\n")[2]
+
+
+def read_pid(path: str | os.PathLike) -> int:
+    """The pid a daemon's pid file names; OSError when it cannot be read, ValueError when it names
+    no process (garbage, 0, -1: psutil and kill() give -1 a meaning of their own)."""
+    text = read_tail(path, 64).strip()
+    pid = int(text) if text.isdigit() else 0
+    if pid <= 0:
+        raise ValueError(f"{os.fspath(path)} holds {text[:40]!r}, not a process id")
+    return pid
