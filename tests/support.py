@@ -3,16 +3,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from gpu_orchestrator.loaders import channel
 from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+from gpu_orchestrator.supervisor.commands.harness import free_port, request, serve_command, wait
 
 SMALL = (32, 1, 256)  # hidden, layers, vocabulary: a ~100 KB model
 SOAK = os.environ.get("GPU_ORCHESTRATOR_SOAK") == "1"  # the fault suite's long variants
@@ -34,32 +32,12 @@ def write_config(tmp: Path, clients: dict, allocations: dict | None = None) -> t
     return model_map, allocation
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
-
-
-def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
-    """(status, parsed JSON body) for any answer, error statuses included."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        return wait(predicate, timeout, what, interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def status_code(url: str) -> int:
@@ -97,8 +75,7 @@ class Orchestrator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"orchestrator-{self.port}.log"
-        argv = [*prefix, sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", str(self.port),
-                "--model-store", str(store), "--model-map", str(model_map), *extra_args]
+        argv = [*prefix, *serve_command(self.port, store, model_map, *extra_args)]
         if allocation is not None:
             argv += ["--allocation", str(allocation)]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}

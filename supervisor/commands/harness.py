@@ -1,4 +1,8 @@
-"""A real `gpu-orchestrator serve` on a free loopback port, driven over HTTP: for bench and gpu-check."""
+"""A real `gpu-orchestrator serve` on a free loopback port, driven over HTTP.
+
+The one copy of this harness: bench and gpu-check use it as it is, and the test suite's
+Orchestrator (tests/support.py) builds on the same pieces.
+"""
 
 import json
 import os
@@ -7,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,22 +22,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON body) for any answer, error statuses included."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 def get_json(url: str) -> dict:
+    """The body of a GET that must succeed (an error status raises urllib's HTTPError)."""
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
 
 
-def wait(predicate, timeout: float, what: str):
+def wait(predicate, timeout: float, what: str, interval: float = 0.005):
+    """Poll until `predicate` returns something truthy (an OSError counts as not yet); TimeoutError after `timeout`."""
     deadline = time.monotonic() + timeout
+    last = None
     while time.monotonic() < deadline:
         try:
-            result = predicate()
-        except OSError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.005)
-    raise RuntimeError(f"timed out waiting for {what}")
+            last = predicate()
+        except OSError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+
+
+def serve_command(port: int, store: Path, model_map: Path, *args: str) -> list[str]:
+    """The command line of `gpu-orchestrator serve` on 127.0.0.1:`port`, from this interpreter."""
+    return [sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", str(port),
+            "--model-store", str(store), "--model-map", str(model_map), *args]
 
 
 class Orchestrator:
@@ -45,13 +70,17 @@ class Orchestrator:
         env = {**os.environ, "STRICT_MODEL_STORE": "1", "LOG_LEVEL": "INFO" if log else "WARNING", **(env or {})}
         self.started = time.monotonic()
         output = open(log, "wb") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port",
-                                      str(self.port), "--model-store", str(store), "--model-map", str(model_map), *args],
-                                     env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(serve_command(self.port, store, model_map, *args), env=env, stdout=output,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         if log:
             output.close()  # the child holds its own copy
-        wait(lambda: get_json(self.url + "/health"), 60, "the orchestrator to listen")
+        wait(self.listening, 60, "the orchestrator to listen")
         self.listening_after = time.monotonic() - self.started
+
+    def listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the orchestrator exited with status {self.proc.returncode} before listening")
+        return request(self.url + "/health")[0] == 200
 
     def status(self) -> dict:
         return get_json(self.url + "/models/status")
