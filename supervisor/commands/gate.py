@@ -81,20 +81,31 @@ class Gate:
         self.token = token
         self.last_status: dict | None = None
 
-    def wait_until_listening(self) -> None:
+    def wait_until_serving(self) -> None:
+        """Until /health answers "ok": nothing listening yet, or an orchestrator that is stopping
+        (systemd starts it again), is waited out until the deadline, not taken for an answer."""
         delay = 0.25
         while True:
             try:
-                call(self.url + "/health", self.deadline)
-                return
+                if not self.stopping():
+                    return
+                problem = f"the orchestrator at {self.url} is stopping and did not come back"
             except Unreachable as exc:
-                if time.monotonic() + delay > self.deadline:
-                    raise Unreachable(f"nothing answers at {self.url} ({exc})") from None
+                problem = f"nothing answers at {self.url} ({exc})"
+            if time.monotonic() + delay > self.deadline:
+                raise Unreachable(problem) from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
+    def stopping(self) -> bool:
+        code, body = call(self.url + "/health", self.deadline)
+        return code == 200 and isinstance(body, dict) and body.get("status") == "stopping"
+
     def status(self) -> dict:
         code, body = call(self.url + "/models/status", self.deadline, ModelsStatus)
+        if code == 503 and self.stopping():  # it began stopping after /health said "ok"
+            self.wait_until_serving()
+            return self.status()
         if code != 200:
             raise BadAnswer(f"{self.url}/models/status answered {error_of(code, body)}")
         self.last_status = body
@@ -102,7 +113,7 @@ class Gate:
 
     def run(self) -> tuple[str, list[dict], str]:
         """(result, failures, message)."""
-        self.wait_until_listening()
+        self.wait_until_serving()
         status = self.status()
         if self.instance is not None and self.instance not in status["clients"]:
             return "ready", [], f"{self.instance} has no models in the orchestrator's model map; nothing to wait for"

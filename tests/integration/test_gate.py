@@ -149,7 +149,8 @@ class FakeServer:
     def __init__(self, answers: dict):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                code, kind, body = answers.get(self.path, (404, "application/json", b"{}"))
+                answer = answers.get(self.path, (404, "application/json", b"{}"))
+                code, kind, body = answer() if callable(answer) else answer
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
@@ -202,6 +203,30 @@ def test_odd_answers_are_named(tmp_path, answers, named):
     assert summary_file(tmp_path, "alpha")["result"] == "bad answer"
     if "/models/status" in answers:
         assert named in one_line_error(status, 1)
+
+
+def test_a_stopping_orchestrator_is_waited_out_not_taken_for_up(tmp_path):
+    # What a restart under systemd looks like from outside: /health still answers, saying
+    # "stopping", and /models/status is 503, until the new process serves.
+    asked = []
+
+    def health():
+        asked.append("health")
+        return HEALTH if len(asked) > 2 else (200, "application/json", b'{"status": "stopping"}')
+
+    def models_status():
+        if len(asked) <= 2:
+            return 503, "application/json", b'{"description": "shutting down"}'
+        return as_answer({**STATUS, "all_ready": True, "summary": {"total": 1, "done": 1, "failed": 0}, "errors": [],
+                          "clients": {"alpha": {**CLIENT, "ready": True}}})
+
+    fake = FakeServer({"/health": health, "/models/status": models_status})
+    try:
+        result = gate(tmp_path, "alpha", "--url", fake.url, "--timeout", "30")
+    finally:
+        fake.close()
+    assert result.returncode == 0, result.stderr
+    assert len(asked) == 3 and summary_file(tmp_path, "alpha")["result"] == "ready"
 
 
 def test_a_server_that_never_answers_is_bounded_by_the_timeout(tmp_path):
