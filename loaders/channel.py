@@ -15,22 +15,22 @@ out nothing or a stale copy. Slots are 8-byte aligned (the header and every
 slot size are multiples of 8, the mapping is page-aligned). On x86-64 (TSO)
 stores are seen in program order, which is all a seqlock needs.
 
+A loader imports this module: whatever only the supervisor needs (psutil, secrets, logging) is
+imported inside the functions that need it.
+
 The segment is opened with os.open + mmap rather than
 multiprocessing.shared_memory, whose resource tracker on Python 3.11 unlinks a
 segment when any attaching child exits (cpython gh-82300).
 """
 
-import logging
 import mmap
 import os
 import re
-import secrets
 import stat
 import struct
 import zlib
 
 import msgspec
-import psutil
 
 SHM_DIR = "/dev/shm"
 NAME_PREFIX = "gpu-orchestrator-"
@@ -41,7 +41,6 @@ _SLOT_HEADER = struct.Struct("<QII")  # seq, length, crc32
 _LENGTH_CRC = struct.Struct("<II")  # the slot header after seq, written while seq is odd
 _READ_ATTEMPTS = 64
 _NAME_ATTEMPTS = 8
-log = logging.getLogger("supervisor")
 
 
 class ChannelError(Exception):
@@ -51,6 +50,8 @@ class ChannelError(Exception):
 def segment_name(pid: int) -> str:
     """A fresh name for a run of `pid`: the pid lets a later start find a dead run's segment,
     the random part keeps anyone from planting a file (or a symlink) at the next run's name."""
+    import secrets  # the supervisor's: it loads OpenSSL, which a loader must not pay for
+
     return f"{NAME_PREFIX}{pid}-{secrets.token_hex(8)}"
 
 
@@ -96,7 +97,13 @@ def remove_stale_segments() -> list[str]:
 
     Anything else with our prefix (another user's, a symlink, a file without our magic)
     is left alone with one warning: any local user can create files in /dev/shm, and
-    none of them may stop the service from starting."""
+    none of them may stop the service from starting. The supervisor's alone: psutil and logging
+    are imported here, so that a loader, which imports this module too, never pays for them."""
+    import logging
+
+    import psutil
+
+    log = logging.getLogger("supervisor")
     removed = []
     try:
         entries = os.listdir(SHM_DIR)
