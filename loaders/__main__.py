@@ -11,8 +11,6 @@ heartbeat interval: a long header check or a slow read must not look like a
 hung loader to the supervisor, which kills loaders that fall silent.
 """
 
-import argparse
-import logging
 import os
 import select
 import signal
@@ -25,7 +23,7 @@ import msgspec
 
 from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, warm
 from gpu_orchestrator.loaders.channel import ChannelError, Segment, SlotWriter
-from gpu_orchestrator.loaders.logs import kv, setup_logging
+from gpu_orchestrator.loaders.lines import LineLog, kv
 from gpu_orchestrator.loaders.store import ModelStore, StoreError
 from gpu_orchestrator.loaders.wire import (
     EXIT_CANNOT_BOOT,
@@ -33,15 +31,22 @@ from gpu_orchestrator.loaders.wire import (
     IDLE,
     LOADING,
     MAX_ERROR,
+    MAX_NOTE,
+    MAX_PATH,
     PENDING,
     READY,
-    WORKING,
+    WARMING_UP,
+    ArgsError,
     LoadCommand,
+    LoaderArgs,
     LoaderState,
     ModelProgress,
+    cap_text,
+    decode_args,
+    decode_command,
 )
 
-log = logging.getLogger("loader")
+log = LineLog("loader")  # not the logging package: a loader imports only what it needs
 PROGRESS_INTERVAL = 0.2
 
 
@@ -54,6 +59,8 @@ class Loader:
     def __init__(self, client: str, models: list[str], store: ModelStore, writer: SlotWriter,
                  limit_bytes: int | None, heartbeat_interval: float, backend: str = "default",
                  warmup_inference: bool = False):
+        # Nothing here grows with the models loaded: a model's entry is its few numbers and capped
+        # texts; its plan, files and read buffer are gone when its load returns.
         self.client = client
         self.backend = backend
         self.warmup_inference = warmup_inference
@@ -67,7 +74,6 @@ class Loader:
         self.command: LoadCommand | None = None
         self.signals: list[int] = []
         self.stdin_buffer = b""
-        self.decoder = msgspec.json.Decoder(LoadCommand)
         self.last_publish = 0.0
         self.publish_lock = threading.Lock()  # the slot has one writer: these two threads take turns
         self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -118,7 +124,7 @@ class Loader:
         *lines, self.stdin_buffer = (self.stdin_buffer + data).split(b"\n")
         for line in filter(None, lines):
             try:
-                self.command = self.decoder.decode(line)
+                self.command = decode_command(line)
             except msgspec.DecodeError as exc:
                 log.error(kv("ignored a malformed command", client=self.client, error=exc))
 
@@ -131,10 +137,11 @@ class Loader:
     def warm_up(self, command: LoadCommand) -> None:
         self.command = None
         self.state.generation = command.generation
-        self.state.phase = WORKING
+        self.state.phase = WARMING_UP
         for model in self.state.models:
             if model.model in command.failed:  # it kept killing this loader: the supervisor says why
-                model.status, model.error, model.bytes_done = FAILED, command.failed[model.model], 0
+                model.status, model.bytes_done = FAILED, 0
+                model.error = cap_text(command.failed[model.model], MAX_ERROR)
             elif command.refresh or model.status != READY:
                 model.status, model.error, model.bytes_done = PENDING, None, 0
             else:
@@ -160,7 +167,7 @@ class Loader:
         model_plan = None
         try:
             snapshot = self.store.resolve(self.client, model.model)
-            model.path = str(snapshot.path)
+            model.path = cap_text(str(snapshot.path), MAX_PATH, keep_end=True)
             model_plan = plan(snapshot)
             model.format, model.parameters = model_plan.format, model_plan.parameters
             model.bytes_total, model.weight_bytes = model_plan.total_bytes, model_plan.weight_bytes
@@ -185,10 +192,14 @@ class Loader:
                 model_plan.close()  # plan() opened every file; a model refused before warm() must not keep them
 
     def place_on_device(self, model: ModelProgress, snapshot, model_plan, used_bytes: int) -> None:
+        from gpu_orchestrator.loaders.logs import setup_logging
         from gpu_orchestrator.loaders.torch_backend import load_torch  # torch is optional and slow to import
+
+        setup_logging()  # torch logs through the logging package (imported with it): the same lines
         result = load_torch(snapshot, model_plan, used_bytes, self.limit_bytes, self.warmup_inference)
         model.device, model.device_memory_bytes = result.device, result.memory_bytes
-        model.embedding_dim, model.note = result.embedding_dim, result.note
+        model.embedding_dim = result.embedding_dim
+        model.note = None if result.note is None else cap_text(result.note, MAX_NOTE)
         self.tick()
 
     def progress(self, model: ModelProgress, started: float):
@@ -212,55 +223,37 @@ class Loader:
         return report
 
     def fail(self, model: ModelProgress, error: str, started: float) -> None:
-        if len(error) > MAX_ERROR:
-            error = error[: MAX_ERROR - 15] + " ...(truncated)"
-        model.status, model.error = FAILED, error
+        model.status, model.error = FAILED, cap_text(error, MAX_ERROR)
         model.seconds = round(time.monotonic() - started, 3)
-        log.error(kv("model failed", client=self.client, model=model.model, error=error))
+        log.error(kv("model failed", client=self.client, model=model.model, error=model.error))
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gpu_orchestrator.loaders",
-                                     description="Warm one client's models (started by gpu-orchestrator serve).")
-    parser.add_argument("--client", required=True)
-    parser.add_argument("--model", action="append", default=[], dest="models")
-    parser.add_argument("--segment", required=True, help="shared-memory segment name under /dev/shm")
-    parser.add_argument("--slot", type=int, required=True)
-    parser.add_argument("--store-root", required=True)
-    parser.add_argument("--base-model-dir")
-    parser.add_argument("--strict", action="store_true")
-    parser.add_argument("--hf-hub")
-    parser.add_argument("--memory-limit-bytes", type=int)
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
-    parser.add_argument("--backend", choices=("default", "torch"), default="default")
-    parser.add_argument("--warmup-inference", action="store_true")
-    return parser.parse_args(argv)
+parse_args = decode_args  # the old name, until tests/unit/test_config_properties.py says decode_args
 
 
 def boot(argv: list[str]) -> Loader:
     """Everything that, failing, no restart can fix: exits 78 with one line."""
+    def cannot_boot(client: str, reason: str):
+        log.error(kv("cannot boot", client=client, reason=reason))
+        sys.exit(EXIT_CANNOT_BOOT)
+
     try:
-        args = parse_args(argv)
-    except SystemExit:
-        sys.exit(EXIT_CANNOT_BOOT)
-
-    def cannot_boot(reason: str):
-        log.error(kv("cannot boot", client=args.client, reason=reason))
-        sys.exit(EXIT_CANNOT_BOOT)
-
+        args: LoaderArgs = decode_args(argv)
+    except ArgsError as exc:
+        cannot_boot(argv[1] if len(argv) > 1 else "?", str(exc))
     if not os.path.isdir(args.store_root):
-        cannot_boot(f"model store root {args.store_root} is not a directory")
+        cannot_boot(args.client, f"model store root {args.store_root} is not a directory")
     try:
         writer = SlotWriter(Segment.attach(args.segment), args.slot)
     except ChannelError as exc:
-        cannot_boot(str(exc))
+        cannot_boot(args.client, str(exc))
     store = ModelStore(args.store_root, args.base_model_dir, args.strict, Path(args.hf_hub) if args.hf_hub else None)
     return Loader(args.client, args.models, store, writer, args.memory_limit_bytes, args.heartbeat_interval,
                   args.backend, args.warmup_inference)
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    log.take_over_uncaught()
     loader = boot(sys.argv[1:] if argv is None else argv)
     try:
         loader.run()

@@ -1,23 +1,15 @@
-"""One line per event: a short message, then key=value pairs (journald and grep friendly)."""
+"""One line per event: a short message, then key=value pairs (journald and grep friendly), through
+the logging package (the supervisor's; a loader writes the same lines with lines.LineLog)."""
 
 import logging
 import os
 import sys
 import threading
 
+from gpu_orchestrator.loaders import lines
 
-def kv(message: str, **fields) -> str:
-    """`kv("loader started", client="a b", pid=3)` -> 'loader started client="a b" pid=3'."""
-    parts = [message]
-    for key, value in fields.items():
-        text = str(value)
-        if not text or any(c.isspace() or c in '"=' for c in text):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LEVELS = lines.LEVELS
+kv = lines.kv  # its home is lines.py, where a loader takes it from without the logging package
 
 
 class LogLevelError(ValueError):

@@ -8,8 +8,11 @@ Resolution order for model `org/name` of client `agent` (README, "The model stor
 """
 
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import msgspec
+
+from gpu_orchestrator.loaders.wire import MAX_MODEL_ID
 
 
 class StoreError(Exception):
@@ -20,8 +23,8 @@ NAME_MAX = 255  # bytes in one file name component (Linux)
 
 
 def check_argument(what: str, value: str) -> None:
-    """Names travel as loader arguments (`--client NAME`): one starting with '-' would be taken
-    for an option, and the loader would die in argparse instead of loading anything."""
+    """Names travel on the loader's command line (`--client NAME`), where one starting with '-'
+    would read as an option to whoever looks at it (ps, pgrep, an operator's script)."""
     if value.startswith("-"):
         raise StoreError(f"{what} {value!r} starts with '-', which a command line takes for an option; rename it")
 
@@ -40,6 +43,8 @@ def check_model_id(model_id: str) -> None:
     check_argument("model id", model_id)
     if any(len(part.encode()) > NAME_MAX for part in model_id.split("/")):
         raise StoreError(f"model id {model_id!r} has a component longer than {NAME_MAX} bytes, which no file name can be")
+    if len(model_id.encode()) > MAX_MODEL_ID:  # a loader's slot has room for ids this long (wire.py)
+        raise StoreError(f"model id {model_id[:64]!r}... is longer than {MAX_MODEL_ID} bytes; shorten it")
 
 
 def check_client_name(name: str) -> None:
@@ -53,8 +58,7 @@ def check_client_name(name: str) -> None:
         raise StoreError(f"client name {name!r} is longer than {NAME_MAX} bytes, which no file name can be")
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(msgspec.Struct, frozen=True):
     """A resolved model: its directory and the tree every file in it must stay inside."""
 
     path: Path

@@ -1,9 +1,10 @@
-"""How a loader and a client's service are launched: the loader's arguments, and the environment
-each carries (its client's name, GPUs and MPS limits)."""
+"""How a loader and a client's service are launched: the loader's arguments (one LoaderArgs), and
+the environment each carries (its client's name, GPUs and MPS limits)."""
 
 import os
 import re
 
+from gpu_orchestrator.loaders.wire import LoaderArgs, encode_args
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.mps import CLIENT_MPS, MpsSettings, mps_env
@@ -56,21 +57,12 @@ def client_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: 
 
 
 def loader_argv(config: Config, client: str, segment: str, slot: int, policy: Policy) -> list[str]:
-    argv = ["--client", client, "--segment", segment, "--slot", str(slot),
-            "--store-root", config.model_store_root, "--heartbeat-interval", str(policy.heartbeat_interval)]
-    for model in config.clients[client]:
-        argv += ["--model", model]
-    if config.base_model_dir:
-        argv += ["--base-model-dir", config.base_model_dir]
-    if config.strict_model_store:
-        argv.append("--strict")
-    elif config.hf_hub:
-        argv += ["--hf-hub", config.hf_hub]
-    limit = config.memory_limit_bytes(client)
-    if limit is not None:
-        argv += ["--memory-limit-bytes", str(limit)]
-    argv += ["--backend", config.backend_for(client)]
+    """The loader's command line: its LoaderArgs, as wire.encode_args writes them."""
     allocation = config.allocations.get(client)
-    if allocation is not None and allocation.warmup:
-        argv.append("--warmup-inference")
-    return argv
+    return encode_args(LoaderArgs(
+        client=client, segment=segment, slot=slot, store_root=config.model_store_root,
+        heartbeat_interval=policy.heartbeat_interval, models=list(config.clients[client]),
+        base_model_dir=config.base_model_dir or None, strict=config.strict_model_store,
+        hf_hub=None if config.strict_model_store else config.hf_hub or None,
+        memory_limit_bytes=config.memory_limit_bytes(client), backend=config.backend_for(client),
+        warmup_inference=allocation is not None and allocation.warmup))

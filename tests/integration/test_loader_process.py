@@ -13,7 +13,7 @@ import pytest
 from support import add_model, wait_for
 
 from gpu_orchestrator.loaders.channel import Segment, SlotReader
-from gpu_orchestrator.loaders.wire import LoadCommand, LoaderState
+from gpu_orchestrator.loaders.wire import LoadCommand, LoaderArgs, LoaderState, encode_args, encode_command
 
 BIG = 4 * 1024**3  # sparse: costs no disk, takes a while to read
 
@@ -39,16 +39,18 @@ def store(tmp_path):
     return root
 
 
-def start_loader(segment, store, models, *extra):
-    argv = [sys.executable, "-m", "gpu_orchestrator.loaders", "--client", "c", "--segment", segment.name,
-            "--slot", "1", "--store-root", str(store), "--strict", *extra]
-    for model in models:
-        argv += ["--model", model]
+def start_loader(segment, store, models, **extra):
+    args = LoaderArgs(client="c", segment=segment.name, slot=1, store_root=str(store), strict=True,
+                      models=models, **extra)
+    return start_loader_with([sys.executable, "-m", "gpu_orchestrator.loaders", *encode_args(args)])
+
+
+def start_loader_with(argv):
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
 def send(proc, generation, refresh=False):
-    proc.stdin.write(msgspec.json.encode(LoadCommand(generation, refresh)) + b"\n")
+    proc.stdin.write(encode_command(LoadCommand(generation, refresh)))
     proc.stdin.flush()
 
 
@@ -78,6 +80,30 @@ def test_cannot_boot_exits_78_with_the_reason(segment, tmp_path):
     assert b"cannot boot" in err and b"is not a directory" in err
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--client", "c"], b"expected --client NAME --args JSON"),
+    (["--client", "c", "--args", '{"type": "loader-args", "client": "c"}'], b"missing required field"),
+    (["--client", "c", "--args", '{"type": "loader-args", "client": "c", "segment": "s", "slot": -1, '
+      '"store_root": "/"}'], b"Expected `int` >= 0"),
+    (["--client", "d", "--args", msgspec.json.encode(LoaderArgs(client="c", segment="s", slot=0, store_root="/"))],
+     b"differ"),
+])
+def test_arguments_not_as_the_supervisor_writes_them_exit_78_saying_what_is_wrong(args, said):
+    proc = start_loader_with([sys.executable, "-m", "gpu_orchestrator.loaders", *args])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 78
+    assert b"cannot boot" in err and said in err, err
+
+
+def test_its_command_line_names_its_client_for_ps(segment, store, cleanup):
+    proc = start_loader(segment, store, ["org/small"])
+    cleanup.append(proc)
+    wait_for(lambda: slot_state(segment), what="first publish")
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as handle:
+        cmdline = handle.read().split(b"\0")
+    assert cmdline[cmdline.index(b"--client") + 1] == b"c"
+
+
 def test_loads_on_command_and_reports_each_model(segment, store, cleanup):
     proc = start_loader(segment, store, ["org/small", "org/missing"])
     cleanup.append(proc)
@@ -105,7 +131,7 @@ def test_refresh_reloads_ready_models_and_plain_load_does_not(segment, store, cl
 
 
 def test_model_over_the_memory_limit_is_refused_before_reading(segment, store, cleanup):
-    proc = start_loader(segment, store, ["org/big"], "--memory-limit-bytes", str(1024**3))
+    proc = start_loader(segment, store, ["org/big"], memory_limit_bytes=1024**3)
     cleanup.append(proc)
     send(proc, 1)
     big = wait_for(lambda: settled(segment, 1)).models[0]
@@ -131,3 +157,30 @@ def test_exits_promptly_in_the_middle_of_a_read(segment, store, cleanup, how):
     assert state.models[0].status == "loading" and state.models[0].bytes_done < BIG
     reason = b"signal SIGTERM" if how == "sigterm" else b"stdin closed"
     assert reason in proc.stderr.read()
+
+
+def test_a_loader_imports_only_what_it_needs():
+    """A loader lives as long as the service, one per client: what it imports it keeps. None of
+    the supervisor, HTTP, psutil or logging; OpenSSL (hashlib) and zipfile only when a model needs them."""
+    code = "import sys, gpu_orchestrator.loaders.__main__; print(' '.join(sys.modules))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                timeout=60).stdout.split())
+    unwanted = {"psutil", "hashlib", "_hashlib", "zipfile", "logging", "argparse", "secrets", "dataclasses",
+                "falcon", "waitress", "prometheus_client", "pynvml"}
+    assert not loaded & unwanted
+    assert not [m for m in loaded if m.startswith(("gpu_orchestrator.supervisor", "gpu_orchestrator.http"))]
+
+
+def test_after_a_warm_up_nothing_of_the_models_stays_open_or_loaded(segment, tmp_path, cleanup):
+    root = tmp_path / "store"
+    for name in ("org/one", "org/two"):
+        add_model(root, name)  # no manifest: nothing to verify, so no OpenSSL
+    proc = start_loader(segment, root, ["org/one", "org/two"])
+    cleanup.append(proc)
+    send(proc, 1)
+    assert [m.status for m in wait_for(lambda: settled(segment, 1)).models] == ["ready", "ready"]
+    open_files = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+    assert not [f for f in open_files if f.startswith(str(root))]
+    with open(f"/proc/{proc.pid}/maps") as maps:
+        mapped = maps.read()
+    assert "libcrypto" not in mapped and "_hashlib" not in mapped

@@ -12,15 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import add_model
 
-from gpu_orchestrator.loaders.backends import (
-    SAFETENSORS_DTYPE_BITS,
-    ModelError,
-    check_fits,
-    check_safetensors,
-    plan,
-    snapshot_checksum,
-    warm,
-)
+from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, snapshot_checksum, warm
+from gpu_orchestrator.loaders.formats import SAFETENSORS_DTYPE_BITS, check_safetensors
 from gpu_orchestrator.loaders.store import Snapshot
 
 
@@ -235,7 +228,7 @@ class CountingFile(io.FileIO):
 
 
 def test_a_header_over_the_formats_limit_is_refused_before_it_is_read(tmp_path):
-    from gpu_orchestrator.loaders.backends import MAX_SAFETENSORS_HEADER, safetensors_parameters
+    from gpu_orchestrator.loaders.formats import MAX_SAFETENSORS_HEADER, safetensors_parameters
     path = tmp_path / "model.safetensors"
     with open(path, "wb") as handle:  # sparse: the file is large, its blocks are not
         handle.write(struct.pack("<Q", MAX_SAFETENSORS_HEADER + 1))

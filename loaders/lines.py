@@ -1,0 +1,64 @@
+"""One line per event without the logging package, which a loader need not load: kv() formats an
+event, LineLog writes it as 'LEVEL name: message', the line logs.py's handler writes and
+logs.relay_line reads back from a loader's stderr. No project imports."""
+
+import os
+import sys
+import threading
+import warnings
+
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}  # logging's numbers
+
+
+def kv(message: str, **fields) -> str:
+    """`kv("loader started", client="a b", pid=3)` -> 'loader started client="a b" pid=3'."""
+    parts = [message]
+    for key, value in fields.items():
+        text = str(value)
+        if not text or any(c.isspace() or c in '"=' for c in text):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def formatted_exception(exc_type, exc, tb) -> str:
+    import traceback  # only when there is one to write
+
+    return "".join(traceback.format_exception(exc_type, exc, tb)).rstrip("\n")
+
+
+class LineLog:
+    """A loader's log: each event one line on stderr (its newlines escaped, so a traceback stays
+    one event), at or above LOG_LEVEL (the supervisor refused a bad one before starting us)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.threshold = LEVELS.get((os.environ.get("LOG_LEVEL") or "INFO").upper(), LEVELS["INFO"])
+
+    def write(self, level: str, message: str) -> None:
+        if LEVELS[level] >= self.threshold:
+            line = f"{level} {self.name}: {message}".replace("\r", "\\r").replace("\n", "\\n")
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def info(self, message: str) -> None:
+        self.write("INFO", message)
+
+    def error(self, message: str) -> None:
+        self.write("ERROR", message)
+
+    def exception(self, message: str) -> None:
+        """An error with the traceback of the exception being handled."""
+        self.write("ERROR", message + "\n" + formatted_exception(*sys.exc_info()))
+
+    def take_over_uncaught(self) -> None:
+        """Uncaught exceptions (in any thread) and warnings become one line each as well."""
+        def uncaught(exc_type, exc, tb):
+            self.write("CRITICAL", "uncaught exception\n" + formatted_exception(exc_type, exc, tb))
+
+        def warning(message, category, filename, lineno, file=None, line=None):
+            self.write("WARNING", warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
+
+        sys.excepthook = uncaught
+        threading.excepthook = lambda args: uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+        warnings.showwarning = warning
