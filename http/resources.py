@@ -84,7 +84,10 @@ class ModelsPreload:
 
     def on_post(self, req, resp):
         request = decode_preload(read_body(req))
-        code, body = self.source.request_preload(request.refresh)
+        try:
+            code, body = self.source.request_preload(request.refresh)
+        except TimeoutError as exc:  # the source's supervision loop did not answer in time
+            raise falcon.HTTPServiceUnavailable(description=str(exc)) from None
         respond(resp, body, code)
 
 

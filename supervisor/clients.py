@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from gpu_orchestrator.loaders import states
-from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT
+from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WORKING, LoaderState
 
 
 def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:
@@ -48,6 +48,31 @@ def iso_utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+class Spawner:
+    """How loader processes are started, signalled and reaped: the real one here, a fake in tests."""
+
+    def popen(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        """exec a fresh interpreter (CUDA and NVML are not fork-safe) in its own process group."""
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=env, process_group=0, close_fds=True)
+
+    def signal(self, proc: subprocess.Popen, signum: int) -> None:
+        """Signal the loader's whole process group (it may have started helpers)."""
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def reap(self, proc: subprocess.Popen, block: bool = False) -> int | None:
+        """The wait status once the process has exited, else None (without `block`). waitpid per
+        known pid, never -1: that would also reap children other threads started with subprocess."""
+        pid, status = os.waitpid(proc.pid, 0 if block else os.WNOHANG)
+        return status if pid else None
+
+
+PROCESSES = Spawner()
+
+
 @dataclass
 class LoaderProcess:
     client: str
@@ -74,6 +99,7 @@ class LoaderProcess:
     rss_bytes: int | None = None
     deaths: deque = field(default_factory=deque)
     failed_starts: deque = field(default_factory=deque)
+    spawner: Spawner = PROCESSES
 
     @property
     def pid(self) -> int | None:
@@ -83,12 +109,8 @@ class LoaderProcess:
         self.state = states.check_transition(self.state, new_state)
 
     def spawn(self, now: float) -> None:
-        """exec a fresh interpreter (CUDA and NVML are not fork-safe) in its own process group."""
         self.to(states.STARTING)
-        self.started(subprocess.Popen(
-            [sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=self.env, process_group=0, close_fds=True), now)
+        self.started(self.spawner.popen([sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv], self.env), now)
 
     def started(self, proc: subprocess.Popen, now: float) -> None:
         """A new run began: forget everything that described the previous one."""
@@ -151,11 +173,16 @@ class LoaderProcess:
         return now - self.started_at - self.policy.startsecs
 
     def signal(self, signum: int) -> None:
-        """Signal the loader's whole process group (it may have started helpers)."""
-        try:
-            os.killpg(self.proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        self.spawner.signal(self.proc, signum)
+
+    def reap(self, block: bool = False) -> int | None:
+        return self.spawner.reap(self.proc, block)
+
+    def stop(self, now: float) -> None:
+        """TERM this run; it is KILLed if still alive at `stop_deadline`."""
+        self.to(states.STOPPING)
+        self.signal(signal.SIGTERM)
+        self.stop_deadline = now + self.policy.stop_grace
 
     def promote_if_started(self, now: float, finished_warmup: bool) -> bool:
         """RUNNING after `startsecs` up, or sooner once it has finished a warm-up: it clearly booted."""
@@ -201,6 +228,20 @@ class LoaderProcess:
         self.deaths.clear()
         self.failed_starts.clear()
         self.fatal_reason = None
+
+    def published(self, reader) -> LoaderState | None:
+        """What this run wrote to its slot (`reader`: a SlotReader of the channel); None if nothing."""
+        if self.pid is None:
+            return None
+        message = reader.read(self.slot)
+        return message if message is not None and message.pid == self.pid else None
+
+    def models_loading(self, reader) -> list[str]:
+        """The models this live loader says it is loading right now."""
+        published = self.published(reader)
+        if published is None or published.phase != WORKING:
+            return []
+        return [m.model for m in published.models if m.status == LOADING]
 
     def measure_rss(self) -> None:
         """Resident memory of the live loader (read by the loop, served by HTTP)."""

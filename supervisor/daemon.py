@@ -12,10 +12,12 @@ from gpu_orchestrator.http.app import base_url, create_app, is_loopback
 from gpu_orchestrator.http.metrics import RequestCounter
 from gpu_orchestrator.loaders import channel
 from gpu_orchestrator.loaders.logs import kv
-from gpu_orchestrator.supervisor.arbiter import Arbiter, ShuttingDown, create_segment
+from gpu_orchestrator.supervisor.answers import ShuttingDown
+from gpu_orchestrator.supervisor.arbiter import Arbiter
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import METRICS_LISTEN_ENV, Config
 from gpu_orchestrator.supervisor.mps import MpsSettings
+from gpu_orchestrator.supervisor.slots import create_segment
 
 log = logging.getLogger("supervisor")
 HTTP_THREADS = 8
@@ -59,13 +61,13 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
         for warning in warnings:
             log.warning(warning)
         requests = RequestCounter()  # one count for both listeners, whichever /metrics is scraped
-        app = create_app(arbiter, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
+        app = create_app(arbiter.answers, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
                          warnings=warnings, requests=requests)
         arbiter.server = server.create_server(app, sock, HTTP_THREADS)
         if metrics_sock is not None:
             metrics_host, metrics_port = metrics_sock.getsockname()[:2]
             server.serve_also(arbiter.server, create_app(
-                arbiter, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port), warnings=warnings,
+                arbiter.answers, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port), warnings=warnings,
                 scrape_only=True, requests=requests), metrics_sock)
             log.info(kv("metrics listening", url=base_url(metrics_host, metrics_port), routes="/metrics /health /ready"))
         log.info(kv("listening", url=base_url(host, port), clients=len(config.clients), segment=segment.name))

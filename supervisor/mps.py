@@ -20,11 +20,13 @@ from pathlib import Path
 
 import psutil
 
+from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor.clients import backoff_delay
+from gpu_orchestrator.supervisor.mps_control import (BINARY, CLIENT_MPS, DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR,  # noqa: F401
+                                                     MpsError, MpsSettings, ensure_folders, mps_env, mps_folders, query)
 
 log = logging.getLogger("mps")
-BINARY = "nvidia-cuda-mps-control"
 PID_FILE = "nvidia-cuda-mps-control.pid"
 CONTROL_PIPE = "control"
 
@@ -42,10 +44,6 @@ def process_alive(pid: int) -> bool:
         return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         return False
-
-
-class MpsError(Exception):
-    """The control daemon did not answer, or answered with an error."""
 
 
 class NotAFile(OSError):
@@ -84,66 +82,6 @@ def read_pid(path: str | os.PathLike) -> int:
     return pid
 
 
-@dataclass(frozen=True)
-class MpsSettings:
-    pipe_dir: str  # CUDA_MPS_PIPE_DIRECTORY, else DEFAULT_PIPE_DIR
-    log_dir: str
-    probe_interval: float = 5.0
-    command_timeout: float = 5.0
-    start_timeout: float = 15.0
-    failures_to_restart: int = 2
-
-
-DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # NVIDIA's defaults, used when the variables are unset
-DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
-
-
-def mps_folders(env) -> tuple[str, str]:
-    """The pipe and log folders an environment names, NVIDIA's defaults for what it leaves unset."""
-    return env.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE_DIR, env.get("CUDA_MPS_LOG_DIRECTORY") or DEFAULT_LOG_DIR
-
-
-# What a client process carries only as its client's (limits and folders), never inherited from ours:
-# a loader or service of a client without MPS must not find a daemon through our folders.
-CLIENT_MPS = frozenset({"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE",
-                        "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"})
-
-
-def mps_env(settings: MpsSettings) -> dict[str, str]:
-    return {"CUDA_MPS_PIPE_DIRECTORY": settings.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": settings.log_dir}
-
-
-def query(settings: MpsSettings, command: str, timeout: float | None = None) -> str:
-    """Run one control command; return its output or raise MpsError saying what went wrong."""
-    binary = shutil.which(BINARY)
-    if binary is None:
-        raise MpsError(f"{BINARY} not found on PATH")
-    try:
-        result = subprocess.run([binary], input=command + "\n", capture_output=True, text=True,
-                                env={**os.environ, **mps_env(settings)},
-                                timeout=timeout or settings.command_timeout)
-    except subprocess.TimeoutExpired:
-        raise MpsError(f"'{command}' got no answer within {timeout or settings.command_timeout:g} s: "
-                       "the control daemon is hung") from None
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0:
-        raise MpsError(f"'{command}' failed (exit {result.returncode}): {output or 'no output'}")
-    return result.stdout.strip()
-
-
-def ensure_folders(settings: MpsSettings) -> None:
-    """0755: MPS servers the daemon starts for other users must reach both folders. Raises MpsError
-    naming the folder when one cannot be made (a read-only file system under ProtectSystem=strict,
-    a file in the way): MPS is then off, reported like any other MPS failure, and the service serves on."""
-    for variable, folder in mps_env(settings).items():
-        try:
-            os.makedirs(folder, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise MpsError(f"cannot create the MPS folder {folder} ({variable}): {exc.strerror or exc}; provision it "
-                           "(scripts/systemd/gpu-orchestrator.tmpfiles, LogsDirectory=) or point "
-                           f"{variable} at a writable folder") from None
-
-
 @dataclass
 class Probe:
     """The last thing the probe learned; what /gpu/info serves."""
@@ -158,25 +96,17 @@ class Probe:
     started: float | None = None  # monotonic: when this probe began asking
 
 
-@dataclass(frozen=True)
-class Starting:
-    """A start under way: `checking` whether a daemon already answers, then `spawned` ours."""
-
-    phase: str
-    since: float  # monotonic; only a probe that began after this counts
-
-
 START_POLL_S = 0.1  # how often the probe asks while a daemon is coming up
 
 
 class MpsDaemon:
-    """Lifecycle of one control daemon.
+    """Lifecycle of one control daemon, a checked machine (loaders/states.py's MPS):
+    OFF -> CHECKING (adopt one that answers) -> SPAWNED (ours) -> UP, and BACKOFF between tries.
 
-    The loop starts, kills and restarts it (`begin_start`, `reap`, `check_health`,
-    `restart_if_due`, `advance_start`, `stop`) and never waits on it: only the probe
-    thread talks to the daemon, and the loop acts on what that thread last recorded.
-    A daemon that takes 15 s to come up therefore never stalls loader supervision,
-    signals or the watchdog.
+    The loop drives it (`begin_start`, then each tick `supervise`) and never waits on it: only
+    the probe thread talks to the daemon, and the loop acts on what that thread last recorded.
+    A daemon that takes 15 s to come up therefore never stalls loader supervision, signals or
+    the watchdog.
     """
 
     def __init__(self, settings: MpsSettings, wake=lambda: None):
@@ -186,7 +116,8 @@ class MpsDaemon:
         self.proc: subprocess.Popen | None = None
         self.available = shutil.which(BINARY) is not None
         self.probe = Probe(error=None if self.available else f"{BINARY} not found on PATH")
-        self.starting: Starting | None = None
+        self.state = states.MPS_OFF
+        self.since = 0.0  # monotonic: when the current state began; only a probe begun after it counts
         self.failure: str | None = None  # why the last start or daemon failed; the probe's errors do not replace it
         self.restarts = 0
         self.restart_at: float | None = None
@@ -196,19 +127,30 @@ class MpsDaemon:
         self.probed = threading.Event()  # a probe finished
         self.thread: threading.Thread | None = None
 
+    def to(self, new: str, now: float) -> None:
+        with self.lock:
+            self.state = states.check_transition(self.state, new, "MPS daemon")
+            self.since = now
+
+    @property
+    def starting(self) -> bool:
+        return self.state in states.MPS_STARTING
+
+    @property
+    def settled(self) -> bool:
+        """Started once and known up or down: loaders may start, each under it or known without it."""
+        return self.state not in (states.MPS_OFF, *states.MPS_STARTING)
+
     # ---- loop side ----------------------------------------------------------
 
     def start(self, give_up=lambda: False) -> bool:
-        """Start and wait until the daemon answers, the start failed or `give_up()` (a stop was asked
-        for): for start-up and gpu-check, before any loader exists. A failed start is already
-        scheduled for a retry; one given up on is ended by stop()."""
+        """For gpu-check, which has no loop: the loop's own steps, waited on until the daemon answers,
+        the start failed or `give_up()`. The supervisor never calls this."""
         self.begin_start(time.monotonic())
-        while self.starting is not None and not give_up():
+        while self.starting and not give_up():
             self.probed.wait(START_POLL_S)
             self.probed.clear()
-            now = time.monotonic()
-            self.reap(now)
-            self.advance_start(now)
+            self.supervise(time.monotonic())
         return self.healthy
 
     def begin_start(self, now: float) -> None:
@@ -216,54 +158,60 @@ class MpsDaemon:
         if not self.available:
             log.error(kv(f"ENABLE_MPS=true but {BINARY} is not on PATH: loaders run WITHOUT MPS limits; "
                          "install the NVIDIA compute utilities or fix PATH"))
+            self.to(states.MPS_MISSING, now)
             return
         try:
             ensure_folders(self.settings)
         except MpsError as exc:
             # Retried with the daemon's backoff: an operator may provision the folder meanwhile.
-            self.note_failure(str(exc))
-            self.schedule_restart(now)
+            self.fail(str(exc), now)
             return
-        self.starting = Starting("checking", now)
+        self.to(states.MPS_CHECKING, now)
         if self.thread is None:
             self.thread = threading.Thread(target=self.probe_forever, name="mps-probe", daemon=True)
             self.thread.start()
         self.poke.set()
 
+    def supervise(self, now: float) -> bool:
+        """One tick: reap, judge health, restart when due, move a start on. True when a daemon has
+        just come up: loaders started before it must follow it (their MPS clients need it)."""
+        self.reap(now)
+        self.check_health(now)
+        self.restart_if_due(now)
+        return self.advance_start(now)
+
     def advance_start(self, now: float) -> bool:
-        """Move a start on from the probe's verdict; True once a daemon answers: loaders must follow it."""
-        start = self.starting
-        if start is None:
+        """Move a start on from the probe's verdict; True once a daemon answers."""
+        if not self.starting:
             return False
         with self.lock:
             probe = self.probe
-        fresh = probe.started is not None and probe.started >= start.since
+        fresh = probe.started is not None and probe.started >= self.since
         if fresh and probe.answering:
-            self.starting = None
-            with self.lock:
-                self.failure = None
-            if start.phase == "checking":
-                log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
-                            pid=probe.control_pid))
-            else:
-                log.info(kv("MPS control daemon answering", pid=probe.control_pid,
-                            after_s=round(now - start.since, 2)))
+            self.answered(probe, now)
             return True
-        if fresh and start.phase == "checking":
+        if fresh and self.state == states.MPS_CHECKING:
             self.spawn()
-            self.starting = Starting("spawned", now)
+            self.to(states.MPS_SPAWNED, now)
             self.poke.set()
-        elif start.phase == "spawned" and now - start.since > self.settings.start_timeout:
-            self.starting = None
-            self.note_failure(f"the control daemon did not answer within {self.settings.start_timeout:g} s")
+        elif self.state == states.MPS_SPAWNED and now - self.since > self.settings.start_timeout:
             self.kill()
-            self.schedule_restart(now)
+            self.fail(f"the control daemon did not answer within {self.settings.start_timeout:g} s", now)
         return False
 
-    def start_deadline(self) -> float | None:
-        """When the loop must look again even if the probe stays silent (a hung start)."""
-        start = self.starting
-        return start.since + self.settings.start_timeout if start is not None and start.phase == "spawned" else None
+    def answered(self, probe: Probe, now: float) -> None:
+        if self.state == states.MPS_CHECKING:
+            log.info(kv("adopted a running MPS control daemon", pipe_dir=self.settings.pipe_dir,
+                        pid=probe.control_pid))
+        else:
+            log.info(kv("MPS control daemon answering", pid=probe.control_pid, after_s=round(now - self.since, 2)))
+        with self.lock:
+            self.failure = None
+        self.to(states.MPS_UP, now)
+
+    def next_deadline(self) -> float | None:
+        """When the loop must look again even if the probe stays silent: a restart due, a hung start."""
+        return self.since + self.settings.start_timeout if self.state == states.MPS_SPAWNED else self.restart_at
 
     def spawn(self) -> None:
         self.proc = subprocess.Popen([shutil.which(BINARY), "-f"], env={**os.environ, **mps_env(self.settings)},
@@ -271,11 +219,17 @@ class MpsDaemon:
                                      stderr=subprocess.DEVNULL, process_group=0)
         log.info(kv("started the MPS control daemon", pid=self.proc.pid, pipe_dir=self.settings.pipe_dir))
 
-    def note_failure(self, reason: str) -> None:
+    def fail(self, reason: str, now: float) -> None:
+        """The daemon or its start failed: say why and schedule a restart with backoff."""
         with self.lock:
             self.probe.answering = False
             self.failure = reason
         log.error(kv("MPS control daemon failed", reason=reason))
+        self.to(states.MPS_BACKOFF, now)
+        self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+        delay = backoff_delay(len(self.deaths))
+        self.restart_at = now + delay
+        log.warning(kv("MPS control daemon restart scheduled", in_s=delay))
 
     def reap(self, now: float) -> bool:
         """True when our daemon has died (it is then scheduled for a restart)."""
@@ -285,31 +239,24 @@ class MpsDaemon:
         self.proc = None
         if self.stopping.is_set():
             return False
-        what = "while starting" if self.starting is not None else ""
-        self.starting = None
-        self.note_failure(f"the control daemon exited with {code} {what}".strip())
+        what = "while starting" if self.starting else ""
         self.remove_pipe_files(pid)
-        self.schedule_restart(now)
+        self.fail(f"the control daemon exited with {code} {what}".strip(), now)
         return True
 
     def check_health(self, now: float) -> None:
         """Act on the probe thread's verdict: kill a managed daemon that stopped answering."""
         with self.lock:
             failing = self.probe.failures >= self.settings.failures_to_restart
-        if not failing or self.restart_at is not None or self.starting is not None:
+            error = self.probe.error
+        if not failing or self.state != states.MPS_UP:
             return
         if self.proc is not None:
             log.error(kv("MPS control daemon stopped answering; killing it", pid=self.proc.pid))
             self.kill()
-            self.schedule_restart(now)
+            self.fail(f"the control daemon stopped answering: {error}", now)
         elif self.control_pid() is None:
-            self.schedule_restart(now)  # the adopted daemon is gone: run our own
-
-    def schedule_restart(self, now: float) -> None:
-        self.deaths = [t for t in self.deaths if now - t < 60] + [now]
-        delay = backoff_delay(len(self.deaths))
-        self.restart_at = now + delay
-        log.warning(kv("MPS control daemon restart scheduled", in_s=delay))
+            self.fail(f"the adopted control daemon is gone: {error}", now)  # run our own
 
     def restart_if_due(self, now: float) -> None:
         if self.restart_at is None or now < self.restart_at:
@@ -335,6 +282,8 @@ class MpsDaemon:
         """quit through the control pipe, wait, then TERM and KILL; an adopted daemon is left alone."""
         self.stopping.set()
         self.poke.set()
+        if self.state != states.MPS_OFF:
+            self.to(states.MPS_OFF, time.monotonic())
         if self.proc is None:
             return
         pid = self.proc.pid
@@ -342,9 +291,9 @@ class MpsDaemon:
             query(self.settings, "quit")
             self.proc.wait(grace)
         except (MpsError, subprocess.TimeoutExpired):
-            log.warning(kv("MPS control daemon ignored quit; terminating it", pid=self.proc.pid))
+            log.warning(kv("MPS control daemon ignored quit; terminating it", pid=pid))
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGTERM)
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
@@ -377,11 +326,11 @@ class MpsDaemon:
             if self.stopping.is_set():
                 return
             failed = self.record_probe()
-            if failed or self.starting is not None:
+            if failed or self.starting:
                 self.wake()
             self.probed.set()
             # Quick while a start waits for an answer; once it answered, the loop will see it.
-            wait = START_POLL_S if self.starting is not None and failed else self.settings.probe_interval
+            wait = START_POLL_S if self.starting and failed else self.settings.probe_interval
 
     def record_probe(self) -> bool:
         """Ask the daemon (and read its pid file) here, so that report() reads only memory.
@@ -404,8 +353,9 @@ class MpsDaemon:
     # ---- what /gpu/info serves ---------------------------------------------------
 
     def control_pid(self) -> int | None:
-        if self.proc is not None:
-            return self.proc.pid
+        proc = self.proc
+        if proc is not None:
+            return proc.pid
         try:
             pid = read_pid(Path(self.settings.pipe_dir, PID_FILE))
         except (OSError, ValueError):
@@ -419,13 +369,17 @@ class MpsDaemon:
 
     @property
     def healthy(self) -> bool:
-        """MPS is in force for loaders started now: a daemon answers and no start or restart is pending.
+        """MPS is in force for loaders started now: a daemon answers, and no start or restart is pending.
         (An answer while a restart waits its turn is adopted when the restart comes due.)"""
         with self.lock:
             return self.in_force()
 
+    def settings_in_force(self) -> MpsSettings | None:
+        """The settings loaders started now run under (with MPS limits), else None."""
+        return self.settings if self.healthy else None
+
     def in_force(self) -> bool:
-        return self.available and self.probe.answering and self.starting is None and self.restart_at is None
+        return self.state == states.MPS_UP and self.probe.answering
 
     def report(self) -> dict:
         with self.lock:

@@ -1,6 +1,6 @@
 """The views the HTTP API serves, composed from loader records and their slots.
 
-Pure functions over a consistent copy taken under the arbiter's lock, so they
+Pure functions over a snapshot the loop published (answers.py), so they
 are tested without processes. A slot counts only when it was written by the
 loader process that is alive now: a dead loader's last words never make a model
 look ready.
@@ -13,9 +13,10 @@ from datetime import datetime, timezone
 import msgspec
 
 from gpu_orchestrator.loaders import states
-from gpu_orchestrator.loaders.wire import FAILED, IDLE, LOADING, PENDING, READY, LoaderState, ModelProgress
+from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.config import Config, GiB, GpuMemory
 from gpu_orchestrator.supervisor.telemetry import Telemetry
+from gpu_orchestrator.supervisor.warmup import Warmup, finished  # noqa: F401 (Warmup: callers' name for it)
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,6 @@ class ClientView:
     rss_bytes: int | None = None
 
 
-@dataclass(frozen=True)
-class Warmup:
-    generation: int = 0
-    refresh: bool = False
-    started_at: float | None = None  # wall clock
-    finished_at: float | None = None
-
-
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -55,11 +48,6 @@ def effective_models(view: ClientView) -> list[ModelProgress]:
     if view.published is None:
         return [ModelProgress(model) for model in view.models]
     return view.published.models
-
-
-def finished(published: LoaderState | None, generation: int) -> bool:
-    """The loader says it is idle after this generation's warm-up."""
-    return published is not None and published.generation == generation and published.phase == IDLE
 
 
 def client_settled(view: ClientView, generation: int) -> bool:
@@ -137,6 +125,24 @@ def models_status(views: list[ClientView], warmup: Warmup, now: float | None = N
     }
 
 
+def status_line(current: dict, generation: int, mps_down: bool) -> str:
+    """systemd's STATUS= from a composed /models/status: what `systemctl status` shows at a glance."""
+    clients = current["clients"]
+    ready = sum(c["ready"] for c in clients.values())
+    failed = sorted(name for name, c in clients.items() if any(m["status"] == "failed" for m in c["models"]))
+    line = f"{ready}/{len(clients)} clients ready"
+    if generation == 0:
+        return f"{line}; no warm-up requested yet"
+    if current["in_progress"]:
+        summary = current["summary"]
+        line = f"warming up: {line}, {summary['done']}/{summary['total']} models"
+    if failed:
+        line += f", {len(failed)} failed: {','.join(failed)}"
+    if mps_down:
+        line += "; MPS down"
+    return line
+
+
 def allocation_summary(config: Config, gpu_memory: dict[int, int] | None = None) -> dict:
     """system_summary recomputed from the validated allocations; the stored one is never trusted.
 
@@ -207,6 +213,17 @@ def overcommit_warnings(summary: dict) -> list[dict]:
     return [{"gpu": gpu["index"], "limits_gb": gpu["mps_memory_limit_gb"], "gpu_gb": gpu["available_gb"],
              "over_gb": gpu["overcommit_gb"], "clients": ",".join(gpu["clients"]), "source": "nvml"}
             for gpu in summary["per_gpu"] if gpu["overcommitted"]]
+
+
+def overcommit_findings(config: Config, telemetry: Telemetry | None) -> list[tuple[str, dict]]:
+    """What the log warns about an allocation, judged as /mps/allocation judges it: per GPU against
+    what the NVML sample found, else against the configured total. Flagged, never refused."""
+    summary = allocation_summary(config, gpu_memory_present(telemetry))
+    findings = [("MPS allocations over-commit the GPU memory; clients may run out of memory", fields)
+                for fields in overcommit_warnings(summary)]
+    return findings + [("client is pinned to GPUs NVML does not see; it will find no such device",
+                        {"client": client, "devices": ",".join(map(str, devices))})
+                       for client, devices in summary.get("devices_not_present", {}).items()]
 
 
 def gpu_memory_present(telemetry: Telemetry | None) -> dict[int, int] | None:

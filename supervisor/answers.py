@@ -1,0 +1,247 @@
+"""What the HTTP threads are answered from: the `source` handed to create_app.
+
+The loop alone changes state. After each tick it publishes a `Snapshot` (one reference swap) of
+what the answers need; GET answers read that snapshot, the shared-memory slots (read-only) and
+the sampler's and MPS probe's own lock-guarded records, and never touch the loop's objects. A
+request that must change something (POST /models/preload) becomes a `Command` on a queue the loop
+serves; the HTTP thread waits for the loop's answer, at most LOOP_ANSWER_S.
+"""
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.channel import Segment, SlotReader
+from gpu_orchestrator.loaders.wire import LoaderState
+from gpu_orchestrator.supervisor import status
+from gpu_orchestrator.supervisor.config import Config
+from gpu_orchestrator.supervisor.launch import client_env
+from gpu_orchestrator.supervisor.telemetry import Owners
+from gpu_orchestrator.supervisor.warmup import Warmup
+
+STATUS_REUSE_S = 0.1
+LOOP_ANSWER_S = 10.0  # a loop that does not serve a command within this is stuck: 503, not a hung request
+
+
+@dataclass(frozen=True)
+class LoaderRecord:
+    """One loader as the loop last saw it."""
+
+    client: str
+    slot: int
+    state: str
+    pid: int | None
+    restarts: int = 0
+    last_exit: str | None = None
+    fatal_reason: str | None = None
+    rss_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    loaders: tuple[LoaderRecord, ...] = ()
+    warmup: Warmup = Warmup()
+    stopping: bool = False
+
+
+@dataclass
+class Command:
+    """A request for the loop: `name` is an Arbiter method `command_<name>`, called with `args`."""
+
+    name: str
+    args: tuple = ()
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class UnknownClient(KeyError):
+    """A client name the running configuration does not have; the HTTP layer answers 404."""
+
+    def __init__(self, client: str, known: list[str]):
+        super().__init__(client)
+        self.client, self.known = client, known
+
+    def __str__(self) -> str:
+        return f"no client {self.client!r} in the model map; clients: {', '.join(self.known) or 'none'}"
+
+
+class ShuttingDown(Exception):
+    """The supervisor has released its state; the HTTP layer answers 503."""
+
+
+class LoopDidNotAnswer(TimeoutError):
+    """The loop did not serve a command in time; the HTTP layer answers 503 with this message."""
+
+
+class Answers:
+    def __init__(self, config: Config, segment: Segment, wake, mps=None, sampler=None, gpu_count: int = 0):
+        self.snapshot = Snapshot(config)
+        self.reader = SlotReader(segment, LoaderState)  # this side's own: a reader is not thread-safe
+        self.wake, self.mps, self.sampler, self.gpu_count = wake, mps, sampler, gpu_count
+        self.commands: queue.Queue[Command] = queue.Queue()
+        self.lock = threading.Lock()  # the reader, the cache, and the segment's life (closed)
+        self.cache: tuple | None = None
+        self.closed = False
+        self.started = time.time()
+
+    # ---- the loop's side ---------------------------------------------------
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def close(self) -> None:
+        """The segment is about to be freed: answer 503 from now on, and to every queued command."""
+        with self.lock:
+            self.closed = True
+        self.fail_queued()
+
+    def fail_queued(self) -> None:
+        while True:
+            try:
+                self.commands.get_nowait().finish(error=ShuttingDown())
+            except queue.Empty:
+                return
+
+    # ---- HTTP threads --------------------------------------------------------
+
+    def ask(self, name: str, *args, timeout: float = LOOP_ANSWER_S):
+        """Queue a command, wake the loop and wait for its answer."""
+        self.check_open()
+        command = Command(name, args)
+        self.commands.put(command)
+        self.wake()
+        deadline = time.monotonic() + timeout
+        while not command.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.closed:
+                raise ShuttingDown()
+            if time.monotonic() >= deadline:
+                raise LoopDidNotAnswer(f"the supervision loop did not answer within {timeout:g} s; "
+                                       "it may be stuck: see the service's log, then retry or restart it")
+        if command.error is not None:
+            raise command.error
+        return command.result
+
+    def request_preload(self, refresh: bool) -> tuple[int, dict]:
+        """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed."""
+        return self.ask("preload", refresh)
+
+    def models_status(self) -> dict:
+        return self.compose()[0]
+
+    def models_status_json(self) -> bytes:
+        return self.compose()[1]
+
+    def health(self) -> dict:
+        snapshot = self.snapshot
+        counts: dict[str, int] = {}
+        for loader in snapshot.loaders:
+            counts[loader.state] = counts.get(loader.state, 0) + 1
+        return {"status": "stopping" if snapshot.stopping else "ok", "service": "gpu-orchestrator",
+                "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+                "clients": len(snapshot.loaders), "loaders": counts}
+
+    def gpu_info(self) -> dict:
+        self.check_open()
+        return status.gpu_info(self.snapshot.config, self.mps_report(), self.telemetry())
+
+    def mps_allocation(self) -> dict:
+        self.check_open()
+        return status.mps_allocation(self.snapshot.config, self.telemetry())
+
+    def client_environment(self, client: str) -> dict:
+        """What `gpu-orchestrator env` and `exec` hand a client's service: the variables its loader
+        runs with now (after reloads, with MPS in force or not), and whether MPS is in force."""
+        self.check_open()
+        config = self.snapshot.config
+        if client not in config.clients:
+            raise UnknownClient(client, sorted(config.clients))
+        mps = self.mps_report() or status.mps_disabled(config)
+        settings = self.mps.settings if mps["enabled"] else None  # the same reading as mps_error
+        return {"client": client, "mps_configured": config.enable_mps, "mps_in_force": settings is not None,
+                "mps_error": mps["error"], "environment": client_env(config, client, settings, self.gpu_count)}
+
+    def sampler_owners(self) -> Owners:
+        """For the sampler thread: which pid is whose loader, the MPS servers, the clients and their limits."""
+        snapshot = self.snapshot
+        config = snapshot.config
+        report = self.mps_report()
+        return Owners({l.pid: l.client for l in snapshot.loaders if l.pid is not None},
+                      report["servers"] if report else [], tuple(config.clients),
+                      {c: config.memory_limit_bytes(c) for c in config.clients}, config.service_pattern)
+
+    # ---- composition (any thread, the loop's included) ------------------------
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ShuttingDown()
+
+    def mps_report(self) -> dict | None:
+        return self.mps.report() if self.mps is not None else None
+
+    def telemetry(self):
+        """The sampler's last snapshot (the sampler guards it)."""
+        return self.sampler.snapshot()[1] if self.sampler is not None else None
+
+    def compose(self) -> tuple[dict, bytes]:
+        """/models/status as a dict and as JSON: the warm-up, each client, MPS.
+
+        Composing it is most of a status request's cost, so it is reused while nothing it
+        depends on has changed: the same snapshot, no slot written, the same MPS state and
+        sample, and at most STATUS_REUSE_S old (ages in it are that stale at most).
+        """
+        snapshot = self.snapshot
+        report = self.mps_report() or status.mps_disabled(snapshot.config)
+        mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")}
+        with self.lock:
+            self.check_open()
+            key = (id(snapshot), tuple(mps.values()), int(time.monotonic() / STATUS_REUSE_S),
+                   self.sampler.snapshot()[0] if self.sampler is not None else 0,
+                   tuple(self.reader.peek(loader.slot) for loader in snapshot.loaders))
+            if self.cache is None or self.cache[0] != key:
+                current = {**status.models_status(self.client_views(snapshot), snapshot.warmup), "mps": mps}
+                self.cache = (key, snapshot, current, msgspec.json.encode(current))
+            return self.cache[2], self.cache[3]
+
+    def published(self, loader: LoaderRecord) -> LoaderState | None:
+        """The loader's slot, only if the live process wrote it. Lock held."""
+        if loader.pid is None:
+            return None
+        message = self.reader.read(loader.slot)
+        return message if message is not None and message.pid == loader.pid else None
+
+    def client_views(self, snapshot: Snapshot) -> list[status.ClientView]:
+        """Every configured client, those whose loader is not started yet included: while start-up
+        waits for the MPS daemon there are no loaders, and a status without their clients would
+        read as all ready. Lock held."""
+        config = snapshot.config
+        telemetry = self.telemetry()
+        gpu_memory = telemetry.clients if telemetry is not None and telemetry.nvml_supported else None
+        views = [
+            status.ClientView(
+                client=loader.client, models=config.clients[loader.client], state=loader.state,
+                pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
+                fatal_reason=loader.fatal_reason, memory_limit_bytes=config.memory_limit_bytes(loader.client),
+                published=self.published(loader),
+                gpu_memory_bytes=gpu_memory.get(loader.client, 0) if gpu_memory is not None else None,
+                rss_bytes=loader.rss_bytes if loader.pid is not None else None)
+            for loader in snapshot.loaders
+        ]
+        started = {loader.client for loader in snapshot.loaders}
+        return views + [
+            status.ClientView(client=client, models=models, state=states.STOPPED, pid=None, restarts=0,
+                              last_exit=None, fatal_reason=None, memory_limit_bytes=config.memory_limit_bytes(client),
+                              published=None)
+            for client, models in config.clients.items() if client not in started
+        ]

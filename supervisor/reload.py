@@ -1,0 +1,126 @@
+"""SIGHUP: the configuration read off the loop, and what a new one changes.
+
+The loop asks `Reloads.begin` on SIGHUP, and each tick `Reloads.outcome` for the result; it then
+applies `diff` of the two configurations (start added clients, stop removed ones, replace changed
+ones) after `check_room` says the channel can hold them.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from gpu_orchestrator.loaders.channel import Segment
+from gpu_orchestrator.loaders.logs import kv
+from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
+from gpu_orchestrator.supervisor.slots import FreeSlots, check_room
+
+log = logging.getLogger("supervisor")
+
+RELOAD_TIMEOUT = 10.0  # reading the configuration files on SIGHUP; a hung filesystem must not hang reloads
+
+
+class PendingReload:
+    """A SIGHUP's configuration read, on its own thread: the loop keeps reaping, restarting and
+    answering while files are read (a FIFO, a hung network filesystem), and gives up after `timeout`."""
+
+    def __init__(self, read, wake, timeout: float = RELOAD_TIMEOUT, clock=time.monotonic):
+        self.result: Config | ConfigError | None = None
+        self.timeout = timeout
+        self.deadline = clock() + timeout
+        self._wake = wake
+        threading.Thread(target=self._run, args=(read,), name="reload", daemon=True).start()
+
+    def _run(self, read) -> None:
+        try:
+            result = read()
+        except ConfigError as exc:
+            result = exc
+        except Exception as exc:  # a reload must never take the running supervisor down
+            result = ConfigError(f"reading the configuration failed: {type(exc).__name__}: {exc}")
+        self.result = result
+        self._wake()
+
+    def outcome(self, now: float) -> Config | ConfigError | None:
+        """The new configuration or why not; None while the read may still finish."""
+        if self.result is None and now >= self.deadline:
+            return ConfigError(f"reading the configuration files took longer than {self.timeout:g} s; "
+                               "is one of them on a hung filesystem?")
+        return self.result
+
+
+class Reloads:
+    """At most one read at a time. A SIGHUP during a read is served by one more read once this
+    one ends, so the newest files always win."""
+
+    def __init__(self, wake, clock=time.monotonic, read=reload_config):
+        self.wake, self.clock, self.read = wake, clock, read
+        self.pending: PendingReload | None = None
+        self.again = False
+
+    def begin(self, config: Config) -> bool:
+        """Start reading the files `config` names; False when a read runs (one more is queued)."""
+        if self.pending is not None:
+            self.again = True
+            return False
+        self.pending = PendingReload(lambda: self.read(config), self.wake, clock=self.clock)
+        return True
+
+    def outcome(self, now: float) -> Config | ConfigError | None:
+        """The finished read's result, once; None while none has finished."""
+        outcome = self.pending.outcome(now) if self.pending is not None else None
+        if outcome is not None:
+            self.pending = None
+        return outcome
+
+    def finish(self, now: float, apply) -> bool:
+        """Once a read has ended: `apply(config)` its configuration (ConfigError refuses it) and
+        log what changed or why not. False while no read has ended."""
+        outcome = self.outcome(now)
+        if outcome is None:
+            return False
+        try:
+            if isinstance(outcome, ConfigError):
+                raise outcome
+            changes = apply(outcome)
+        except ConfigError as exc:
+            log.error(kv("reload refused; the running configuration stays", error=exc))
+        else:
+            for warning in outcome.warnings:
+                log.warning(warning)
+            log.info(kv("reloaded", **changes.as_fields()))
+        return True
+
+    def deadline(self) -> float | None:
+        return self.pending.deadline if self.pending is not None else None
+
+    def take_again(self) -> bool:
+        """Whether a SIGHUP came during the read that just ended (asked once)."""
+        again, self.again = self.again, False
+        return again
+
+
+@dataclass(frozen=True)
+class Changes:
+    added: list[str]
+    removed: list[str]
+    changed: list[str]  # models or allocation differ: the loader is replaced
+
+    def as_fields(self) -> dict[str, str]:
+        return {"added": ",".join(self.added) or "-", "removed": ",".join(self.removed) or "-",
+                "changed": ",".join(self.changed) or "-"}
+
+
+def diff(old: Config, new: Config) -> Changes:
+    return Changes(
+        added=[c for c in new.clients if c not in old.clients],
+        removed=[c for c in old.clients if c not in new.clients],
+        changed=[c for c in new.clients if c in old.clients and (
+            new.clients[c] != old.clients[c] or new.allocations.get(c) != old.allocations.get(c))])
+
+
+def plan(old: Config, new: Config, segment: Segment, free: FreeSlots) -> Changes:
+    """What `new` changes, or ConfigError when the channel cannot hold its new loaders."""
+    changes = diff(old, new)
+    check_room(segment, free, [len(new.clients[c]) for c in changes.added + changes.changed], new.model_map_path)
+    return changes

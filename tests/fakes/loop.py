@@ -1,0 +1,111 @@
+"""Test doubles for driving the supervision loop in-process: a clock the test moves, and a
+spawner whose "processes" are records with real pipes (so select, stdin commands and stderr
+reads work as with a child) that exit when the test says or when signalled. Never used at run time."""
+
+import os
+import signal
+
+import msgspec
+
+from gpu_orchestrator.loaders.channel import SlotWriter
+from gpu_orchestrator.loaders.wire import IDLE, READY, WORKING, LoaderState, ModelProgress
+from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE
+
+FIRST_PID = 10_000_000  # above any pid_max: psutil finds no such process, nothing real is signalled
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeProc:
+    """What LoaderProcess uses of a subprocess.Popen: pid, stdin, stderr, returncode."""
+
+    def __init__(self, pid: int, command: list[str], env: dict[str, str]):
+        self.pid, self.command, self.env = pid, command, env
+        self.client = env[CLIENT_VARIABLE]
+        read_in, write_in = os.pipe()
+        self.stdin, self._commands = open(write_in, "wb", buffering=0), open(read_in, "rb", buffering=0)
+        os.set_blocking(read_in, False)
+        read_err, self._stderr_w = os.pipe()
+        self.stderr = open(read_err, "rb", buffering=0)
+        self.returncode = None
+        self.wait_status: int | None = None  # set when it "exits"; reaped once
+        self.reaped = False
+        self.signals: list[int] = []
+        self._pending = b""
+
+    @property
+    def alive(self) -> bool:
+        return self.wait_status is None
+
+    def exit(self, code: int = 1) -> None:
+        self._end(code << 8)
+
+    def die(self, signum: int = signal.SIGKILL) -> None:
+        self._end(signum)
+
+    def _end(self, wait_status: int) -> None:
+        if self.alive:
+            self.wait_status = wait_status
+            os.close(self._stderr_w)  # the loop reads EOF, as from a dead child
+
+    def commands(self) -> list[dict]:
+        """The command lines the supervisor has written to this loader's stdin since the last call."""
+        try:
+            self._pending += self._commands.read() or b""
+        except (ValueError, OSError):
+            pass
+        *lines, self._pending = self._pending.split(b"\n")
+        return [msgspec.json.decode(line) for line in lines if line]
+
+
+class FakeSpawner:
+    """Every run it was asked to start, in order; SIGTERM and SIGKILL end a run unless `ignore_term`."""
+
+    def __init__(self):
+        self.procs: list[FakeProc] = []
+        self.ignore_term = False
+
+    def popen(self, command: list[str], env: dict[str, str]) -> FakeProc:
+        proc = FakeProc(FIRST_PID + len(self.procs), command, env)
+        self.procs.append(proc)
+        return proc
+
+    def signal(self, proc: FakeProc, signum: int) -> None:
+        proc.signals.append(signum)
+        if signum == signal.SIGKILL or (signum == signal.SIGTERM and not self.ignore_term):
+            proc.die(signum)
+
+    def reap(self, proc: FakeProc, block: bool = False) -> int | None:
+        if proc.wait_status is None or proc.reaped:
+            return None
+        proc.reaped = True
+        return proc.wait_status
+
+    def runs(self, client: str) -> list[FakeProc]:
+        return [p for p in self.procs if p.client == client]
+
+    def latest(self, client: str) -> FakeProc:
+        return self.runs(client)[-1]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc._end(signal.SIGKILL)
+            for stream in (proc.stdin, proc.stderr, proc._commands):
+                stream.close()
+
+
+def publish(segment, slot: int, proc: FakeProc, generation: int, heartbeat: float, **models: str) -> None:
+    """Write what a loader would to its slot: `models` maps a model to its status; the phase is
+    idle once every model is ready (or failed), else loading."""
+    progress = [ModelProgress(model, status=status) for model, status in models.items()]
+    phase = IDLE if all(m.status in (READY, "failed") for m in progress) else WORKING
+    SlotWriter(segment, slot).publish(LoaderState(proc.client, proc.pid, generation, phase, heartbeat, progress))

@@ -1,0 +1,235 @@
+"""The supervision loop driven in-process: a fake spawner (no subprocess) and a fake clock.
+
+Each test steps the loop with `tick(0)` and moves the clock itself, so restarts, backoff and
+heartbeat deadlines happen exactly when the test says, without waiting for them."""
+
+import signal
+import threading
+import time
+
+import pytest
+from fakes.loop import FakeClock, FakeSpawner, publish
+
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, FAILED, LOADING, READY
+from gpu_orchestrator.supervisor.arbiter import Arbiter
+from gpu_orchestrator.supervisor.clients import Policy
+from gpu_orchestrator.supervisor.config import Config
+from gpu_orchestrator.supervisor.slots import create_segment
+from gpu_orchestrator.supervisor.warmup import KILLS_TO_FAIL_A_MODEL
+
+POLICY = Policy(startsecs=1.0, heartbeat_timeout=30.0)
+
+
+def make_config(tmp_path, clients: dict, preload: bool = True) -> Config:
+    return Config(model_store_root=str(tmp_path), model_map_path=str(tmp_path / "map.json"), allocation_path="",
+                  clients=clients, preload=preload)
+
+
+@pytest.fixture
+def loop(tmp_path):
+    """Make an Arbiter over a real shared-memory segment with fakes for processes and time."""
+    made = []
+
+    def make(clients: dict, preload: bool = True):
+        config = make_config(tmp_path, clients, preload)
+        segment = create_segment(config)
+        clock, spawner = FakeClock(), FakeSpawner()
+        arbiter = Arbiter(config, segment, POLICY, spawner=spawner, clock=clock)
+        made.append((arbiter, segment, spawner))
+        return arbiter, segment, clock, spawner
+
+    yield make
+    for arbiter, segment, spawner in made:
+        spawner.close()
+        segment.close()
+
+
+def running(arbiter, clock):
+    """Past startsecs: every started loader is RUNNING."""
+    arbiter.tick(0)
+    clock.advance(POLICY.startsecs + 0.1)
+    arbiter.tick(0)
+
+
+def test_every_client_gets_a_loader_at_start_and_the_first_warm_up(loop):
+    arbiter, _, _, spawner = loop({"alpha": ["org/a1"], "beta": ["org/b1", "org/b2"]})
+    arbiter.tick(0)
+    assert sorted(p.client for p in spawner.procs) == ["alpha", "beta"]
+    assert {c: l.state for c, l in arbiter.loaders.items()} == {"alpha": states.STARTING, "beta": states.STARTING}
+    assert [c["generation"] for c in spawner.latest("alpha").commands()] == [1]
+    assert arbiter.answers.health()["loaders"] == {states.STARTING: 2}
+
+
+def test_a_missed_heartbeat_kills_the_loader_and_it_restarts_after_its_backoff(loop):
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    first = spawner.latest("alpha")
+    publish(segment, arbiter.loaders["alpha"].slot, first, 1, clock.now, **{"org/a1": READY})
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.RUNNING
+    clock.advance(POLICY.heartbeat_timeout + 1)
+    arbiter.tick(0)
+    assert first.signals == [signal.SIGKILL]
+    arbiter.tick(0)  # reaped
+    loader = arbiter.loaders["alpha"]
+    assert loader.state == states.BACKOFF and "heartbeat lost" in loader.last_exit
+    assert len(spawner.runs("alpha")) == 1  # not before the backoff delay
+    clock.advance(POLICY.restart_delay(1))
+    arbiter.tick(0)
+    assert len(spawner.runs("alpha")) == 2 and loader.state == states.STARTING and loader.restarts == 1
+
+
+def die_while_loading(arbiter, segment, clock, spawner, generation: int = 1) -> None:
+    """The current alpha loader says it is loading org/a1, then is killed; the loop restarts it."""
+    proc = spawner.latest("alpha")
+    publish(segment, arbiter.loaders["alpha"].slot, proc, generation, clock.now, **{"org/a1": LOADING})
+    arbiter.tick(0)
+    proc.die(signal.SIGKILL)
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.BACKOFF
+    clock.advance(POLICY.backoff_max)
+    running(arbiter, clock)
+
+
+def test_a_model_that_kills_its_loader_three_times_is_failed_not_retried(loop):
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    for _ in range(KILLS_TO_FAIL_A_MODEL):
+        die_while_loading(arbiter, segment, clock, spawner)
+    reason = arbiter.warmups.failed_for("alpha")["org/a1"]
+    assert f"died {KILLS_TO_FAIL_A_MODEL} times while loading it" in reason
+    assert spawner.latest("alpha").commands() == [{"type": "load", "generation": 1, "refresh": False,
+                                                   "failed": {"org/a1": reason}}]
+
+
+def test_a_finished_warm_up_forgets_earlier_deaths_while_loading(loop):
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    for _ in range(KILLS_TO_FAIL_A_MODEL - 1):
+        die_while_loading(arbiter, segment, clock, spawner)
+    assert arbiter.warmups.kills_while_loading["alpha"] == {"org/a1": KILLS_TO_FAIL_A_MODEL - 1}
+    proc = spawner.latest("alpha")
+    publish(segment, arbiter.loaders["alpha"].slot, proc, 1, clock.now, **{"org/a1": READY})
+    arbiter.tick(0)
+    assert "alpha" not in arbiter.warmups.kills_while_loading
+    assert arbiter.warmups.state == states.WARMUP_FINISHED
+    die_while_loading(arbiter, segment, clock, spawner)  # one more death is the first again
+    assert arbiter.warmups.kills_while_loading["alpha"] == {"org/a1": 1}
+    assert arbiter.warmups.failed_for("alpha") == {}
+
+
+def serve_until_done(arbiter, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + 30
+    while thread.is_alive() and time.monotonic() < deadline:
+        arbiter.tick(0.05)
+    thread.join(1)
+    assert not thread.is_alive(), "the loop did not answer the request"
+
+
+def test_a_preload_from_another_thread_is_answered_by_the_loop(loop):
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]}, preload=False)
+    running(arbiter, clock)
+    assert arbiter.warmups.state == states.WARMUP_IDLE and spawner.latest("alpha").commands() == []
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(arbiter.answers.request_preload(False)))
+    asking.start()
+    serve_until_done(arbiter, asking)
+    code, body = answers[0]
+    assert code == 202 and body["started"] and body["generation"] == 1 and body["in_progress"]
+    assert arbiter.warmups.state == states.WARMUP_IN_PROGRESS
+    assert [c["generation"] for c in spawner.latest("alpha").commands()] == [1]
+    # Reads never change anything: they see what the loop published.
+    assert arbiter.answers.models_status()["generation"] == 1
+
+
+def test_a_refresh_preload_gives_a_fatal_loader_another_try(loop):
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]})
+    arbiter.tick(0)
+    spawner.latest("alpha").exit(EXIT_CANNOT_BOOT)
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.FATAL
+    asking = threading.Thread(target=lambda: arbiter.answers.request_preload(True))
+    asking.start()
+    serve_until_done(arbiter, asking)
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.STARTING
+    assert len(spawner.runs("alpha")) == 2
+
+
+def test_a_preload_the_loop_does_not_serve_is_refused_with_a_reason(loop):
+    from gpu_orchestrator.supervisor.answers import LoopDidNotAnswer
+    arbiter, *_ = loop({"alpha": ["org/a1"]})
+    with pytest.raises(LoopDidNotAnswer, match="did not answer"):
+        arbiter.answers.ask("preload", False, timeout=0.2)
+
+
+def test_a_reload_adds_removes_and_changes_clients(loop, tmp_path):
+    arbiter, segment, clock, spawner = loop({"keep": ["org/k"], "gone": ["org/g"], "grow": ["org/x"]})
+    running(arbiter, clock)
+    gone, grow = spawner.latest("gone"), spawner.latest("grow")
+    keep_slot, gone_slot = arbiter.loaders["keep"].slot, arbiter.loaders["gone"].slot
+    new = make_config(tmp_path, {"keep": ["org/k"], "grow": ["org/x", "org/y"], "new": ["org/n"]})
+    arbiter.reloads.read = lambda config: new
+    arbiter.signals.append(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while arbiter.config is not new and time.monotonic() < deadline:
+        arbiter.tick(0.05)
+    arbiter.tick(0)  # the TERMed loaders are reaped
+    assert arbiter.config is new and sorted(arbiter.loaders) == ["grow", "keep", "new"]
+    assert gone.signals == [signal.SIGTERM] and grow.signals == [signal.SIGTERM]
+    assert len(spawner.runs("keep")) == 1 and arbiter.loaders["keep"].slot == keep_slot
+    assert len(spawner.runs("grow")) == 2 and len(spawner.runs("new")) == 1
+    assert arbiter.retiring == [] and gone_slot in arbiter.free_slots.free
+    assert sorted(arbiter.answers.models_status()["clients"]) == ["grow", "keep", "new"]
+
+
+def test_a_reload_that_fails_keeps_the_running_configuration(loop, tmp_path, caplog):
+    from gpu_orchestrator.supervisor.config import ConfigError
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    old, read = arbiter.config, threading.Event()
+
+    def refuse(config):
+        read.set()
+        raise ConfigError("map.json: not JSON")
+    arbiter.reloads.read = refuse
+    arbiter.signals.append(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not (read.is_set() and arbiter.reloads.pending is None) and time.monotonic() < deadline:
+        arbiter.tick(0.05)
+    assert arbiter.config is old and len(spawner.procs) == 1
+    assert "reload refused; the running configuration stays" in caplog.text
+
+
+def test_shutdown_stops_every_loader_and_answers_503_afterwards(loop):
+    from gpu_orchestrator.supervisor.answers import ShuttingDown
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"], "beta": ["org/b1"]})
+    running(arbiter, clock)
+    arbiter.shutdown()
+    assert all(p.signals == [signal.SIGTERM] for p in spawner.procs)
+    assert all(l.state == states.STOPPED for l in arbiter.loaders.values())
+    with pytest.raises(ShuttingDown):
+        arbiter.answers.models_status()
+
+
+def test_shutdown_kills_a_loader_that_ignores_sigterm(loop):
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    spawner.ignore_term = True
+    real = arbiter.clock
+    arbiter.clock = lambda: real() + (POLICY.stop_grace + 1 if spawner.procs[0].signals else 0)
+    arbiter.shutdown()
+    assert spawner.procs[0].signals == [signal.SIGTERM, signal.SIGKILL]
+    assert arbiter.loaders["alpha"].state == states.STOPPED
+
+
+def test_failed_models_say_why_in_the_status(loop):
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1", "org/a2"]})
+    running(arbiter, clock)
+    publish(segment, arbiter.loaders["alpha"].slot, spawner.latest("alpha"), 1, clock.now,
+            **{"org/a1": READY, "org/a2": FAILED})
+    arbiter.tick(0)
+    current = arbiter.answers.models_status()
+    assert not current["in_progress"] and current["summary"]["failed"] == 1
+    assert arbiter.warmups.state == states.WARMUP_FINISHED

@@ -1,0 +1,49 @@
+"""The MPS daemon's checked machine, with the fake nvidia-cuda-mps-control first on PATH."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return MpsSettings(str(tmp_path / "pipe"), str(tmp_path / "log"), probe_interval=0.3, command_timeout=2,
+                       start_timeout=30)
+
+
+def test_a_start_checks_spawns_answers_and_a_stop_quits(settings, monkeypatch):
+    monkeypatch.setenv("PATH", f"{FAKES}:{os.environ['PATH']}")
+    daemon = MpsDaemon(settings)
+    assert daemon.state == states.MPS_OFF and not daemon.settled
+    try:
+        assert daemon.start()
+        assert daemon.state == states.MPS_UP and daemon.settled and daemon.managed
+        assert daemon.settings_in_force() == settings and daemon.report()["error"] is None
+    finally:
+        daemon.stop(5)
+    assert daemon.state == states.MPS_OFF and daemon.proc is None
+
+
+def test_a_missing_binary_is_settled_down_and_never_retried(settings, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    daemon = MpsDaemon(settings)
+    daemon.begin_start(0.0)
+    assert daemon.state == states.MPS_MISSING and daemon.settled and daemon.next_deadline() is None
+    assert daemon.settings_in_force() is None and "not found on PATH" in daemon.report()["error"]
+
+
+def test_a_folder_that_cannot_be_made_backs_off_and_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{FAKES}:{os.environ['PATH']}")
+    (tmp_path / "file").write_text("in the way")
+    daemon = MpsDaemon(MpsSettings(str(tmp_path / "file" / "pipe"), str(tmp_path / "log")))
+    daemon.begin_start(100.0)
+    assert daemon.state == states.MPS_BACKOFF and daemon.settled
+    assert daemon.next_deadline() == 100.5 and "cannot create the MPS folder" in daemon.report()["error"]
+    daemon.supervise(100.5)  # due: tried again, refused again
+    assert daemon.state == states.MPS_BACKOFF and daemon.restarts == 1 and daemon.next_deadline() > 100.5

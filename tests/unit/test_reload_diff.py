@@ -1,0 +1,35 @@
+"""What a reloaded configuration changes, and the one read at a time."""
+
+import threading
+
+from gpu_orchestrator.supervisor.config import Config, ConfigError
+from gpu_orchestrator.supervisor.reload import Reloads, diff
+
+
+def config(clients, allocations=None):
+    return Config(model_store_root="/s", model_map_path="m", allocation_path="", clients=clients,
+                  allocations=allocations or {})
+
+
+def test_added_removed_and_changed_clients():
+    changes = diff(config({"keep": ["a"], "gone": ["b"], "grow": ["c"]}),
+                   config({"keep": ["a"], "grow": ["c", "d"], "new": ["e"]}))
+    assert (changes.added, changes.removed, changes.changed) == (["new"], ["gone"], ["grow"])
+    assert changes.as_fields() == {"added": "new", "removed": "gone", "changed": "grow"}
+
+
+def test_a_sighup_during_a_read_is_served_by_one_more_read_and_a_failure_is_logged(caplog):
+    release, woken = threading.Event(), threading.Event()
+
+    def read(current):
+        release.wait(30)
+        raise ConfigError("m: broken")
+    reloads = Reloads(woken.set, read=read)
+    assert reloads.begin(config({"a": ["x"]}))
+    assert not reloads.begin(config({"a": ["x"]}))  # queued behind the read under way
+    assert reloads.finish(0.0, lambda new: None) is False
+    release.set()
+    assert woken.wait(30)
+    assert reloads.finish(0.0, lambda new: None) is True
+    assert "reload refused; the running configuration stays" in caplog.text and "m: broken" in caplog.text
+    assert reloads.take_again() and not reloads.take_again()
