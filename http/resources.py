@@ -1,4 +1,5 @@
-"""One class per route. Each reads state from the source; none runs a subprocess or NVML."""
+"""One class per route. Each reads state from the source; none runs a subprocess or NVML. A source
+that cannot get an answer in time raises TimeoutError: POST /models/preload answers 503 with its words."""
 
 import falcon
 import msgspec

@@ -54,3 +54,15 @@ def test_unknown_clients_and_a_closed_source_are_refused(setup):
     for ask in (answers.models_status, answers.gpu_info, lambda: answers.request_preload(False)):
         with pytest.raises(ShuttingDown):
             ask()
+
+
+def test_a_loop_that_does_not_answer_a_preload_is_a_503_that_says_so(setup):
+    import falcon.testing
+
+    from gpu_orchestrator.http.app import create_app
+    from gpu_orchestrator.supervisor.answers import LoopDidNotAnswer
+    config, segment, _ = setup
+    answers = Answers(config, segment, wake=lambda: None)
+    answers.ask = lambda name, *args: (_ for _ in ()).throw(LoopDidNotAnswer("the supervision loop did not answer"))
+    result = falcon.testing.TestClient(create_app(answers)).simulate_post("/models/preload")
+    assert result.status_code == 503 and "did not answer" in result.json["description"]
