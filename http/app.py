@@ -22,6 +22,8 @@ from gpu_orchestrator.loaders.logs import kv
 
 log = logging.getLogger("http")
 
+KNOWN_HOSTS = 16  # accepted Host header values remembered by SameOrigin
+
 
 def error_body(title: str, status: int, description: str | None = None, **extra) -> bytes:
     """Every error's JSON, whether Falcon or waitress answers it."""
@@ -55,17 +57,24 @@ class SameOrigin:
     def __init__(self, host: str, port: int):
         self.host, self.port = host.strip("[]").lower(), port
         self.check_host = is_loopback(host)
+        # Host values already found to be ours: clients send one or two, and parsing one costs more
+        # than the rest of this check. Only accepted values are kept, and at most KNOWN_HOSTS of them
+        # (threads adding at once may pass that by a few), so a flood of made-up names cannot grow it.
+        self.known_hosts: set[str] = set()
 
     def served_name(self, name: str | None) -> bool:
         return name is not None and (name == self.host or is_loopback(name))
 
     def process_request(self, req, resp):
-        host = req.get_header("Host")
-        if self.check_host and host is not None and not self.served_name(split_url("//" + host)[1]):
-            raise falcon.HTTPError(
-                falcon.HTTP_421, title="Misdirected Request",
-                description=f"this server answers for {self.host}:{self.port} and localhost, not for Host {host!r}")
-        origin = req.get_header("Origin")
+        host = req.env.get("HTTP_HOST")
+        if self.check_host and host is not None and host not in self.known_hosts:
+            if not self.served_name(split_url("//" + host)[1]):
+                raise falcon.HTTPError(
+                    falcon.HTTP_421, title="Misdirected Request",
+                    description=f"this server answers for {self.host}:{self.port} and localhost, not for Host {host!r}")
+            if len(self.known_hosts) < KNOWN_HOSTS:
+                self.known_hosts.add(host)
+        origin = req.env.get("HTTP_ORIGIN")
         if origin is not None and not self.own_origin(origin):
             raise falcon.HTTPForbidden(
                 description=f"cross-site request refused (Origin {origin!r}); call the API directly, e.g. with curl")

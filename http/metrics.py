@@ -34,20 +34,42 @@ def package_version() -> str:
 
 
 class RequestCounter:
-    """Falcon middleware: requests by route template, method and status."""
+    """Falcon middleware: requests by route template, method and status.
+
+    Each waitress worker thread counts in its own dict, so the hot path takes no lock and no
+    increment can be lost: `counts[key] = counts.get(key, 0) + 1` is a read and a write that
+    another thread could interleave with, but no other thread ever writes that dict. A scrape
+    sums the dicts, copying each with dict(), which runs in C under the GIL without calling back
+    into Python (the keys are tuples of str and int), so it never sees a dict mid-resize; a
+    count it reads may be one request behind, as any scrape is. Only a thread's first request
+    takes the lock, to add its dict to the list.
+    """
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.counts: dict[tuple[str, str, str], int] = {}
+        self.local = threading.local()
+        self.per_thread: list[dict[tuple[str, str, int], int]] = []
 
     def process_response(self, req, resp, resource, req_succeeded):
-        key = (req.uri_template or "unmatched", req.method, str(resp.status_code))
-        with self.lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
+        key = (req.uri_template or "unmatched", req.method, resp.status_code)
+        try:
+            counts = self.local.counts
+        except AttributeError:
+            counts = self.local.counts = {}
+            with self.lock:
+                self.per_thread.append(counts)
+        counts[key] = counts.get(key, 0) + 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[tuple[str, str, str], int]:
+        """Counts so far by (route, method, status as text)."""
         with self.lock:
-            return dict(self.counts)
+            copies = [dict(counts) for counts in self.per_thread]
+        total: dict[tuple[str, str, str], int] = {}
+        for counts in copies:
+            for (route, method, code), count in counts.items():
+                key = (route, method, str(code))
+                total[key] = total.get(key, 0) + count
+        return total
 
 
 def gauge(name: str, documentation: str, labels: list[str]) -> GaugeMetricFamily:

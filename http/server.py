@@ -37,6 +37,7 @@ CONNECTION_LIMIT = 512  # well under the default 1024-descriptor limit, with roo
 RESERVE = 64  # slots that connections still waiting for a request may never take
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers; ours are a few hundred bytes
 IDLE_TIMEOUT = 15  # seconds a keep-alive connection may sit idle between requests
+GUARD_INTERVAL = 0.1  # seconds between deadline checks while there is room
 EVICTION_REPORT_S = 60.0  # under a flood, one summary line a minute instead of one per connection
 
 
@@ -89,10 +90,17 @@ class GuardedServer(TcpWSGIServer):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.closed_late = self.closed_for_room = 0
-        self.next_report = 0.0
+        self.next_report = self.next_guard = 0.0
 
     def readable(self):
-        self.guard(time.monotonic())
+        # Called on every pass of the event loop, several times a request. The room rule can only
+        # close a connection when more than `connection_limit - RESERVE` are open, which len() tells
+        # at once; the deadline rule needs a clock, not every pass: checking it GUARD_INTERVAL apart
+        # closes a late connection at most that much after its deadline.
+        now = time.monotonic()
+        if now >= self.next_guard or len(self.active_channels) > self.adj.connection_limit - RESERVE:
+            self.next_guard = now + GUARD_INTERVAL
+            self.guard(now)
         return super().readable()
 
     def guard(self, now: float) -> None:

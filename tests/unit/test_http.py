@@ -1,12 +1,14 @@
 """The Falcon app through falcon.testing, with a source that records what it was asked."""
 
 import logging
+import threading
 
 import falcon.testing
 import msgspec
 import pytest
 
 from gpu_orchestrator.http.app import create_app
+from gpu_orchestrator.http.metrics import RequestCounter
 from gpu_orchestrator.http.resources import MAX_BODY
 
 
@@ -195,3 +197,29 @@ def test_the_page_is_self_contained_and_shows_a_token_field_when_one_is_needed(s
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
     assert "http://" not in page.text.replace("http://127.0.0.1", "") and "https://" not in page.text
+
+
+def test_a_refused_host_stays_refused_after_accepted_ones_are_remembered(source):
+    client = falcon.testing.TestClient(create_app(source, served=SERVED))
+    for name in [f"127.0.0.{n}:8014" for n in range(1, 40)]:  # more than are remembered
+        assert client.simulate_get("/health", headers={"Host": name}).status_code == 200
+    for _ in range(2):
+        assert client.simulate_get("/health", headers={"Host": "evil.example:8014"}).status_code == 421
+        assert client.simulate_get("/health", headers={"Host": "127.0.0.1:8014"}).status_code == 200
+
+
+def test_requests_counted_from_many_threads_are_all_counted(source):
+    requests = RequestCounter()
+    client = falcon.testing.TestClient(create_app(source, requests=requests))
+
+    def ask(n):
+        for _ in range(n):
+            assert client.simulate_get("/ready").status_code == 503
+            assert client.simulate_get("/nowhere").status_code == 404
+
+    threads = [threading.Thread(target=ask, args=(250,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert requests.snapshot() == {("/ready", "GET", "503"): 2000, ("unmatched", "GET", "404"): 2000}
