@@ -11,11 +11,11 @@ heartbeat interval: a long header check or a slow read must not look like a
 hung loader to the supervisor, which kills loaders that fall silent.
 """
 
+import _thread  # threading's own base: the heartbeat needs one thread and one lock, not threading's 0.25 MiB
 import os
 import select
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -75,7 +75,7 @@ class Loader:
         self.signals: list[int] = []
         self.stdin_buffer = b""
         self.last_publish = 0.0
-        self.publish_lock = threading.Lock()  # the slot has one writer: these two threads take turns
+        self.publish_lock = _thread.allocate_lock()  # the slot has one writer: these two threads take turns
         self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -95,7 +95,7 @@ class Loader:
 
     def run(self) -> None:
         self.publish()
-        threading.Thread(target=self.beat, name="heartbeat", daemon=True).start()
+        _thread.start_new_thread(self.beat, ())  # dies with the process, like a daemon thread
         while True:
             self.poll(self.heartbeat_interval)
             if self.command is not None:

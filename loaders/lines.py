@@ -4,7 +4,6 @@ logs.relay_line reads back from a loader's stderr. No project imports."""
 
 import os
 import sys
-import threading
 import warnings
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}  # logging's numbers
@@ -52,7 +51,8 @@ class LineLog:
         self.write("ERROR", message + "\n" + formatted_exception(*sys.exc_info()))
 
     def take_over_uncaught(self) -> None:
-        """Uncaught exceptions (in any thread) and warnings become one line each as well."""
+        """Uncaught exceptions (the main thread's; a _thread thread's, which Python hands to the
+        unraisable hook) and warnings become one line each as well."""
         def uncaught(exc_type, exc, tb):
             self.write("CRITICAL", "uncaught exception\n" + formatted_exception(exc_type, exc, tb))
 
@@ -60,5 +60,5 @@ class LineLog:
             self.write("WARNING", warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))
 
         sys.excepthook = uncaught
-        threading.excepthook = lambda args: uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+        sys.unraisablehook = lambda args: uncaught(args.exc_type, args.exc_value, args.exc_traceback)
         warnings.showwarning = warning

@@ -165,8 +165,8 @@ def test_a_loader_imports_only_what_it_needs():
     code = "import sys, gpu_orchestrator.loaders.__main__; print(' '.join(sys.modules))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 timeout=60).stdout.split())
-    unwanted = {"psutil", "hashlib", "_hashlib", "zipfile", "logging", "argparse", "secrets", "dataclasses",
-                "falcon", "waitress", "prometheus_client", "pynvml"}
+    unwanted = {"psutil", "hashlib", "_hashlib", "zipfile", "logging", "threading", "argparse", "secrets",
+                "dataclasses", "falcon", "waitress", "prometheus_client", "pynvml"}
     assert not loaded & unwanted
     assert not [m for m in loaded if m.startswith(("gpu_orchestrator.supervisor", "gpu_orchestrator.http"))]
 

@@ -107,3 +107,48 @@ def test_a_childs_tracebacks_are_one_event_each_at_their_level(caplog):
     assert "Exceeds the limit (4300 digits)" in events[0][1]
     assert "a framework complains\\nover two lines" in events[1][1]
     assert events[3][1].startswith("uncaught exception\\nTraceback") and "RecursionError" in events[3][1]
+
+
+LOADER_CHILD = """
+import _thread, json, sys, warnings
+from gpu_orchestrator.loaders.lines import LineLog, kv
+log = LineLog("loader")
+log.take_over_uncaught()
+log.info("below the level")
+try:
+    json.loads('{"shape": [' + "9" * 5000 + ']}')
+except ValueError:
+    log.exception(kv("unexpected error loading a model", client="a b"))
+warnings.warn("a framework complains\\nover two lines")
+reported = _thread.allocate_lock()
+reported.acquire()
+hook = sys.unraisablehook
+def report_then_tell(args):
+    hook(args)
+    reported.release()
+sys.unraisablehook = report_then_tell
+def beat():
+    raise ValueError("in the heartbeat thread")
+_thread.start_new_thread(beat, ())
+reported.acquire()  # the thread's exception has been written
+log.error("model failed client=a")
+raise RecursionError("maximum recursion depth exceeded\\nwhile decoding")
+"""
+
+
+def test_a_loaders_lines_are_what_the_logging_handler_writes_one_event_each(caplog):
+    """A loader writes its lines without the logging package; the supervisor must read them the same."""
+    child = subprocess.run([sys.executable, "-c", LOADER_CHILD], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "LOG_LEVEL": "warning"})
+    assert child.returncode == 1
+    assert all(line.split(" ", 1)[0] in ("ERROR", "WARNING", "CRITICAL") for line in child.stderr.splitlines())
+    logger = logging.getLogger("relayed")
+    with caplog.at_level(logging.DEBUG, logger="relayed"):
+        for line in child.stderr.splitlines():
+            relay_line(logger, line)
+    events = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in events] == ["ERROR", "WARNING", "CRITICAL", "ERROR", "CRITICAL"], child.stderr
+    assert events[0][1].startswith('unexpected error loading a model client="a b"\\nTraceback (most recent call last):')
+    assert "a framework complains\\nover two lines" in events[1][1]
+    assert "ValueError: in the heartbeat thread" in events[2][1]
+    assert events[4][1].startswith("uncaught exception\\nTraceback") and "RecursionError" in events[4][1]
