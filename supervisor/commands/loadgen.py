@@ -1,0 +1,180 @@
+"""Load for `gpu-orchestrator bench`: wrk when it is installed, the project's own Python generator
+always (the fallback, and a second opinion), and the bare Falcon+waitress ceiling they are both
+pointed at beside the orchestrator, returning the same bytes.
+
+wrk runs `-t1 -c8` (one thread, eight keep-alive connections): on a small machine one wrk thread
+already keeps the server's worker threads busy, and more would take CPU from the server measured.
+The Python generator is 4 processes of one keep-alive connection each (processes, not threads:
+the generator must not share a GIL).
+"""
+
+import http.client
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from gpu_orchestrator.supervisor.commands.harness import free_port, wait
+from gpu_orchestrator.supervisor.daemon import HTTP_THREADS
+
+WRK_THREADS, WRK_CONNECTIONS = 1, 8
+PYTHON_CONNECTIONS = 4
+ROUND_S = 2.0  # seconds of one turn of load; the two servers take turns
+TARGET = ">= 0.9x, p99 <= 1.5x"
+
+# wrk's own summary rounds and picks units; this prints the exact figures as one JSON line.
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK_JSON {"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def generators() -> list[str]:
+    """The load generators this machine has: wrk when it is on PATH, then always Python's."""
+    return (["wrk"] if shutil.which("wrk") else []) + ["python"]
+
+
+def describe(generator: str) -> str:
+    if generator == "wrk":
+        return f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS}"
+    return f"python, {PYTHON_CONNECTIONS} connections"
+
+
+# ---- wrk ----------------------------------------------------------------------------------
+
+def wrk_load(url: str, seconds: float) -> dict:
+    """requests/s, p50 and p99 in ms and errors (failed or not 2xx/3xx) from one wrk run."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_DONE)
+        script.flush()
+        result = subprocess.run(["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s",
+                                 "--latency", "-s", script.name, url], capture_output=True, text=True,
+                                timeout=seconds + 60)
+    line = next((line for line in result.stdout.splitlines() if line.startswith("WRK_JSON ")), None)
+    if result.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed against {url} (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    figures = json.loads(line.removeprefix("WRK_JSON "))
+    return {"requests": figures["requests"], "rps": figures["requests"] / (figures["duration_us"] / 1e6),
+            "p50": figures["p50_us"] / 1000, "p99": figures["p99_us"] / 1000, "errors": figures["errors"]}
+
+
+# ---- the Python generator --------------------------------------------------------------------
+
+def load_worker(url: str, paths: list[str], seconds: float) -> None:
+    """One keep-alive connection cycling through `paths` as fast as it goes; prints latencies
+    in ms (sampled) and counts as an error every answer that is not 200 or that fails."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    latencies, errors = [], 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        try:
+            conn.request("GET", paths[len(latencies) % len(paths)])
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                errors += 1
+        except (OSError, http.client.HTTPException):
+            errors += 1
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        latencies.append((time.perf_counter() - started) * 1000)
+    print(json.dumps({"count": len(latencies), "errors": errors, "latencies": latencies[:: max(1, len(latencies) // 20000)]}))
+
+
+def start_load(url: str, paths: list[str], seconds: float, connections: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-m", __spec__.name, "--load-worker", url, str(seconds), *paths],
+                             stdout=subprocess.PIPE, text=True) for _ in range(connections)]
+
+
+def finish_load(workers: list[subprocess.Popen], seconds: float) -> dict:
+    results = [json.loads(w.communicate(timeout=seconds + 120)[0]) for w in workers]
+    latencies = [v for r in results for v in r["latencies"]]
+    count = sum(r["count"] for r in results)
+    return {"requests": count, "rps": count / seconds, "p50": percentile(latencies, 0.5),
+            "p99": percentile(latencies, 0.99), "errors": sum(r["errors"] for r in results)}
+
+
+def load(generator: str, base: str, path: str, seconds: float) -> dict:
+    if generator == "wrk":
+        return wrk_load(base + path, seconds)
+    return finish_load(start_load(base, [path], seconds, PYTHON_CONNECTIONS), seconds)
+
+
+# ---- the ceiling ------------------------------------------------------------------------------
+
+def ceiling_server(port: int, path: str, body_file: str) -> None:
+    """The framework's ceiling: a bare Falcon route answering the same bytes, same threads, no middleware."""
+    import falcon
+    import waitress
+    body = Path(body_file).read_bytes()
+
+    class Fixed:
+        def on_get(self, req, resp):
+            resp.content_type = falcon.MEDIA_JSON
+            resp.cache_control = ["no-store"]
+            resp.data = body
+
+    app = falcon.App()
+    app.add_route(path, Fixed())
+    waitress.serve(app, host="127.0.0.1", port=port, threads=HTTP_THREADS, _quiet=True)
+
+
+def alternate(generator: str, bases: tuple[str, str], path: str, seconds: float) -> tuple[dict, dict]:
+    """Both servers in turns of ROUND_S, `seconds` each in all, each rate and latency the
+    median of its turns (requests and errors summed):
+    whatever else the machine runs meanwhile falls on both alike, not on whichever ran second."""
+    turns: tuple[list, list] = ([], [])
+    for _ in range(max(1, round(seconds / ROUND_S))):
+        for base, results in zip(bases, turns):
+            results.append(load(generator, base, path, min(seconds, ROUND_S)))
+    return tuple({key: (sum if key in ("requests", "errors") else statistics.median)([r[key] for r in results])
+                  for key in results[0]} for results in turns)
+
+
+def against_ceiling(base: str, path: str, seconds: float, label: str) -> list[tuple]:
+    """One row per generator: `path` on the orchestrator at `base`, then the ceiling with its bytes."""
+    body = urllib.request.urlopen(base + path, timeout=10).read()
+    port = free_port()
+    with tempfile.NamedTemporaryFile(suffix=".json") as saved:
+        saved.write(body)
+        saved.flush()
+        ceiling = subprocess.Popen([sys.executable, "-m", __spec__.name, "--ceiling", str(port), path, saved.name],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10), 30, "the ceiling server")
+            rows = []
+            for generator in generators():
+                ours, bare = alternate(generator, (base, f"http://127.0.0.1:{port}"), path, seconds)
+                rows.append((f"GET {path} ({len(body)} B body, {label}), {describe(generator)}",
+                             f"{ours['rps']:.0f} req/s, p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, "
+                             f"{ours['errors']:.0f} errors",
+                             f"bare Falcon+waitress, same bytes: {bare['rps']:.0f} req/s, p99 {bare['p99']:.2f} ms",
+                             f"{ours['rps'] / bare['rps']:.2f}x throughput, {ours['p99'] / bare['p99']:.2f}x p99",
+                             TARGET))
+            return rows
+        finally:
+            ceiling.terminate()
+            ceiling.wait()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--load-worker"]:
+        load_worker(sys.argv[2], sys.argv[4:], float(sys.argv[3]))
+    elif sys.argv[1:2] == ["--ceiling"]:
+        ceiling_server(int(sys.argv[2]), sys.argv[3], sys.argv[4])
