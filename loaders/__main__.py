@@ -1,4 +1,5 @@
-"""The loader process: one per client, started by the supervisor with exec.
+"""The loader process: one per client, started by the supervisor with exec, its whole start in
+one LoaderArgs on its command line (`--client NAME --args JSON`, see wire.encode_args).
 
 It warms its client's models one after another when told to (a LoadCommand
 line on stdin) and publishes every step to its shared-memory slot, with a
