@@ -23,7 +23,7 @@ from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.launch import client_env
 from gpu_orchestrator.supervisor.telemetry import Owners
-from gpu_orchestrator.supervisor.warmup import Warmup
+from gpu_orchestrator.supervisor.warmup import Warmup, preload_answer
 
 STATUS_REUSE_S = 0.1
 LOOP_ANSWER_S = 10.0  # a loop that does not serve a command within this is stuck: 503, not a hung request
@@ -129,13 +129,18 @@ class Answers:
             if time.monotonic() >= deadline:
                 raise LoopDidNotAnswer(f"the supervision loop did not answer within {timeout:g} s; "
                                        "it may be stuck: see the service's log, then retry or restart it")
+        self.wake()  # the loop acts on what it answered (sends a new warm-up) once the answer is ours
         if command.error is not None:
             raise command.error
         return command.result
 
     def request_preload(self, refresh: bool) -> tuple[int, dict]:
-        """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed."""
-        return self.ask("preload", refresh)
+        """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed. Answered
+        here, at once, when what the loop published says nothing is to start (a second refresh
+        right after one is seen running); the loop decides anew whether to start one."""
+        snapshot = self.snapshot
+        answer = preload_answer(self.compose(snapshot)[0], snapshot.warmup.generation, refresh)
+        return answer if answer is not None else self.ask("preload", refresh)
 
     def models_status(self) -> dict:
         return self.compose()[0]
@@ -194,14 +199,14 @@ class Answers:
         """The sampler's last snapshot (the sampler guards it)."""
         return self.sampler.snapshot()[1] if self.sampler is not None else None
 
-    def compose(self) -> tuple[dict, bytes]:
+    def compose(self, snapshot: Snapshot | None = None) -> tuple[dict, bytes]:
         """/models/status as a dict and as JSON: the warm-up, each client, MPS.
 
         Composing it is most of a status request's cost, so it is reused while nothing it
         depends on has changed: the same snapshot, no slot written, the same MPS state and
         sample, and at most STATUS_REUSE_S old (ages in it are that stale at most).
         """
-        snapshot = self.snapshot
+        snapshot = snapshot or self.snapshot
         report = self.mps_report() or status.mps_disabled(snapshot.config)
         mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")}
         with self.lock:

@@ -131,8 +131,8 @@ class Arbiter:
         self.kill_overdue(now)
         self.restart_loaders(now)
         self.publish()
-        self.serve_commands()
         self.send_commands()
+        self.serve_commands()  # a warm-up started here goes out next step: the asker wakes us with its answer
         self.warmups.note_progress(self.answers.compose()[0])
         self.publish()
         self.notifier.status(self.status_line())
