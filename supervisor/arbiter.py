@@ -198,9 +198,9 @@ class Arbiter:
             self.spawn_loader(client, now)
         if self.config.preload and self.warmups.generation == 0:
             self.start_warmup(refresh=False)
-        if self.sampler is not None:
-            self.sampler.start()  # after the loaders exist, so the first sample can attribute them
         self.publish()
+        if self.sampler is not None:
+            self.sampler.start()  # after the loaders are published, so the first sample can attribute them
         self.notifier.ready(self.status_line())  # the socket listens since create_server
 
     def spawn_loader(self, client: str, now: float, reason: str | None = None) -> None:
