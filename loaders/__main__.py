@@ -229,9 +229,6 @@ class Loader:
         log.error(kv("model failed", client=self.client, model=model.model, error=model.error))
 
 
-parse_args = decode_args  # the old name, until tests/unit/test_config_properties.py says decode_args
-
-
 def boot(argv: list[str]) -> Loader:
     """Everything that, failing, no restart can fix: exits 78 with one line."""
     def cannot_boot(client: str, reason: str):

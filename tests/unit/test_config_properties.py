@@ -10,9 +10,9 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_orchestrator.loaders.__main__ import parse_args
-from gpu_orchestrator.supervisor.clients import Policy
+from gpu_orchestrator.loaders.wire import decode_args
 from gpu_orchestrator.supervisor.allocation import MAX_GPU_MEMORY_GB
+from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import ConfigError, load_files
 from gpu_orchestrator.supervisor.launch import loader_argv
 from gpu_orchestrator.supervisor.status import mps_allocation
@@ -101,7 +101,7 @@ def test_thread_percentage_and_devices_are_small_integers_or_refused(percentage,
 
 def argv_round_trip(files: dict, client: str) -> tuple[str, list[str]]:
     argv = loader_argv(config_of(files), client, "segment", 0, Policy())
-    parsed = parse_args(argv)
+    parsed = decode_args(argv)
     return parsed.client, parsed.models
 
 
