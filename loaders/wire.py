@@ -124,6 +124,13 @@ class LoaderArgs(msgspec.Struct, tag="loader-args", kw_only=True, forbid_unknown
     warmup_inference: bool = False
 
 
+# Linux caps one command-line argument at 128 KiB (MAX_ARG_STRLEN) and --args is one: the
+# configuration refuses a client whose model ids take more than MODELS_ROOM of it, which leaves
+# room for the three paths (PATH_MAX each) and the rest, rather than a loader exec failing later.
+MAX_ARGUMENT = 128 * 1024
+MODELS_ROOM = 96 * 1024
+
+
 class ArgsError(ValueError):
     """A loader's command line is not what encode_args writes."""
 

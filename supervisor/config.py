@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_model_id, hf_hub_dir
+from gpu_orchestrator.loaders.wire import MODELS_ROOM
 from gpu_orchestrator.supervisor.allocation import BACKENDS, AgentAllocation, GpuMemory, load_allocations
 from gpu_orchestrator.supervisor.jsonfile import ConfigError, convert, field_path, read_json
 from gpu_orchestrator.supervisor.mps import DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR, mps_folders
@@ -99,6 +100,10 @@ def load_model_map(path: str) -> dict[str, list[str]]:
                 raise ConfigError(f"{path}: {field}[{index}]: {exc}") from None
             if model in models[:index]:
                 raise ConfigError(f"{path}: {field}[{index}]: model {model} is listed twice for {client}")
+        if (size := len(msgspec.json.encode(models))) > MODELS_ROOM:
+            raise ConfigError(f"{path}: {field}: {len(models)} model ids take {size} bytes; a loader gets its "
+                              f"client's list in one command-line argument, which holds {MODELS_ROOM} bytes of ids: "
+                              "split the client in two")
         clients[client] = models
     return clients
 

@@ -68,6 +68,8 @@ REFUSALS = [
     ("configured total", {"a": ["x/y"]}, {"mps_resource_allocation": {"mps_configuration": {"total_gpu_memory_gb": -24}}}, "mps_configuration.total_gpu_memory_gb: must be > 0, got -24"),
     ("client like an option", {"--help": ["x/y"]}, None, "$.--help: client name '--help' starts with '-'"),
     ("model like an option", {"a": ["-x"]}, None, "$.a[0]: model id '-x' starts with '-'"),
+    ("more model ids than one argument holds", {"a": [f"org/m{i:04d}-" + "x" * 90 for i in range(1100)]}, None,
+     "$.a: 1100 model ids take 113301 bytes; a loader gets its client's list in one command-line argument"),
     ("client key twice", '{"a": ["x/y"], "a": ["x/z"]}', None, 'AGENT_MODEL_MAP.json: key "a" is given twice in one object'),
     ("allocation key twice", {"a": ["x/y"]}, '{"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": 1, "mps_memory_limit_gb": 90}}}}', 'alloc.json: key "mps_memory_limit_gb" is given twice'),
     ("NaN", {"a": ["x/y"]}, '{"mps_resource_allocation": {"agent_allocations": {"a": {"mps_memory_limit_gb": NaN}}}}', "alloc.json: not valid JSON: NaN is not a JSON number"),

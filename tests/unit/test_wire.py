@@ -145,3 +145,19 @@ def test_the_largest_legal_state_fits_the_slot_sized_for_it(models):
         assert SlotReader(segment, LoaderState).read(0) == state
     finally:
         segment.close()
+
+
+def test_the_largest_arguments_the_configuration_accepts_fit_one_command_line_argument():
+    # The configuration refuses a client whose model ids pass MODELS_ROOM (tests/unit/test_config.py);
+    # everything else is bounded too: paths by PATH_MAX, names by NAME_MAX.
+    models, size = [], 2
+    while size + 103 <= wire.MODELS_ROOM:
+        models.append(f"org/m{len(models):06d}-" + "x" * 88)
+        size += len(models[-1]) + 3
+    path = "/" + "p" * 4095
+    args = wire.LoaderArgs(client="c" * NAME_MAX, segment="gpu-orchestrator-4194304-" + "f" * 16, slot=10**6,
+                           store_root=path, models=models, base_model_dir=path, hf_hub=path,
+                           memory_limit_bytes=2**63 - 1, heartbeat_interval=1e-300, warmup_inference=True)
+    longest = max(map(len, (a.encode() for a in wire.encode_args(args))))
+    assert wire.MODELS_ROOM - 103 < len(msgspec.json.encode(models)) <= wire.MODELS_ROOM
+    assert longest < wire.MAX_ARGUMENT
