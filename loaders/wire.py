@@ -23,7 +23,6 @@ FAILED: ModelStatus = "failed"
 LoaderPhase = Literal["idle", "loading"]
 IDLE: LoaderPhase = "idle"
 WARMING_UP: LoaderPhase = "loading"
-WORKING = WARMING_UP  # the old name, until supervisor/arbiter.py and the tests say WARMING_UP
 
 Backend = Literal["default", "torch"]
 

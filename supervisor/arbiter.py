@@ -13,18 +13,17 @@ import signal
 import threading
 import time
 
-import msgspec
-
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.channel import Segment, SlotReader
 from gpu_orchestrator.loaders.logs import kv, relay_line
-from gpu_orchestrator.loaders.wire import LoadCommand, LoaderState
+from gpu_orchestrator.loaders.wire import LoadCommand, LoaderState, encode_command
 from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.answers import Answers, LoaderRecord, Snapshot
 from gpu_orchestrator.supervisor.clients import PROCESSES, LoaderProcess, Policy, Spawner
 from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.launch import count_gpus, loader_argv, loader_env
-from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings
+from gpu_orchestrator.supervisor.mps import MpsDaemon
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 from gpu_orchestrator.supervisor.reload import PendingReload, Reloads, plan  # noqa: F401 (PendingReload: tests')
 from gpu_orchestrator.supervisor.slots import FreeSlots
 from gpu_orchestrator.supervisor.systemd import Notifier
@@ -279,7 +278,7 @@ class Arbiter:
             if loader.state in (states.STARTING, states.RUNNING) and loader.sent_generation < generation:
                 command = LoadCommand(generation, self.warmups.current.refresh,
                                       failed=self.warmups.failed_for(loader.client))
-                if loader.send(msgspec.json.encode(command) + b"\n"):
+                if loader.send(encode_command(command)):
                     loader.sent_generation = generation
 
     def start_warmup(self, refresh: bool) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from gpu_orchestrator.loaders import states
-from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WORKING, LoaderState
+from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WARMING_UP, LoaderState
 
 
 def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:
@@ -239,7 +239,7 @@ class LoaderProcess:
     def models_loading(self, reader) -> list[str]:
         """The models this live loader says it is loading right now."""
         published = self.published(reader)
-        if published is None or published.phase != WORKING:
+        if published is None or published.phase != WARMING_UP:
             return []
         return [m.model for m in published.models if m.status == LOADING]
 

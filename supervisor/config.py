@@ -15,7 +15,7 @@ from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_
 from gpu_orchestrator.loaders.wire import MODELS_ROOM
 from gpu_orchestrator.supervisor.allocation import BACKENDS, AgentAllocation, GpuMemory, load_allocations
 from gpu_orchestrator.supervisor.jsonfile import ConfigError, convert, field_path, read_json
-from gpu_orchestrator.supervisor.mps import DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR, mps_folders
+from gpu_orchestrator.supervisor.mps_control import DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR, mps_folders
 from gpu_orchestrator.supervisor.telemetry import SERVICE_PATTERN
 
 DEFAULT_ALLOCATION = "./config/gpu/mps_allocation_config.json"

@@ -16,7 +16,7 @@ from gpu_orchestrator.supervisor.answers import ShuttingDown
 from gpu_orchestrator.supervisor.arbiter import Arbiter
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import METRICS_LISTEN_ENV, Config
-from gpu_orchestrator.supervisor.mps import MpsSettings
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 from gpu_orchestrator.supervisor.slots import create_segment
 
 log = logging.getLogger("supervisor")

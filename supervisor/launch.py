@@ -7,7 +7,7 @@ import re
 from gpu_orchestrator.loaders.wire import LoaderArgs, encode_args
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import Config
-from gpu_orchestrator.supervisor.mps import CLIENT_MPS, MpsSettings, mps_env
+from gpu_orchestrator.supervisor.mps_control import CLIENT_MPS, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE
 
 

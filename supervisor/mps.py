@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import threading
 import time
@@ -23,8 +22,15 @@ import psutil
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor.clients import backoff_delay
-from gpu_orchestrator.supervisor.mps_control import (BINARY, CLIENT_MPS, DEFAULT_LOG_DIR, DEFAULT_PIPE_DIR,  # noqa: F401
-                                                     MpsError, MpsSettings, ensure_folders, mps_env, mps_folders, query)
+from gpu_orchestrator.supervisor.files import read_pid
+from gpu_orchestrator.supervisor.mps_control import (
+    BINARY,
+    MpsError,
+    MpsSettings,
+    ensure_folders,
+    mps_env,
+    query,
+)
 
 log = logging.getLogger("mps")
 PID_FILE = "nvidia-cuda-mps-control.pid"
@@ -44,42 +50,6 @@ def process_alive(pid: int) -> bool:
         return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         return False
-
-
-class NotAFile(OSError):
-    """Something other than a regular file (a FIFO, a socket, a folder) where a file belongs."""
-
-
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def read_tail(path: str | os.PathLike, limit: int) -> str:
-    """The last `limit` bytes of a regular file, from its first whole line. Never blocks: opening a
-    FIFO to read would wait for a writer, so the file is opened non-blocking and anything but a
-    regular file is refused (NotAFile); a 1 GiB log costs one read of `limit` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), "not a regular file")
-            raise NotAFile(f"{path} is {kind}, not a regular file")
-        start = max(0, info.st_size - limit)
-        data = os.pread(fd, limit, start)
-    finally:
-        os.close(fd)
-    text = data.decode(errors="replace")
-    return text.partition("\n")[2] if start else text
-
-
-def read_pid(path: str | os.PathLike) -> int:
-    """The pid a daemon's pid file names; OSError when it cannot be read, ValueError when it names
-    no process (garbage, 0, -1: psutil and kill() give -1 a meaning of their own)."""
-    text = read_tail(path, 64).strip()
-    pid = int(text) if text.isdigit() else 0
-    if pid <= 0:
-        raise ValueError(f"{path} holds {text[:40]!r}, not a process id")
-    return pid
 
 
 @dataclass

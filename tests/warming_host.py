@@ -17,7 +17,7 @@ from support import free_port
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import create_app
 from gpu_orchestrator.loaders import states
-from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, WORKING, LoaderState, ModelProgress
+from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, WARMING_UP, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.config import load_config
 from gpu_orchestrator.supervisor.telemetry import GpuProcess, GpuSample, Telemetry
@@ -85,7 +85,7 @@ class WarmingHost:
             client=client, models=[m.model for m in models], state=states.RUNNING, pid=PIDS[client],
             restarts=1 if client == "analyst" else 0, last_exit=None, fatal_reason=None,
             memory_limit_bytes=self.config.memory_limit_bytes(client),
-            published=LoaderState(client, PIDS[client], 2, WORKING, now, models),
+            published=LoaderState(client, PIDS[client], 2, WARMING_UP, now, models),
             gpu_memory_bytes=self.telemetry.clients[client], rss_bytes=180 * MiB) for client, models in MODELS.items()]
         self.warmup = status.Warmup(generation=2, started_at=time.time() - 16)
 

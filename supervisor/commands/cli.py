@@ -25,7 +25,7 @@ from gpu_orchestrator.supervisor.config import (
     metrics_listen_address,
 )
 from gpu_orchestrator.supervisor.daemon import serve
-from gpu_orchestrator.supervisor.mps import MpsSettings, mps_folders
+from gpu_orchestrator.supervisor.mps_control import MpsSettings, mps_folders
 
 log = logging.getLogger("supervisor")
 EX_USAGE = 2  # argparse's own status for a bad argument; ours for a bad value of one

@@ -21,7 +21,7 @@ import urllib.parse
 import msgspec
 
 from gpu_orchestrator.supervisor.commands.api import BadAnswer, Unreachable, call, error_of
-from gpu_orchestrator.supervisor.mps import CLIENT_MPS
+from gpu_orchestrator.supervisor.mps_control import CLIENT_MPS
 
 EX_NOT_FOUND = 127
 ASK_TIMEOUT = 10.0

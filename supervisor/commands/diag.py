@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from gpu_orchestrator.supervisor import mps, nvml
+from gpu_orchestrator.supervisor import mps, mps_control, nvml
 from gpu_orchestrator.supervisor.files import NotAFile, read_pid, read_tail
 
 LOG_LINES = 200
@@ -46,10 +46,10 @@ def owner_name(uid: int) -> str:
 
 
 def check_binary() -> Check:
-    path = shutil.which(mps.BINARY)
+    path = shutil.which(mps_control.BINARY)
     if path:
         return Check("binary", "ok", path)
-    return Check("binary", "problem", f"{mps.BINARY} is not on PATH",
+    return Check("binary", "problem", f"{mps_control.BINARY} is not on PATH",
                  "install the NVIDIA driver's compute utilities (nvidia-compute-utils) or add their folder to PATH")
 
 
@@ -86,7 +86,7 @@ def check_folder(name: str, folder: str) -> list[Check]:
     return found
 
 
-def check_control_files(settings: mps.MpsSettings) -> list[Check]:
+def check_control_files(settings: mps_control.MpsSettings) -> list[Check]:
     pipe = Path(settings.pipe_dir) / mps.CONTROL_PIPE
     pid_file = Path(settings.pipe_dir) / mps.PID_FILE
     found = []
@@ -120,7 +120,7 @@ def daemon_processes() -> list[psutil.Process]:
     for process in psutil.process_iter(["name", "cmdline"]):
         cmdline = process.info["cmdline"] or []
         names = {process.info["name"] or ""} | {os.path.basename(part) for part in cmdline[:2]}
-        if mps.BINARY in names and ("-d" in cmdline or "-f" in cmdline) and mps.process_alive(process.pid):
+        if mps_control.BINARY in names and ("-d" in cmdline or "-f" in cmdline) and mps.process_alive(process.pid):
             found.append(process)
     return found
 
@@ -134,10 +134,10 @@ def check_daemon_process() -> Check:
                                                     for p in processes))
 
 
-def check_answers(settings: mps.MpsSettings) -> Check:
+def check_answers(settings: mps_control.MpsSettings) -> Check:
     try:
-        servers = mps.query(settings, "get_server_list").split()
-    except mps.MpsError as exc:
+        servers = mps_control.query(settings, "get_server_list").split()
+    except mps_control.MpsError as exc:
         hung = "hung" in str(exc)
         fix = ("the daemon is hung: kill it (kill -9 its pid) and restart it" if hung
                else "start the control daemon for this pipe directory")
@@ -205,7 +205,7 @@ def check_compute_mode() -> list[Check]:
     return found
 
 
-def run_checks(settings: mps.MpsSettings) -> list[Check]:
+def run_checks(settings: mps_control.MpsSettings) -> list[Check]:
     checks = [check_binary()]
     checks += check_folder("pipe directory", settings.pipe_dir)
     checks += check_folder("log directory", settings.log_dir)
@@ -226,7 +226,7 @@ def exit_code(checks: list[Check]) -> int:
     return 2 if any(c.status == "error" for c in checks) else 0
 
 
-def render(checks: list[Check], settings: mps.MpsSettings) -> str:
+def render(checks: list[Check], settings: mps_control.MpsSettings) -> str:
     lines = [f"MPS diagnostics: pipe directory {settings.pipe_dir}, log directory {settings.log_dir}"]
     for check in checks:
         label = check.status.upper() if check.status in ("problem", "error") else check.status
@@ -240,7 +240,7 @@ def render(checks: list[Check], settings: mps.MpsSettings) -> str:
     return "\n".join(lines)
 
 
-def run_diag(settings: mps.MpsSettings, as_json: bool) -> int:
+def run_diag(settings: mps_control.MpsSettings, as_json: bool) -> int:
     checks = run_checks(settings)
     code = exit_code(checks)
     if as_json:

@@ -24,7 +24,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from gpu_orchestrator.supervisor import mps, nvml
+from gpu_orchestrator.supervisor import mps, mps_control, nvml
 from gpu_orchestrator.supervisor.commands import statusview
 from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 from gpu_orchestrator.supervisor.commands.harness import Orchestrator, get_json, wait
@@ -84,8 +84,8 @@ def torch_load(directory: str, limit_mib: int) -> dict:
                                   + (f", embedding of {result.embedding_dim}" if result.embedding_dim else "")}
 
 
-def run_client(settings: mps.MpsSettings, limit_mib: int, *child_args: str) -> dict:
-    env = {**os.environ, **mps.mps_env(settings), "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={limit_mib}M"}
+def run_client(settings: mps_control.MpsSettings, limit_mib: int, *child_args: str) -> dict:
+    env = {**os.environ, **mps_control.mps_env(settings), "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={limit_mib}M"}
     result = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.gpucheck", *child_args],
                             capture_output=True, text=True, env=env, timeout=300)
     if result.returncode != 0:
@@ -138,11 +138,11 @@ def check(model_dir: str | None = None) -> int:
         write_snapshot(work / "store" / "check" / "generated", (1024, 4, 30000), seed=1, manifest=True)
         torch_dir = model_dir or str(work / "store" / "check" / "generated")
         failures = 0
-        with_mps = shutil.which(mps.BINARY) is not None
+        with_mps = shutil.which(mps_control.BINARY) is not None
         if with_mps:
             failures += check_mps_clients(module, work / "mps", torch_dir if use_torch else None)
         else:
-            say(f"MPS: {mps.BINARY} is not on PATH: the MPS checks are skipped and the orchestrator runs without MPS")
+            say(f"MPS: {mps_control.BINARY} is not on PATH: the MPS checks are skipped and the orchestrator runs without MPS")
             failures += 1
         failures += check_orchestrator(work, model_dir, use_torch, with_mps, module.nvmlDeviceGetCount())
     finally:
@@ -153,7 +153,7 @@ def check(model_dir: str | None = None) -> int:
 
 def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
     """A real control daemon on private folders, CUDA clients under pinned limits; the number of surprises."""
-    settings = mps.MpsSettings(str(folder / "pipe"), str(folder / "log"))
+    settings = mps_control.MpsSettings(str(folder / "pipe"), str(folder / "log"))
     daemon = mps.MpsDaemon(settings)
     failures = 0
     try:
@@ -161,7 +161,7 @@ def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
             say(f"MPS: the control daemon did not start: {daemon.report()['error']}")
             return 1
         say(f"MPS: control daemon pid {daemon.control_pid()} answering on {settings.pipe_dir}; "
-            f"default active thread percentage {mps.query(settings, 'get_default_active_thread_percentage')}")
+            f"default active thread percentage {mps_control.query(settings, 'get_default_active_thread_percentage')}")
         # Over the limit must fail for the right reason: out of memory, not a missing library.
         for mib, expected in ((UNDER_MIB, "CUDA_SUCCESS"), (OVER_MIB, "CUDA_ERROR_OUT_OF_MEMORY")):
             outcome = run_client(settings, LIMIT_MIB, "--allocate", str(mib))
@@ -169,7 +169,7 @@ def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
             failures += outcome["result"] != expected
             say(f"client with {LIMIT_MIB} MiB pinned limit allocating {mib} MiB: {outcome['result']} ({verdict}); "
                 f"context sees {outcome.get('context_total_mib', '?')} MiB total")
-        say(f"MPS servers: {mps.query(settings, 'get_server_list') or 'none'}")
+        say(f"MPS servers: {mps_control.query(settings, 'get_server_list') or 'none'}")
         show_processes(module)
         if torch_dir:
             for limit, should_work in ((1024, True), (32, False)):
@@ -180,7 +180,7 @@ def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
                 failures += not expected
                 say(f"torch backend, {torch_dir} under a {limit} MiB limit on {outcome.get('device', '?')}: "
                     f"{outcome['result']} ({'as expected' if expected else 'UNEXPECTED'})")
-    except mps.MpsError as exc:
+    except mps_control.MpsError as exc:
         say(f"MPS: UNEXPECTED: {exc}")
         failures += 1
     finally:

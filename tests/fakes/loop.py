@@ -8,7 +8,7 @@ import signal
 import msgspec
 
 from gpu_orchestrator.loaders.channel import SlotWriter
-from gpu_orchestrator.loaders.wire import IDLE, READY, WORKING, LoaderState, ModelProgress
+from gpu_orchestrator.loaders.wire import IDLE, READY, WARMING_UP, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE
 
 FIRST_PID = 10_000_000  # above any pid_max: psutil finds no such process, nothing real is signalled
@@ -107,5 +107,5 @@ def publish(segment, slot: int, proc: FakeProc, generation: int, heartbeat: floa
     """Write what a loader would to its slot: `models` maps a model to its status; the phase is
     idle once every model is ready (or failed), else loading."""
     progress = [ModelProgress(model, status=status) for model, status in models.items()]
-    phase = IDLE if all(m.status in (READY, "failed") for m in progress) else WORKING
+    phase = IDLE if all(m.status in (READY, "failed") for m in progress) else WARMING_UP
     SlotWriter(segment, slot).publish(LoaderState(proc.client, proc.pid, generation, phase, heartbeat, progress))

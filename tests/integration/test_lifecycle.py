@@ -91,7 +91,8 @@ def test_port_in_use_exits_69_and_starts_nothing(tmp_path, store):
     assert proc.returncode == 69
     assert "cannot listen" in proc.stderr and f"port={port}" in proc.stderr
     assert "loader started" not in proc.stderr
-    assert set(os.listdir(channel.SHM_DIR)) == before
+    # Nothing added (other runs on this host may remove their own segments meanwhile).
+    assert set(os.listdir(channel.SHM_DIR)) - before == set()
 
 
 def test_loader_killed_as_soon_as_it_is_ready_is_never_a_failed_start(tmp_path, store):

@@ -2,7 +2,7 @@
 
 from gpu_orchestrator.supervisor.config import AgentAllocation, Config
 from gpu_orchestrator.supervisor.launch import count_gpus, loader_env
-from gpu_orchestrator.supervisor.mps import MpsSettings
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 
 
 def test_gpus_are_what_cuda_visible_devices_hands_us(monkeypatch):

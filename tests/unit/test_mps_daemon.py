@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from gpu_orchestrator.loaders import states
-from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings
+from gpu_orchestrator.supervisor.mps import MpsDaemon
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 

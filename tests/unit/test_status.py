@@ -13,7 +13,7 @@ from gpu_orchestrator.loaders.wire import (
     LOADING,
     PENDING,
     READY,
-    WORKING,
+    WARMING_UP,
     LoaderState,
     ModelProgress,
 )
@@ -43,7 +43,7 @@ def test_all_ready_needs_the_current_generation_finished():
     # Same models ready from an older generation while a refresh is pending: not settled.
     stale = models_status([view(published=ready)], Warmup(generation=2))
     assert stale["in_progress"] and not stale["all_ready"]
-    working = models_status([view(published=published(1, WORKING, READY, "loading"))], Warmup(generation=1))
+    working = models_status([view(published=published(1, WARMING_UP, READY, "loading"))], Warmup(generation=1))
     assert working["in_progress"] and working["summary"]["loading"] == 1
 
 
@@ -79,7 +79,8 @@ def test_booting_loaders_are_not_a_warmup_in_progress():
 
 def test_mps_off_has_the_same_keys_as_a_running_daemon_report(tmp_path):
     from gpu_orchestrator.supervisor.config import Config
-    from gpu_orchestrator.supervisor.mps import MpsDaemon, MpsSettings
+    from gpu_orchestrator.supervisor.mps import MpsDaemon
+    from gpu_orchestrator.supervisor.mps_control import MpsSettings
     from gpu_orchestrator.supervisor.status import mps_disabled
     config = Config(model_store_root=str(tmp_path), model_map_path="m", allocation_path="", clients={})
     daemon = MpsDaemon(MpsSettings(str(tmp_path / "pipe"), str(tmp_path / "log")))
@@ -207,7 +208,7 @@ def test_progress_has_the_rate_and_eta_of_the_model_being_read():
               ModelProgress("org/reading", LOADING, bytes_done=400, bytes_total=1000, seconds=2.0),
               ModelProgress("org/next", PENDING, bytes_total=500)]
     view = ClientView("a", [m.model for m in models], states.RUNNING, 7, 0, None, None, None,
-                             LoaderState("a", 7, 1, WORKING, 0.0, models))
+                             LoaderState("a", 7, 1, WARMING_UP, 0.0, models))
     client = models_status([view], Warmup(generation=1), now=1.0)["clients"]["a"]
     reading = client["models"][1]
     assert (reading["rate_bytes_per_s"], reading["eta_s"]) == (200.0, 3.0)

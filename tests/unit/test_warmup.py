@@ -3,7 +3,7 @@
 import pytest
 
 from gpu_orchestrator.loaders import states
-from gpu_orchestrator.loaders.wire import IDLE, WORKING, LoaderState
+from gpu_orchestrator.loaders.wire import IDLE, WARMING_UP, LoaderState
 from gpu_orchestrator.supervisor.warmup import KILLS_TO_FAIL_A_MODEL, Warmups, finished, preload_answer
 
 
@@ -51,7 +51,7 @@ def test_a_finished_loader_forgets_its_deaths_but_not_its_failed_models():
 def test_finished_needs_this_generation_and_idle():
     assert finished(LoaderState("a", 1, 2, IDLE, 0.0, []), 2)
     assert not finished(LoaderState("a", 1, 1, IDLE, 0.0, []), 2)
-    assert not finished(LoaderState("a", 1, 2, WORKING, 0.0, []), 2)
+    assert not finished(LoaderState("a", 1, 2, WARMING_UP, 0.0, []), 2)
     assert not finished(None, 1)
 
 

@@ -36,7 +36,6 @@ BIGGEST_INT = 2**64 - 1  # msgpack's largest integer
 def test_every_status_and_phase_name_is_a_value_of_its_literal():
     assert {wire.PENDING, wire.LOADING, wire.READY, wire.FAILED} == set(typing.get_args(wire.ModelStatus))
     assert {wire.IDLE, wire.WARMING_UP} == set(typing.get_args(wire.LoaderPhase))
-    assert wire.WORKING == wire.WARMING_UP  # the old name, kept for its callers
 
 
 @pytest.mark.parametrize("field, value", [("phase", "working"), ("phase", "ready"), ("status", "loaded")])
