@@ -4,7 +4,10 @@ import os
 import re
 import signal
 
+import msgspec
 from support import add_model, wait_for
+
+from gpu_orchestrator.loaders.wire import ModelsStatus
 
 
 def test_missing_model_then_fix_then_refresh(orchestrator, store):
@@ -22,6 +25,7 @@ def test_missing_model_then_fix_then_refresh(orchestrator, store):
     assert [m["status"] for m in beta["models"]] == ["ready", "failed"]
     assert beta["models"][0]["bytes"] == beta["models"][0]["bytes_total"] > 0
     assert beta["memory_limit_bytes"] == 512 * 1024**2
+    msgspec.convert(status, ModelsStatus)  # the shape gate and status read: the composer must keep to it
 
     code, body = orchestrator.post("/models/preload", {"refresh": False})
     assert code == 503 and body["errors"] == status["errors"] and body["started"] is False

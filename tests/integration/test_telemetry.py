@@ -5,10 +5,13 @@ import json
 import subprocess
 import sys
 
+import msgspec
 import nvml_hosts
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import Orchestrator, free_port, status_code, wait_for, write_config
+
+from gpu_orchestrator.loaders.wire import GpuInfo
 
 nvml_env = nvml_hosts.env
 
@@ -37,6 +40,7 @@ def test_gpu_info_from_the_snapshot_with_clients_attributed(telemetry_orch):
     assert info["driver_version"] == "550.54.15" and info["age_s"] >= 0
     assert [g["name"] for g in info["gpus"]] == ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 3090", None]
     assert info["gpus"][2]["error"] == "GPU is lost"
+    msgspec.convert(info, GpuInfo)  # the shape the status command reads
     assert "power_draw_watts: Not Supported" in info["gpus"][1]["unsupported"]
     roles = {p["pid"]: (p["client"], p["role"]) for p in info["gpus"][0]["processes"]}
     for client in ("alpha", "beta"):

@@ -160,3 +160,8 @@ def test_the_largest_arguments_the_configuration_accepts_fit_one_command_line_ar
     longest = max(map(len, (a.encode() for a in wire.encode_args(args))))
     assert wire.MODELS_ROOM - 103 < len(msgspec.json.encode(models)) <= wire.MODELS_ROOM
     assert longest < wire.MAX_ARGUMENT
+
+
+def test_the_process_states_the_api_shows_are_the_loader_machine_s():
+    from gpu_orchestrator.loaders import states
+    assert set(typing.get_args(wire.ProcessState)) == set(states.LOADER)
