@@ -4,12 +4,14 @@ kept, so the document can be served back as it was given."""
 
 import json
 import math
+import typing
 
 import msgspec
 
+from gpu_orchestrator.loaders.wire import Backend
 from gpu_orchestrator.supervisor.jsonfile import ConfigError, convert, field_path, read_json, shown
 
-BACKENDS = ("default", "torch")
+BACKENDS = typing.get_args(Backend)  # the loader decodes the same Literal from its arguments
 # No GPU has more memory than this (the largest have a few hundred GB): a bigger figure is a
 # typo, and an unbounded one (1e308) overflows every byte count computed from it.
 MAX_GPU_MEMORY_GB = 4096

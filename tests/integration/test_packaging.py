@@ -41,7 +41,7 @@ def test_the_sdist_carries_units_monitoring_files_and_tests(built):
     assert {"scripts/systemd/gpu-orchestrator.service", "scripts/systemd/gpu-client@.service",
             "scripts/prometheus/gpu-orchestrator.rules.yml", "tests/conftest.py"} <= wanted
     assert wanted - carried == set()
-    assert {"pyproject.toml", "setup.py", "README.md", "MANIFEST.in"} <= carried
+    assert {"pyproject.toml", "setup.py", "README.md", "ARCHITECTURE.md", "MANIFEST.in"} <= carried
 
 
 def test_the_wheel_has_the_page_and_complete_metadata(built, tmp_path):
