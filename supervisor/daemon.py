@@ -23,60 +23,91 @@ log = logging.getLogger("supervisor")
 HTTP_THREADS = 8
 
 
+class CannotStart(Exception):
+    """Start-up stopped before anything ran; the error is logged, `status` is the exit status."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
 def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None,
           telemetry_interval: float = 2.0, metrics_listen: tuple[str, int] | None = None) -> int:
-    """Run until SIGTERM/SIGINT. Order matters: nothing is started if a port is taken."""
+    """Run until SIGTERM/SIGINT. Order matters: nothing is started if a port is taken or the
+    channel cannot be made (no loader, no MPS daemon, no segment left behind)."""
     for warning in config.warnings:
         log.warning(warning)
     try:
-        sock = server.listen(config.host, config.port)
-    except OSError as exc:
-        log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror,
-                     hint="another orchestrator may be running; pick another --port"))
-        return os.EX_UNAVAILABLE
-    metrics_sock = None
-    if metrics_listen is not None:
+        sockets = open_sockets(config, metrics_listen)
         try:
-            metrics_sock = server.listen(*metrics_listen)
-        except OSError as exc:
-            sock.close()
-            log.error(kv("cannot listen for metrics", host=metrics_listen[0], port=metrics_listen[1],
-                         error=exc.strerror, hint=f"pick another --metrics-listen ({METRICS_LISTEN_ENV})"))
-            return os.EX_UNAVAILABLE
-    for name in channel.remove_stale_segments():
-        log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
-    try:
-        segment = create_segment(config)
-    except channel.ChannelError as exc:
-        sock.close()
-        if metrics_sock is not None:
-            metrics_sock.close()
-        log.error(kv("cannot create the shared-memory channel", error=exc))
-        return os.EX_OSERR
+            segment = open_channel(config)
+        except CannotStart:
+            for sock in sockets:
+                sock.close()
+            raise
+    except CannotStart as exc:
+        return exc.status
     try:
         arbiter = Arbiter(config, segment, policy, mps=mps if config.enable_mps else None,
                           telemetry_interval=telemetry_interval)
-        host, port = sock.getsockname()[:2]
-        warnings = exposure_warnings(host, config.token)
-        for warning in warnings:
-            log.warning(warning)
-        requests = RequestCounter()  # one count for both listeners, whichever /metrics is scraped
-        app = create_app(arbiter.answers, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
-                         warnings=warnings, requests=requests)
-        arbiter.server = server.create_server(app, sock, HTTP_THREADS)
-        if metrics_sock is not None:
-            metrics_host, metrics_port = metrics_sock.getsockname()[:2]
-            server.serve_also(arbiter.server, create_app(
-                arbiter.answers, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port), warnings=warnings,
-                scrape_only=True, requests=requests), metrics_sock)
-            log.info(kv("metrics listening", url=base_url(metrics_host, metrics_port), routes="/metrics /health /ready"))
-        log.info(kv("listening", url=base_url(host, port), clients=len(config.clients), segment=segment.name))
+        arbiter.server = http_server(arbiter.answers, config, *sockets)
+        log.info(kv("listening", url=base_url(*sockets[0].getsockname()[:2]), clients=len(config.clients),
+                    segment=segment.name))
         if on_listening is not None:
-            on_listening(port)
+            on_listening(sockets[0].getsockname()[1])
         arbiter.run()
     finally:
         segment.close()  # idempotent; covers a failure before the loop owned it
     return 0
+
+
+def open_sockets(config: Config, metrics_listen: tuple[str, int] | None) -> list:
+    """The API's listening socket, and the metrics listener's when asked for; CannotStart if one is taken."""
+    try:
+        sockets = [server.listen(config.host, config.port)]
+    except OSError as exc:
+        log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror,
+                     hint="another orchestrator may be running; pick another --port"))
+        raise CannotStart(os.EX_UNAVAILABLE) from None
+    if metrics_listen is not None:
+        try:
+            sockets.append(server.listen(*metrics_listen))
+        except OSError as exc:
+            sockets[0].close()
+            log.error(kv("cannot listen for metrics", host=metrics_listen[0], port=metrics_listen[1],
+                         error=exc.strerror, hint=f"pick another --metrics-listen ({METRICS_LISTEN_ENV})"))
+            raise CannotStart(os.EX_UNAVAILABLE) from None
+    return sockets
+
+
+def open_channel(config: Config) -> channel.Segment:
+    """A new segment, after removing what killed runs of ours left; CannotStart when /dev/shm has no room."""
+    for name in channel.remove_stale_segments():
+        log.warning(kv("removed a stale shared-memory segment from a killed run", segment=name))
+    try:
+        return create_segment(config)
+    except channel.ChannelError as exc:
+        log.error(kv("cannot create the shared-memory channel", error=exc))
+        raise CannotStart(os.EX_OSERR) from None
+
+
+def http_server(answers, config: Config, sock, metrics_sock=None):
+    """The waitress server for the API and, on `metrics_sock`, the scrape-only app (same threads)."""
+    host, port = sock.getsockname()[:2]
+    warnings = exposure_warnings(host, config.token)
+    for warning in warnings:
+        log.warning(warning)
+    requests = RequestCounter()  # one count for both listeners, whichever /metrics is scraped
+    app = create_app(answers, token=config.token, unavailable_errors=(ShuttingDown,), served=(host, port),
+                     warnings=warnings, requests=requests)
+    http = server.create_server(app, sock, HTTP_THREADS)
+    if metrics_sock is not None:
+        metrics_host, metrics_port = metrics_sock.getsockname()[:2]
+        scrape_app = create_app(answers, unavailable_errors=(ShuttingDown,), served=(metrics_host, metrics_port),
+                                warnings=warnings, scrape_only=True, requests=requests)
+        server.serve_also(http, scrape_app, metrics_sock)
+        log.info(kv("metrics listening", url=base_url(metrics_host, metrics_port), routes="/metrics /health /ready"))
+    return http
 
 
 def exposure_warnings(address: str, token: str | None) -> tuple[str, ...]:
