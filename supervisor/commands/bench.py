@@ -207,8 +207,9 @@ def bench_scaling(work: Path, sizes: list[int], idle: float, seconds: float) -> 
                      (f"{clients} clients idle {idle:.0f} s: supervisor", f"{shares[0]:.2f} % of a core, RSS {rss:.0f} MiB",
                       "-", verdict(shares[0] < 1), "< 1 % of a core (with 384 ready clients)"),
                      (f"{clients} clients idle {idle:.0f} s: each loader (median / max)",
-                      f"RSS {loader_rss:.1f} MiB (unique {loader_uss:.1f} MiB); {loader_cpu:.3f} % / "
-                      f"{max(shares[1:]):.3f} % of a core", "-", verdict(loader_rss < 15 and loader_cpu < 0.05),
+                      f"RSS {loader_rss:.1f} MiB (unique {loader_uss:.1f} MiB); {loader_cpu:.3f} % / {max(shares[1:]):.3f} % "
+                      f"of a core (one clock tick: {100 / os.sysconf('SC_CLK_TCK') / idle:.3f} %)", "-",
+                      f"RSS {verdict(loader_rss < 15)}, CPU {verdict(loader_cpu < 0.05)}",
                       "< 15 MiB RSS median, < 0.05 % of a core")]
             rows += against_ceiling(orch.url, "/models/status", seconds, f"{clients} clients")
         finally:
@@ -257,7 +258,8 @@ def bench_boot(work: Path, total_mb: int, clients: int, cold: bool) -> list[tupl
             orch.stop()
         orch = Orchestrator(store, model_map, "--no-preload")
         try:
-            wait(lambda: all(c["pid"] for c in orch.status()["clients"].values()), 600, "every loader to start")
+            wait(lambda: all(c["heartbeat_age_s"] is not None for c in orch.status()["clients"].values()), 600,
+                 "every loader to publish (booted)")
             prepare()
             started = time.monotonic()
             with urllib.request.urlopen(urllib.request.Request(orch.url + "/models/preload", data=b"{}", method="POST",
