@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.channel import Segment, SlotReader
 from gpu_orchestrator.loaders.wire import LoaderState
@@ -93,6 +91,8 @@ class Answers:
         self.commands: queue.Queue[Command] = queue.Queue()
         self.lock = threading.Lock()  # the reader, the cache, and the segment's life (closed)
         self.cache: tuple | None = None
+        self.parts: dict[str, tuple] = {}  # client -> (inputs, slot words, its status.ClientPart)
+        self.records: dict[str, tuple] = {}  # the loop's: client -> (its fields, its LoaderRecord)
         self.closed = False
         self.started = time.time()
 
@@ -100,6 +100,22 @@ class Answers:
 
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
+
+    def publish_loop(self, config: Config, loaders, warmup: Warmup, stopping: bool) -> bool:
+        """Publish the loop's state if it changed; whether it did. A loader's record is made anew only
+        when one of its fields changed, so that composing tells an unchanged client by identity."""
+        records = []
+        for l in loaders:
+            fields = (l.client, l.slot, l.state, l.pid, l.restarts, l.last_exit, l.fatal_reason, l.rss_bytes)
+            kept = self.records.get(l.client)
+            if kept is None or kept[0] != fields:
+                kept = self.records[l.client] = (fields, LoaderRecord(*fields))
+            records.append(kept[1])
+        snapshot = Snapshot(config, tuple(records), warmup, stopping)
+        if snapshot == self.snapshot:
+            return False
+        self.snapshot = snapshot
+        return True
 
     def close(self) -> None:
         """The segment is about to be freed: answer 503 from now on, and to every queued command."""
@@ -202,22 +218,28 @@ class Answers:
     def compose(self, snapshot: Snapshot | None = None) -> tuple[dict, bytes]:
         """/models/status as a dict and as JSON: the warm-up, each client, MPS.
 
-        Composing it is most of a status request's cost, so it is reused while nothing it
-        depends on has changed: the same snapshot, no slot written, the same MPS state and
-        sample, and at most STATUS_REUSE_S old (ages in it are that stale at most).
+        The whole answer is reused while nothing it depends on has changed: the same snapshot,
+        no slot written, the same MPS state and sample, and at most STATUS_REUSE_S old (ages in
+        it are that stale at most). Else only the clients whose record, slot contents (beyond
+        the heartbeat) or sample changed are composed again (see client_parts).
         """
         snapshot = snapshot or self.snapshot
         report = self.mps_report() or status.mps_disabled(snapshot.config)
         mps = {key: report[key] for key in ("enabled", "managed", "restarts", "error")}
         with self.lock:
             self.check_open()
-            key = (id(snapshot), tuple(mps.values()), int(time.monotonic() / STATUS_REUSE_S),
+            now = time.monotonic()
+            peek = self.reader.peek
+            key = (id(snapshot), tuple(mps.values()), int(now / STATUS_REUSE_S),
                    self.sampler.snapshot()[0] if self.sampler is not None else 0,
-                   tuple(self.reader.peek(loader.slot) for loader in snapshot.loaders))
+                   tuple([peek(loader.slot) for loader in snapshot.loaders]))
             if self.cache is None or self.cache[0] != key:
-                current = {**status.models_status(self.client_views(snapshot), snapshot.warmup), "mps": mps}
-                self.cache = (key, snapshot, current, msgspec.json.encode(current))
+                current, encoded = status.assemble(self.client_parts(snapshot), snapshot.warmup, now, {"mps": mps})
+                self.cache = (key, snapshot, current, encoded)
             return self.cache[2], self.cache[3]
+
+    def status_line(self, generation: int, mps_down: bool) -> str:
+        return status.status_line(self.compose()[0], generation, mps_down)
 
     def published(self, loader: LoaderRecord) -> LoaderState | None:
         """The loader's slot, only if the live process wrote it. Lock held."""
@@ -226,27 +248,52 @@ class Answers:
         message = self.reader.read(loader.slot)
         return message if message is not None and message.pid == loader.pid else None
 
-    def client_views(self, snapshot: Snapshot) -> list[status.ClientView]:
-        """Every configured client, those whose loader is not started yet included: while start-up
-        waits for the MPS daemon there are no loaders, and a status without their clients would
-        read as all ready. Lock held."""
-        config = snapshot.config
+    def client_parts(self, snapshot: Snapshot) -> list[tuple[str, status.ClientPart, float | None]]:
+        """Every configured client's part of the status and its heartbeat, those whose loader is not
+        started yet included: while start-up waits for the MPS daemon there are no loaders, and a
+        status without their clients would read as all ready. A part is kept while its inputs are
+        the same: the loader's record, the configuration, the generation, its GPU memory and what
+        its slot says beyond the heartbeat. Lock held."""
+        config, generation = snapshot.config, snapshot.warmup.generation
         telemetry = self.telemetry()
         gpu_memory = telemetry.clients if telemetry is not None and telemetry.nvml_supported else None
-        views = [
-            status.ClientView(
-                client=loader.client, models=config.clients[loader.client], state=loader.state,
-                pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
-                fatal_reason=loader.fatal_reason, memory_limit_bytes=config.memory_limit_bytes(loader.client),
-                published=self.published(loader),
-                gpu_memory_bytes=gpu_memory.get(loader.client, 0) if gpu_memory is not None else None,
-                rss_bytes=loader.rss_bytes if loader.pid is not None else None)
-            for loader in snapshot.loaders
-        ]
+        kept, parts = {}, []
+        for loader in snapshot.loaders:
+            published = self.published(loader)
+            key = (loader, config, generation, gpu_memory.get(loader.client, 0) if gpu_memory is not None else None)
+            cached = self.parts.get(loader.client)
+            if cached is None or cached[0] != key or not same_progress(cached[1], published):
+                view = status.ClientView(
+                    client=loader.client, models=config.clients[loader.client], state=loader.state,
+                    pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
+                    fatal_reason=loader.fatal_reason, memory_limit_bytes=config.memory_limit_bytes(loader.client),
+                    published=published, gpu_memory_bytes=key[3],
+                    rss_bytes=loader.rss_bytes if loader.pid is not None else None)
+                cached = (key, published, status.client_part(view, generation))
+            kept[loader.client] = cached
+            parts.append((loader.client, cached[2], published.heartbeat if published is not None else None))
         started = {loader.client for loader in snapshot.loaders}
-        return views + [
-            status.ClientView(client=client, models=models, state=states.STOPPED, pid=None, restarts=0,
-                              last_exit=None, fatal_reason=None, memory_limit_bytes=config.memory_limit_bytes(client),
-                              published=None)
-            for client, models in config.clients.items() if client not in started
-        ]
+        for client, models in config.clients.items():
+            if client in started:
+                continue
+            key = (None, config, generation, None)
+            cached = self.parts.get(client)
+            if cached is None or cached[0] != key:
+                view = status.ClientView(client=client, models=models, state=states.STOPPED, pid=None, restarts=0,
+                                         last_exit=None, fatal_reason=None,
+                                         memory_limit_bytes=config.memory_limit_bytes(client), published=None)
+                cached = (key, None, status.client_part(view, generation))
+            kept[client] = cached
+            parts.append((client, cached[2], None))
+        self.parts = kept
+        return parts
+
+
+def same_progress(before: LoaderState | None, now: LoaderState | None) -> bool:
+    """The same words from the same loader, its heartbeat aside (which moves every interval)."""
+    if before is now:
+        return True
+    if before is None or now is None:
+        return False
+    return (before.pid == now.pid and before.generation == now.generation and before.phase == now.phase
+            and before.models == now.models)

@@ -7,8 +7,6 @@ reload reading and diffing in reload.py, the MPS daemon in mps.py.
 """
 
 import logging
-import os
-import select
 import signal
 import threading
 import time
@@ -16,10 +14,10 @@ import time
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.channel import Segment, SlotReader
 from gpu_orchestrator.loaders.logs import kv, relay_line
-from gpu_orchestrator.loaders.wire import LoadCommand, LoaderState, encode_command
+from gpu_orchestrator.loaders.wire import LoaderState
 from gpu_orchestrator.supervisor import status
-from gpu_orchestrator.supervisor.answers import Answers, LoaderRecord, Snapshot
-from gpu_orchestrator.supervisor.clients import PROCESSES, LoaderProcess, Policy, Spawner
+from gpu_orchestrator.supervisor.answers import Answers
+from gpu_orchestrator.supervisor.clients import PROCESSES, LoaderProcess, Policy, Spawner, Streams
 from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.launch import count_gpus, loader_argv, loader_env
 from gpu_orchestrator.supervisor.mps import MpsDaemon
@@ -32,7 +30,11 @@ from gpu_orchestrator.supervisor.warmup import Warmups, finished, preload_answer
 
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
-TICK = 1.0  # heartbeat checks and state promotion need no finer grain
+TICK = 1.0  # the longest the loop sleeps; what is due sooner (promotion, backoff, MPS) sets its own deadline
+# What the loop does for every loader, at a cadence rather than every tick, so that an idle tick
+# costs by what changed, not by how many clients there are:
+RSS_REFRESH_S = 5.0  # rss_bytes in /models/status is at most this old (also taken as a loader turns RUNNING)
+REAP_SWEEP_S = 5.0  # waitpid for every loader; SIGCHLD or a loader's stderr closing reaps at once
 KILL_WAIT_S = 5.0  # at shutdown, past stop_grace: how long KILLed loaders may take to be reaped
 
 
@@ -46,7 +48,9 @@ class Arbiter:
         self.server = server
         self.notifier = notifier or Notifier()
         self.spawner, self.clock = spawner, clock
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.streams = Streams()
+        self.wake = self.streams.wake
+        self.readable: list[LoaderProcess] = []  # loaders whose stderr has something, from the last wait
         self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
         self.loaders_follow_mps = False  # a daemon came back: replace every loader once slots allow
         self.overcommit_checked = False  # per configuration, once the GPU memory is known
@@ -62,13 +66,17 @@ class Arbiter:
         self.booted = False  # the configured loaders were started
         self.signals: list[int] = []
         self.stopping = False
+        self.reap_due = True  # a child exited (SIGCHLD) or a loader's stderr closed
+        self.next_due: dict[str, float] = {}  # what runs at a cadence -> when it is due next
+        self.changed = True  # a slot or a record changed since the warm-up and STATUS= were last judged
+        self.last_mps_down = False
 
     # ---- the loop ----------------------------------------------------------
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self.queue_signal)
-        signal.set_wakeup_fd(self.wake_w)
+        signal.set_wakeup_fd(self.streams.wake_w)
         if self.server is not None:
             threading.Thread(target=self.server.run, name="http", daemon=True).start()
         if self.mps is not None:
@@ -83,15 +91,10 @@ class Arbiter:
     def queue_signal(self, signum, frame) -> None:
         self.signals.append(signum)
 
-    def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"w")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is awake anyway
-
     def next_timeout(self) -> float:
         now = self.clock()
-        deadlines = [now + TICK, self.mps and self.mps.next_deadline(), self.reloads.deadline()]
+        deadlines = [now + TICK, self.mps and self.mps.next_deadline(), self.reloads.deadline(),
+                     *self.next_due.values()]
         if self.notifier.watchdog_interval is not None:
             deadlines.append(self.notifier.next_watchdog)
         for loader in self.loaders.values():
@@ -106,67 +109,75 @@ class Arbiter:
 
     def tick(self, timeout: float) -> None:
         """Wait for a signal, a wake-up, a loader's output or `timeout`; then do one step."""
-        streams = [l.proc.stderr for l in self.all_loaders() if l.state in states.ALIVE]
-        try:
-            select.select([self.wake_r, *streams], [], [], timeout)
-        except InterruptedError:
-            pass
+        self.readable = self.streams.wait(timeout)
         self.step()
 
+    def due(self, name: str, now: float, every: float) -> bool:
+        """Whether `name`, done every `every` seconds, is due now (then it is due again `every` on)."""
+        if now < self.next_due.get(name, now):
+            return False
+        self.next_due[name] = now + every
+        return True
+
     def step(self) -> None:
-        self.drain_wake_pipe()
+        self.streams.drain()
         self.relay_stderr()
         self.handle_signals()
         now = self.clock()
         self.finish_reload(now)
-        self.reap_loaders(now)
+        if self.reap_due or self.due("reap", now, REAP_SWEEP_S):
+            self.reap_due = False
+            self.reap_loaders(now)
         self.supervise_mps(now)
         self.start_loaders(now)
         for loader in self.loaders.values():
             self.observe(loader, now)
-            loader.measure_rss()
-        self.check_heartbeats(now)
+        if self.due("rss", now, RSS_REFRESH_S):
+            for loader in self.loaders.values():
+                loader.measure_rss()
+        if self.due("heartbeats", now, self.policy.heartbeat_timeout / 10):
+            self.check_heartbeats(now)
         self.warn_overcommit()
         self.kill_overdue(now)
         self.restart_loaders(now)
         self.publish()
         self.send_commands()
         self.serve_commands()  # a warm-up started here goes out next step: the asker wakes us with its answer
-        self.warmups.note_progress(self.answers.compose()[0])
         self.publish()
-        self.notifier.status(self.status_line())
+        mps_down = self.mps is not None and not self.mps.healthy
+        if self.changed or mps_down != self.last_mps_down:  # composing costs by the clients: only then
+            self.warmups.note_progress(self.answers.compose()[0])
+            self.notifier.status(self.status_line())  # publishes what note_progress changed first
+            self.changed, self.last_mps_down = False, mps_down
         if self.notifier.watchdog_due(now):
             self.notifier.ping_watchdog(now)
-
-    def drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def handle_signals(self) -> None:
         while self.signals:
             signum = self.signals.pop(0)
-            if signum in (signal.SIGTERM, signal.SIGINT):
+            if signum == signal.SIGCHLD:
+                self.reap_due = True
+            elif signum in (signal.SIGTERM, signal.SIGINT):
                 log.info(kv("stopping", signal=signal.Signals(signum).name))
                 self.stopping = True
             elif signum == signal.SIGHUP and self.reloads.begin(self.config):
                 self.notifier.reloading()
 
     def relay_stderr(self) -> None:
-        for loader in self.all_loaders():
+        """Only the loaders the last wait found something from; a closed stderr means an exit to reap."""
+        for loader in self.readable:
             if loader.state in states.ALIVE:
                 for line in loader.read_stderr():
                     relay_line(loader_log, line)
+                if loader.stderr_eof:
+                    self.streams.unwatch(loader)  # else the loop would wake for it until it is reaped
+                    self.reap_due = True
+        self.readable = []
 
     def publish(self) -> None:
         """Hand HTTP threads what they may read, as one reference swap (only when it changed)."""
-        snapshot = Snapshot(self.config, tuple(
-            LoaderRecord(l.client, l.slot, l.state, l.pid, l.restarts, l.last_exit, l.fatal_reason, l.rss_bytes)
-            for l in self.loaders.values()), self.warmups.current, self.stopping)
-        if snapshot != self.answers.snapshot:
-            self.answers.publish(snapshot)
+        if self.answers.publish_loop(self.config, self.loaders.values(), self.warmups.current, self.stopping):
+            self.changed = True
 
     def serve_commands(self) -> None:
         """Answer what HTTP threads queued (see answers.Answers.ask)."""
@@ -209,6 +220,7 @@ class Arbiter:
             loader_env(self.config, client, self.mps and self.mps.settings_in_force(), self.gpu_count), self.policy,
             spawner=self.spawner)
         loader.spawn(now)
+        self.streams.watch(loader)
         log.info(kv("loader started", client=client, pid=loader.pid, **({"reason": reason} if reason else {})))
 
     def reap_loaders(self, now: float) -> None:
@@ -220,6 +232,7 @@ class Arbiter:
             self.free_slots.give_back(loader.slot)
 
     def judge_exit(self, loader: LoaderProcess, wait_status: int, now: float) -> None:
+        self.streams.unwatch(loader)
         for line in loader.read_stderr():
             relay_line(loader_log, line)
         pid, loading = loader.pid, []
@@ -254,20 +267,15 @@ class Arbiter:
 
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
-            if loader.state != states.RUNNING or loader.kill_reason is not None:
-                continue  # killed already: a large process can take a few ticks to be reaped
-            published = loader.published(self.reader)
-            idle = loader.idle_for(published.heartbeat if published is not None else None, now, loader.cpu_seconds)
-            if idle > self.policy.heartbeat_timeout:
+            if (idle := loader.heartbeat_lost(self.reader, now)) is not None:
                 log.error(kv("loader heartbeat lost; killing it", client=loader.client, pid=loader.pid,
                              silent_s=round(idle, 1)))
                 loader.kill(f"heartbeat lost: silent for {idle:.1f} s")
 
     def restart_loaders(self, now: float) -> None:
         for loader in self.loaders.values():
-            if loader.state == states.BACKOFF and now >= loader.restart_at:
-                loader.spawn(now)
-                loader.restarts += 1
+            if loader.restart_if_due(now):
+                self.streams.watch(loader)
                 log.info(kv("loader restarted", client=loader.client, pid=loader.pid, restarts=loader.restarts))
 
     def send_commands(self) -> None:
@@ -276,9 +284,7 @@ class Arbiter:
             return
         for loader in self.loaders.values():
             if loader.state in (states.STARTING, states.RUNNING) and loader.sent_generation < generation:
-                command = LoadCommand(generation, self.warmups.current.refresh,
-                                      failed=self.warmups.failed_for(loader.client))
-                if loader.send(encode_command(command)):
+                if loader.send(self.warmups.command_for(loader.client)):
                     loader.sent_generation = generation
 
     def start_warmup(self, refresh: bool) -> None:
@@ -286,18 +292,24 @@ class Arbiter:
         FATAL loaders another try, at once."""
         self.warmups.start(refresh, list(self.config.clients))
         for loader in self.loaders.values() if refresh else ():
-            if loader.state == states.FATAL:
-                loader.reset()
-                loader.to(states.BACKOFF)
-                loader.restart_at = self.clock()
+            loader.retry_if_fatal(self.clock())
 
     def observe(self, loader: LoaderProcess, now: float) -> None:
         """Promote a loader that has been up `startsecs` or finished a warm-up; a finished
-        warm-up also proves it healthy, so its next death restarts at the shortest delay."""
-        done = finished(loader.published(self.reader), self.warmups.generation)
+        warm-up also proves it healthy, so its next death restarts at the shortest delay. Only
+        a loader with news is looked at (see LoaderProcess.has_news): an idle tick costs little."""
+        generation = self.warmups.generation
+        if (news := loader.has_news(self.reader, generation)) is None:
+            return
+        self.changed |= news
+        done = finished(loader.published(self.reader), generation)
         if loader.promote_if_started(now, done):
             log.info(kv("loader running", client=loader.client, pid=loader.pid))
+            loader.measure_rss()
         if done:
+            if loader.finished_generation != generation:
+                loader.measure_rss()  # what it holds with its models loaded
+            loader.finished_generation = generation
             loader.deaths.clear()
             self.warmups.loader_finished(loader.client)
 
@@ -305,32 +317,23 @@ class Arbiter:
 
     def retire(self, loader: LoaderProcess, now: float) -> None:
         """Stop a loader the configuration no longer wants; the loop reaps it and frees its slot."""
-        self.stop_loader(loader, now)
+        loader.stop_or_end(now)
         if loader.state == states.STOPPING:
             self.retiring.append(loader)
         else:
             self.free_slots.give_back(loader.slot)
 
-    def stop_loader(self, loader: LoaderProcess, now: float) -> None:
-        """TERM a live loader (kill_overdue KILLs it after stop_grace); a dead one is just STOPPED."""
-        if loader.state in (states.STARTING, states.RUNNING):
-            loader.stop(now)
-        elif loader.state in (states.BACKOFF, states.FATAL):
-            loader.to(states.STOPPED)
-
     def kill_overdue(self, now: float) -> None:
         for loader in self.all_loaders():
-            if loader.state == states.STOPPING and now >= loader.stop_deadline:
-                log.warning(kv("loader did not stop in time; killing it", client=loader.client, pid=loader.pid))
-                loader.signal(signal.SIGKILL)
-                loader.stop_deadline = float("inf")
+            if loader.kill_if_overdue(now):
+                log.warning(kv("loader did not stop in time; killed it", client=loader.client, pid=loader.pid))
 
     def shutdown(self) -> None:
         """Stop every loader as a reload would, wait for them, free the segment, quit MPS."""
         self.notifier.stopping()
         self.stopping = True
         for loader in self.loaders.values():
-            self.stop_loader(loader, self.clock())
+            loader.stop_or_end(self.clock())
         self.publish()
         give_up = time.monotonic() + self.policy.stop_grace + KILL_WAIT_S
         while any(l.state == states.STOPPING for l in self.all_loaders()):
@@ -341,6 +344,7 @@ class Arbiter:
             self.reap_loaders(self.clock())
             self.kill_overdue(self.clock())
         self.answers.close()
+        self.streams.close()
         if self.sampler is not None:
             self.sampler.stop()
         self.segment.close()
@@ -388,8 +392,7 @@ class Arbiter:
     def status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status` shows an operator at a glance."""
         self.publish()
-        return status.status_line(self.answers.compose()[0], self.warmups.generation,
-                                  self.mps is not None and not self.mps.healthy)
+        return self.answers.status_line(self.warmups.generation, self.mps is not None and not self.mps.healthy)
 
     def sampler_owners(self):
         return self.answers.sampler_owners()  # the sampler is made before the answers it reads

@@ -1,6 +1,7 @@
 """One loader process per client: spawn, exit handling, restart backoff."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import psutil
 
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WARMING_UP, LoaderState
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:
@@ -97,6 +101,9 @@ class LoaderProcess:
     stderr_tail: bytes = b""
     last_line: str | None = None
     rss_bytes: int | None = None
+    seen_seq: int | None = None  # the slot's sequence number when the loop last looked at it
+    finished_generation: int | None = None  # the warm-up this run was seen finish: its slot tells no more
+    stderr_eof: bool = False  # this run's stderr reached its end: no more to wait for there
     deaths: deque = field(default_factory=deque)
     failed_starts: deque = field(default_factory=deque)
     spawner: Spawner = PROCESSES
@@ -124,6 +131,8 @@ class LoaderProcess:
         self.kill_reason = None
         self.last_heartbeat = None
         self.cpu_seen = self.last_busy = None
+        self.seen_seq, self.finished_generation, self.stderr_eof = None, None, False
+        self.rss_bytes = None
 
     def send(self, line: bytes) -> bool:
         """Write one command line; False if the loader is gone or its pipe is full."""
@@ -155,6 +164,26 @@ class LoaderProcess:
         self.cpu_seen = used
         return silent if self.last_busy is None else min(silent, now - self.last_busy)
 
+    def heartbeat_lost(self, reader, now: float) -> float | None:
+        """The seconds a RUNNING run has been silent, when past the timeout; else None."""
+        if self.state != states.RUNNING or self.kill_reason is not None:
+            return None  # killed already: a large process can take a few ticks to be reaped
+        published = self.published(reader)
+        idle = self.idle_for(published.heartbeat if published is not None else None, now, self.cpu_seconds)
+        return idle if idle > self.policy.heartbeat_timeout else None
+
+    def has_news(self, reader, generation: int) -> bool | None:
+        """Whether its slot was written since the loop last looked (one sequence check); False for a
+        STARTING run, whose promotion is also by time; None when there is nothing to look at: no new
+        words, or this run was seen finish `generation` (its heartbeats are read at their own cadence)."""
+        if self.state == states.RUNNING and self.finished_generation == generation:
+            return None
+        seq = reader.peek(self.slot)
+        if seq != self.seen_seq:
+            self.seen_seq = seq
+            return True
+        return False if self.state == states.STARTING else None
+
     def cpu_seconds(self) -> float | None:
         try:
             times = psutil.Process(self.proc.pid).cpu_times()
@@ -183,6 +212,36 @@ class LoaderProcess:
         self.to(states.STOPPING)
         self.signal(signal.SIGTERM)
         self.stop_deadline = now + self.policy.stop_grace
+
+    def stop_or_end(self, now: float) -> None:
+        """TERM a live run (kill_if_overdue KILLs it after stop_grace); a dead one is just STOPPED."""
+        if self.state in (states.STARTING, states.RUNNING):
+            self.stop(now)
+        elif self.state in (states.BACKOFF, states.FATAL):
+            self.to(states.STOPPED)
+
+    def kill_if_overdue(self, now: float) -> bool:
+        """SIGKILL a run that has not stopped within stop_grace of its TERM; whether it did."""
+        if self.state != states.STOPPING or now < self.stop_deadline:
+            return False
+        self.signal(signal.SIGKILL)
+        self.stop_deadline = float("inf")
+        return True
+
+    def restart_if_due(self, now: float) -> bool:
+        """Start the next run once the backoff delay has passed; whether it did."""
+        if self.state != states.BACKOFF or now < self.restart_at:
+            return False
+        self.spawn(now)
+        self.restarts += 1
+        return True
+
+    def retry_if_fatal(self, now: float) -> None:
+        """An operator asked for another try: a FATAL loader restarts at once, its failures forgotten."""
+        if self.state == states.FATAL:
+            self.reset()
+            self.to(states.BACKOFF)
+            self.restart_at = now
 
     def promote_if_started(self, now: float, finished_warmup: bool) -> bool:
         """RUNNING after `startsecs` up, or sooner once it has finished a warm-up: it clearly booted."""
@@ -244,13 +303,15 @@ class LoaderProcess:
         return [m.model for m in published.models if m.status == LOADING]
 
     def measure_rss(self) -> None:
-        """Resident memory of the live loader (read by the loop, served by HTTP)."""
+        """Resident memory of the live loader (read by the loop, served by HTTP): one read of
+        /proc/PID/statm, its second field in pages (what psutil reads, without a Process object)."""
         if self.pid is None:
             self.rss_bytes = None
             return
         try:
-            self.rss_bytes = psutil.Process(self.pid).memory_info().rss
-        except psutil.Error:
+            with open(f"/proc/{self.pid}/statm", "rb") as statm:
+                self.rss_bytes = int(statm.read().split()[1]) * PAGE_SIZE
+        except (OSError, IndexError, ValueError):
             self.rss_bytes = None
 
     def read_stderr(self) -> list[str]:
@@ -261,6 +322,7 @@ class LoaderProcess:
             return []
         if data is None:
             return []
+        self.stderr_eof = not data
         if data:
             *lines, self.stderr_tail = (self.stderr_tail + data).split(b"\n")
         else:
@@ -269,3 +331,53 @@ class LoaderProcess:
         if text:
             self.last_line = text[-1]
         return text
+
+
+class Streams:
+    """What the loop waits on: its own wake pipe and every live loader's stderr, in one epoll set (no
+    descriptor limit as with select, nothing rebuilt per wait). A wait says which loaders wrote to
+    stderr or closed it."""
+
+    def __init__(self):
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # signals and HTTP threads wake us
+        self.poller = select.epoll()
+        self.poller.register(self.wake_r, select.EPOLLIN)
+        self.watched: dict[int, LoaderProcess] = {}  # stderr fd -> its loader
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"w")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def watch(self, loader: LoaderProcess) -> None:
+        fd = loader.proc.stderr.fileno()
+        self.watched[fd] = loader
+        self.poller.register(fd, select.EPOLLIN)
+
+    def unwatch(self, loader: LoaderProcess) -> None:
+        """Before its stderr is closed; or at its end, else every wait would return at once."""
+        try:
+            fd = loader.proc.stderr.fileno()
+        except ValueError:
+            return  # closed already: epoll forgot it
+        if self.watched.get(fd) is loader:
+            del self.watched[fd]
+            self.poller.unregister(fd)
+
+    def wait(self, timeout: float) -> list[LoaderProcess]:
+        try:
+            events = self.poller.poll(timeout)
+        except InterruptedError:
+            return []
+        return [loader for fd, _ in events if (loader := self.watched.get(fd)) is not None]
+
+    def close(self) -> None:
+        self.poller.close()

@@ -82,47 +82,91 @@ def client_progress(models: list[ModelProgress]) -> dict:
             "rate_bytes_per_s": rounded(rate), "eta_s": rounded(left / rate) if rate else None}
 
 
-def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
-    now = time.monotonic() if now is None else now
+@dataclass(frozen=True)
+class ClientPart:
+    """One client's share of /models/status, composed once per change of its view: everything but
+    its heartbeat age (which moves with the clock), as a dict and as JSON around that age."""
+
+    head: dict  # the keys before heartbeat_age_s
+    tail: dict  # progress and models, after it
+    head_json: bytes  # JSON of `head` without its closing brace
+    tail_json: bytes  # JSON of `tail` without its opening brace, after a comma
+    counts: tuple[int, int, int, int]  # pending, loading, ready, failed
+    errors: list
+    settled: bool
+
+
+def client_part(view: ClientView, generation: int) -> ClientPart:
+    models = effective_models(view)
     counts = {PENDING: 0, LOADING: 0, READY: 0, FAILED: 0}
-    errors, clients = [], {}
-    in_progress = False
-    for view in views:
-        models = effective_models(view)
-        for model in models:
-            counts[model.status] += 1
-            if model.status == FAILED:
-                errors.append({"agent": view.client, "model": model.model, "error": model.error})
-        settled = client_settled(view, warmup.generation)
-        in_progress |= not settled
-        clients[view.client] = {
-            "state": view.state,
-            "pid": view.pid,
-            "restarts": view.restarts,
-            "ready": warmup.generation > 0 and settled and all(m.status == READY for m in models),
-            "in_progress": not settled,
-            "last_exit": view.last_exit,
-            "error": view.fatal_reason,
-            "memory_limit_bytes": view.memory_limit_bytes,
-            "gpu_memory_bytes": view.gpu_memory_bytes,
-            "rss_bytes": view.rss_bytes,
-            "heartbeat_age_s": round(now - view.published.heartbeat, 3) if view.published else None,
-            "progress": client_progress(models),
-            "models": [model_detail(m) for m in models],
-        }
-    total = sum(counts.values())
-    return {
+    errors = []
+    for model in models:
+        counts[model.status] += 1
+        if model.status == FAILED:
+            errors.append({"agent": view.client, "model": model.model, "error": model.error})
+    settled = client_settled(view, generation)
+    head = {
+        "state": view.state,
+        "pid": view.pid,
+        "restarts": view.restarts,
+        "ready": generation > 0 and settled and all(m.status == READY for m in models),
+        "in_progress": not settled,
+        "last_exit": view.last_exit,
+        "error": view.fatal_reason,
+        "memory_limit_bytes": view.memory_limit_bytes,
+        "gpu_memory_bytes": view.gpu_memory_bytes,
+        "rss_bytes": view.rss_bytes,
+    }
+    tail = {"progress": client_progress(models), "models": [model_detail(m) for m in models]}
+    return ClientPart(head, tail, msgspec.json.encode(head)[:-1], b"," + msgspec.json.encode(tail)[1:],
+                      (counts[PENDING], counts[LOADING], counts[READY], counts[FAILED]), errors, settled)
+
+
+def heartbeat_age(heartbeat: float | None, now: float) -> float | None:
+    return round(now - heartbeat, 3) if heartbeat is not None else None
+
+
+def assemble(parts: list[tuple[str, ClientPart, float | None]], warmup: Warmup, now: float,
+             extra: dict | None = None) -> tuple[dict, bytes]:
+    """/models/status as a dict and as JSON from each client's part and its heartbeat (None when
+    nothing from its live loader was read); `extra` keys follow the clients. Only the totals and
+    the heartbeat ages are computed here, so a status costs by the clients that changed."""
+    pending = loading = ready = failed = 0
+    errors, in_progress = [], False
+    for _, part, _ in parts:
+        p, lo, r, f = part.counts
+        pending, loading, ready, failed = pending + p, loading + lo, ready + r, failed + f
+        errors += part.errors
+        in_progress |= not part.settled
+    total = pending + loading + ready + failed
+    top = {
         "in_progress": in_progress,
-        "all_ready": warmup.generation > 0 and not in_progress and counts[READY] == total,
-        "summary": {"total": total, "done": counts[READY], "failed": counts[FAILED],
-                    "loading": counts[LOADING], "pending": counts[PENDING]},
+        "all_ready": warmup.generation > 0 and not in_progress and ready == total,
+        "summary": {"total": total, "done": ready, "failed": failed, "loading": loading, "pending": pending},
         "errors": errors,
         "generation": warmup.generation,
         "refresh": warmup.refresh,
         "started_at": iso(warmup.started_at),
         "finished_at": iso(warmup.finished_at),
-        "clients": clients,
     }
+    clients, entries = {}, []
+    encode = msgspec.json.encode
+    for client, part, heartbeat in parts:
+        age = heartbeat_age(heartbeat, now)
+        clients[client] = {**part.head, "heartbeat_age_s": age, **part.tail}
+        entries.append(b"%s:%s,\"heartbeat_age_s\":%s%s" % (encode(client), part.head_json, encode(age), part.tail_json))
+    current = {**top, "clients": clients, **(extra or {})}
+    encoded = [encode(top)[:-1], b',"clients":{', b",".join(entries), b"}"]
+    for key, value in (extra or {}).items():
+        encoded += [b",", encode(key), b":", encode(value)]
+    return current, b"".join(encoded) + b"}"
+
+
+def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
+    now = time.monotonic() if now is None else now
+    parts = [(view.client, client_part(view, warmup.generation), view.published.heartbeat if view.published else None)
+             for view in views]
+    return assemble(parts, warmup, now)[0]
 
 
 def status_line(current: dict, generation: int, mps_down: bool) -> str:

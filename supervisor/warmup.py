@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.logs import kv
-from gpu_orchestrator.loaders.wire import IDLE, LoaderState
+from gpu_orchestrator.loaders.wire import IDLE, LoadCommand, LoaderState, encode_command
 
 log = logging.getLogger("supervisor")
 KILLS_TO_FAIL_A_MODEL = 3  # loader deaths while one model was loading before that model is failed, not retried
@@ -123,6 +123,11 @@ class Warmups:
         for client in clients:
             self.kills_while_loading.pop(client, None)
             self.failed_by_supervisor.pop(client, None)
+
+    def command_for(self, client: str) -> bytes:
+        """The current generation's command line for a client's loader."""
+        return encode_command(LoadCommand(self.current.generation, self.current.refresh,
+                                          failed=self.failed_for(client)))
 
     def failed_for(self, client: str) -> dict[str, str]:
         """The models the loader must report failed instead of loading."""

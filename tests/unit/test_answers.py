@@ -66,3 +66,32 @@ def test_a_loop_that_does_not_answer_a_preload_is_a_503_that_says_so(setup):
     answers.ask = lambda name, *args: (_ for _ in ()).throw(LoopDidNotAnswer("the supervision loop did not answer"))
     result = falcon.testing.TestClient(create_app(answers)).simulate_post("/models/preload")
     assert result.status_code == 503 and "did not answer" in result.json["description"]
+
+
+def test_a_client_part_is_composed_again_only_when_its_inputs_change(setup, monkeypatch):
+    """A heartbeat moves the age alone; new words in the slot, or a new record, compose the part anew."""
+    import msgspec
+
+    from gpu_orchestrator.supervisor import answers as answers_module
+    from gpu_orchestrator.supervisor import status
+
+    config, segment, spawner = setup
+    answers = Answers(config, segment, wake=lambda: None)
+    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
+    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
+    for slot, (model, proc) in enumerate(zip(("org/a1", "org/b1"), procs)):
+        publish(segment, slot, proc, 1, 1.0, **{model: "loading"})
+    answers.publish(Snapshot(config, records, Warmup(1)))
+    composed, client_part = [], status.client_part
+    monkeypatch.setattr(answers_module.status, "client_part",
+                        lambda view, generation: composed.append(view.client) or client_part(view, generation))
+    answers.models_status()
+    assert sorted(composed) == ["a", "b"]
+    publish(segment, 0, procs[0], 1, 2.0, **{"org/a1": "loading"})  # a heartbeat only
+    current, encoded = answers.compose()
+    assert sorted(composed) == ["a", "b"] and encoded == msgspec.json.encode(current)
+    publish(segment, 1, procs[1], 1, 3.0, **{"org/b1": READY})
+    assert answers.models_status()["clients"]["b"]["ready"] and composed[2:] == ["b"]
+    answers.publish(Snapshot(config, (records[0], LoaderRecord("b", 1, states.RUNNING, procs[1].pid, restarts=1)),
+                             Warmup(1)))
+    assert answers.models_status()["clients"]["b"]["restarts"] == 1 and composed[3:] == ["b"]

@@ -233,3 +233,40 @@ def test_failed_models_say_why_in_the_status(loop):
     current = arbiter.answers.models_status()
     assert not current["in_progress"] and current["summary"]["failed"] == 1
     assert arbiter.warmups.state == states.WARMUP_FINISHED
+
+
+def test_an_idle_tick_reads_no_slot_and_measures_no_memory_until_their_cadence(loop, monkeypatch):
+    """Once every loader was seen finish the warm-up, a tick costs by what changed: heartbeats
+    (which write the slots every interval) are read at the heartbeat cadence, RSS at its own."""
+    from gpu_orchestrator.supervisor import arbiter as arbiter_module
+    from gpu_orchestrator.supervisor.clients import LoaderProcess
+
+    clients = {f"c{i}": [f"org/m{i}"] for i in range(4)}
+    arbiter, segment, clock, spawner = loop(clients)
+    running(arbiter, clock)
+    for client, (model,) in clients.items():
+        publish(segment, arbiter.loaders[client].slot, spawner.latest(client), 1, clock.now, **{model: READY})
+    arbiter.tick(0)
+    assert arbiter.answers.models_status()["all_ready"] and arbiter.warmups.state == states.WARMUP_FINISHED
+    reads, measured, composed = [], [], []
+    read, measure, compose = arbiter.reader.read, LoaderProcess.measure_rss, arbiter.answers.compose
+    monkeypatch.setattr(arbiter.reader, "read", lambda slot: reads.append(slot) or read(slot))
+    monkeypatch.setattr(LoaderProcess, "measure_rss", lambda self: measured.append(self.client) or measure(self))
+    monkeypatch.setattr(arbiter.answers, "compose", lambda *a: composed.append(1) or compose(*a))
+    for _ in range(3):
+        clock.advance(0.1)
+        for client, (model,) in clients.items():  # heartbeats
+            publish(segment, arbiter.loaders[client].slot, spawner.latest(client), 1, clock.now, **{model: READY})
+        arbiter.tick(0)
+    assert reads == [] and measured == [] and composed == []
+    clock.advance(max(arbiter_module.RSS_REFRESH_S, POLICY.heartbeat_timeout / 10))
+    arbiter.tick(0)
+    assert sorted(measured) == sorted(clients) and len(reads) == len(clients) and composed == []
+
+
+def test_a_loader_whose_stderr_closes_is_reaped_at_once(loop):
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    spawner.latest("alpha").exit(1)
+    arbiter.tick(1.0)  # woken by the end of its stderr, not by the timeout
+    assert arbiter.loaders["alpha"].state == states.BACKOFF

@@ -214,3 +214,28 @@ def test_progress_has_the_rate_and_eta_of_the_model_being_read():
     assert (reading["rate_bytes_per_s"], reading["eta_s"]) == (200.0, 3.0)
     assert client["models"][0]["eta_s"] is None and client["models"][2]["rate_bytes_per_s"] is None
     assert client["progress"] == {"bytes": 500, "bytes_total": 1600, "rate_bytes_per_s": 200.0, "eta_s": 5.5}
+
+
+def test_the_json_is_the_dict_encoded_byte_for_byte():
+    """The JSON is spliced from each client's cached part and its heartbeat age: it must be what
+    encoding the whole dict would give, for every kind of client."""
+    import msgspec
+
+    from gpu_orchestrator.supervisor.status import assemble, client_part
+
+    loading = ModelProgress("m2", status=LOADING, bytes_done=3, bytes_total=10, seconds=0.7)
+    views = [view("ready", published=LoaderState("ready", 10, 1, IDLE, 12.25, [ModelProgress("m1", status=READY)]),
+                  models=("m1",)),
+             view("läuft \"x\"", published=LoaderState("l", 10, 1, WARMING_UP, 99.0001, [ModelProgress("m1"), loading])),
+             view("fatal", state=states.FATAL, fatal="cannot boot: no store"),
+             view("failed", published=published(1, IDLE, READY, FAILED)),
+             view("unstarted", state=states.STOPPED)]
+    warmup = Warmup(generation=1, refresh=True, started_at=1.5)
+    parts = [(v.client, client_part(v, 1), v.published.heartbeat if v.published else None) for v in views]
+    current, encoded = assemble(parts, warmup, 100.0, {"mps": {"enabled": False, "error": "off"}})
+    assert encoded == msgspec.json.encode(current)
+    assert current == {**models_status(views, warmup, now=100.0), "mps": {"enabled": False, "error": "off"}}
+    assert current["clients"]["ready"]["heartbeat_age_s"] == 87.75
+    assert list(current["clients"]["fatal"]).index("heartbeat_age_s") == 10  # in its place, after rss_bytes
+    empty, encoded = assemble([], Warmup(), 0.0)
+    assert encoded == msgspec.json.encode(empty) and empty["clients"] == {}
