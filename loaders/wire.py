@@ -150,7 +150,7 @@ def decode_args(argv: list[str]) -> LoaderArgs:
         raise ArgsError(f"expected --client NAME --args JSON (as the supervisor writes them), got {argv!r}")
     try:
         args = msgspec.json.decode(argv[3], type=LoaderArgs)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeError) as exc:  # a byte that is not UTF-8 arrives as a surrogate
         raise ArgsError(f"--args: {exc}") from None
     if args.client != argv[1]:
         raise ArgsError(f"--client {argv[1]!r} and --args' client {args.client!r} differ")
@@ -171,9 +171,9 @@ def decode_command(line: bytes) -> LoadCommand:
 
 
 # ---- the HTTP API's answers, as its readers check them ------------------------------------------
-# supervisor/status.py composes these documents; tests/unit/test_answer_shapes.py holds the two
-# together. Fields a reader does not need may be absent (defaults), so an older orchestrator's
-# answer still passes; a state outside its Literal does not.
+# supervisor/status.py composes these documents; the end-to-end and telemetry tests convert live
+# answers to them, holding the two together. Fields a reader does not need may be absent
+# (defaults), so an older orchestrator's answer still passes; a state outside its Literal does not.
 
 class Failure(msgspec.Struct):
     agent: str

@@ -116,6 +116,17 @@ def _setting(name: str, overrides: dict, env: dict, default: Any = None) -> Any:
     return env.get(name, default)
 
 
+def loader_path(name: str, path: str) -> str:
+    """A path a loader gets in its JSON arguments. JSON carries text, so a path with a byte that is
+    not UTF-8 (Python holds it as a lone surrogate) cannot travel: refused here, not at each exec."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name}: {path!r} is not valid UTF-8, and a loader gets it as JSON text; "
+                          "rename the folder or point at it through a UTF-8 symlink") from None
+    return path
+
+
 def load_config(env: dict | None = None, overrides: dict | None = None) -> Config:
     """Build and validate the whole configuration. Raises ConfigError."""
     env = dict(os.environ if env is None else env)
@@ -145,13 +156,14 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
     if "{client}" not in service_pattern or "/" in service_pattern:
         raise ConfigError("GPU_ORCHESTRATOR_SERVICE_PATTERN: a systemd unit name pattern with {client} in it "
                           f"(e.g. '*@{{client}}.service' or 'inference-{{client}}.service'), got {service_pattern!r}")
+    hf_hub = None if strict else loader_path("HF_HUB_CACHE / HF_HOME", os.path.abspath(hf_hub_dir(env)))
     return Config(
         host=_setting("GPU_ORCHESTRATOR_HOST", overrides, env, DEFAULT_HOST),
         port=parse_port("GPU_ORCHESTRATOR_PORT", _setting("GPU_ORCHESTRATOR_PORT", overrides, env, DEFAULT_PORT)),
-        model_store_root=os.path.abspath(root),
+        model_store_root=loader_path("MODEL_STORE_ROOT", os.path.abspath(root)),
         base_model_dir=base_model_dir,
         strict_model_store=strict,
-        hf_hub=None if strict else os.path.abspath(hf_hub_dir(env)),  # a loader argument: never "-..."
+        hf_hub=hf_hub,  # absolute: a loader argument never starts with "-"
         enable_nvml=parse_bool("ENABLE_NVML", env.get("ENABLE_NVML", "false")),
         enable_mps=parse_bool("ENABLE_MPS", env.get("ENABLE_MPS", "false")),
         model_map_path=model_map_path,

@@ -1,8 +1,9 @@
 """SIGHUP: the configuration read off the loop, and what a new one changes.
 
-The loop asks `Reloads.begin` on SIGHUP, and each tick `Reloads.outcome` for the result; it then
-applies `diff` of the two configurations (start added clients, stop removed ones, replace changed
-ones) after `check_room` says the channel can hold them.
+The loop calls `Reloads.begin` on SIGHUP, which reads the files on a thread of its own, and each
+step `Reloads.finish`, which hands the new configuration, once read, to the loop's `apply`; that
+asks `plan` what changes (clients to start, stop or replace) and whether the channel's free slots
+can hold the new loaders, and applies it. A refused reload keeps the running configuration.
 """
 
 import logging

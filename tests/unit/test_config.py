@@ -186,3 +186,15 @@ def test_the_service_pattern_names_a_unit_with_the_client_in_it(tmp_path, store)
     for bad in ("justnews@analyst.service", "a/{client}.service"):
         with pytest.raises(ConfigError, match="GPU_ORCHESTRATOR_SERVICE_PATTERN"):
             load_config(config_for(tmp_path, store, {"a": ["x/y"]}, GPU_ORCHESTRATOR_SERVICE_PATTERN=bad))
+
+
+def test_a_store_path_that_is_not_utf8_is_refused_at_start(tmp_path, store):
+    # A loader gets its paths as JSON text: such a path once passed and then failed every exec.
+    odd = tmp_path / os.fsdecode(b"store-\xff")
+    odd.mkdir()
+    env = {**config_for(tmp_path, store, {"a": ["x/y"]}), "MODEL_STORE_ROOT": str(odd)}
+    with pytest.raises(ConfigError, match=r"MODEL_STORE_ROOT: .* is not valid UTF-8, and a loader gets it as JSON text"):
+        load_config(env)
+    env = {**config_for(tmp_path, store, {"a": ["x/y"]}), "HF_HOME": str(odd)}
+    with pytest.raises(ConfigError, match=r"HF_HUB_CACHE / HF_HOME: .* is not valid UTF-8"):
+        load_config(env)
