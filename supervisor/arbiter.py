@@ -48,7 +48,7 @@ class Arbiter:
         self.server = server
         self.notifier = notifier or Notifier()
         self.spawner, self.clock = spawner, clock
-        self.streams = Streams()
+        self.streams = Streams()  # what the loop waits on, its wake pipe included
         self.wake = self.streams.wake
         self.readable: list[LoaderProcess] = []  # loaders whose stderr has something, from the last wait
         self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
@@ -68,8 +68,7 @@ class Arbiter:
         self.stopping = False
         self.reap_due = True  # a child exited (SIGCHLD) or a loader's stderr closed
         self.next_due: dict[str, float] = {}  # what runs at a cadence -> when it is due next
-        self.changed = True  # a slot or a record changed since the warm-up and STATUS= were last judged
-        self.last_mps_down = False
+        self.changed, self.last_mps_down = True, False  # since the warm-up and STATUS= were last judged
 
     # ---- the loop ----------------------------------------------------------
 
@@ -113,7 +112,7 @@ class Arbiter:
         self.step()
 
     def due(self, name: str, now: float, every: float) -> bool:
-        """Whether `name`, done every `every` seconds, is due now (then it is due again `every` on)."""
+        """Whether `name`, done every `every` s, is due now (then again `every` s on); see next_timeout."""
         if now < self.next_due.get(name, now):
             return False
         self.next_due[name] = now + every
@@ -132,9 +131,8 @@ class Arbiter:
         self.start_loaders(now)
         for loader in self.loaders.values():
             self.observe(loader, now)
-        if self.due("rss", now, RSS_REFRESH_S):
-            for loader in self.loaders.values():
-                loader.measure_rss()
+        for loader in self.loaders.values() if self.due("rss", now, RSS_REFRESH_S) else ():
+            loader.measure_rss()
         if self.due("heartbeats", now, self.policy.heartbeat_timeout / 10):
             self.check_heartbeats(now)
         self.warn_overcommit()
@@ -165,14 +163,14 @@ class Arbiter:
 
     def relay_stderr(self) -> None:
         """Only the loaders the last wait found something from; a closed stderr means an exit to reap."""
-        for loader in self.readable:
+        readable, self.readable = self.readable, []
+        for loader in readable:
             if loader.state in states.ALIVE:
                 for line in loader.read_stderr():
                     relay_line(loader_log, line)
                 if loader.stderr_eof:
                     self.streams.unwatch(loader)  # else the loop would wake for it until it is reaped
                     self.reap_due = True
-        self.readable = []
 
     def publish(self) -> None:
         """Hand HTTP threads what they may read, as one reference swap (only when it changed)."""
@@ -204,8 +202,7 @@ class Arbiter:
         if self.booted or self.stopping or (self.mps is not None and not self.mps.settled):
             return
         self.booted = True
-        for client in self.config.clients:
-            self.spawn_loader(client, now)
+        self.spawn_loaders([self.new_loader(client) for client in self.config.clients], now)
         if self.config.preload and self.warmups.generation == 0:
             self.start_warmup(refresh=False)
         self.publish()
@@ -213,15 +210,19 @@ class Arbiter:
             self.sampler.start()  # after the loaders are published, so the first sample can attribute them
         self.notifier.ready(self.status_line())  # the socket listens since create_server
 
-    def spawn_loader(self, client: str, now: float, reason: str | None = None) -> None:
+    def new_loader(self, client: str) -> LoaderProcess:
         slot = self.free_slots.take()
-        loader = self.loaders[client] = LoaderProcess(
-            client, slot, loader_argv(self.config, client, self.segment.name, slot, self.policy),
-            loader_env(self.config, client, self.mps and self.mps.settings_in_force(), self.gpu_count), self.policy,
-            spawner=self.spawner)
-        loader.spawn(now)
-        self.streams.watch(loader)
-        log.info(kv("loader started", client=client, pid=loader.pid, **({"reason": reason} if reason else {})))
+        return LoaderProcess(client, slot, loader_argv(self.config, client, self.segment.name, slot, self.policy),
+                             loader_env(self.config, client, self.mps and self.mps.settings_in_force(), self.gpu_count),
+                             self.policy, spawner=self.spawner)
+
+    def spawn_loaders(self, loaders: list[LoaderProcess], now: float, reason: str | None = None) -> None:
+        """Start these loaders, none waiting on another's start (Spawner.popen_all)."""
+        for loader, proc in zip(loaders, self.spawner.popen_all([(l.command(), l.env) for l in loaders])):
+            self.loaders[loader.client] = loader
+            loader.begin(proc, now)
+            self.streams.watch(loader)
+            log.info(kv("loader started", client=loader.client, pid=loader.pid, **({"reason": reason} if reason else {})))
 
     def reap_loaders(self, now: float) -> None:
         for loader in self.all_loaders():
@@ -259,9 +260,11 @@ class Arbiter:
 
     def replace_loaders(self, clients: list[str], now: float, reason: str) -> None:
         """Stop these clients' loaders and start fresh ones (new environment, new slot)."""
-        for client in clients:
+        fresh = []
+        for client in clients:  # each takes a slot right after its predecessor's is given back, if it is
             self.retire(self.loaders.pop(client), now)
-            self.spawn_loader(client, now, reason)
+            fresh.append(self.new_loader(client))
+        self.spawn_loaders(fresh, now, reason)
         if clients:
             self.warmups.reopen()
 
@@ -371,8 +374,7 @@ class Arbiter:
         self.overcommit_checked = False
         if self.booted:  # else start_loaders starts the new configuration's clients
             self.replace_loaders(changes.changed, now, "its configuration changed")
-            for client in changes.added:
-                self.spawn_loader(client, now, "added")
+            self.spawn_loaders([self.new_loader(client) for client in changes.added], now, "added")
             if changes.added:
                 self.warmups.reopen()
         self.wake()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psutil
@@ -16,6 +17,7 @@ from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WARMING_UP,
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+SPAWN_THREADS = 16  # loader execs in flight at once at start (see Spawner.popen_all)
 
 
 def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:
@@ -74,6 +76,16 @@ class Spawner:
         return status if pid else None
 
 
+    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[subprocess.Popen]:
+        """popen each (command, env) with their execs overlapping: a popen returns once its child
+        has exec'd, on a busy machine after a wait to be scheduled, which one after the other would
+        add up per loader. The threads only wait here; the loop alone uses what they return."""
+        if len(requests) < 2:
+            return [self.popen(*request) for request in requests]
+        with ThreadPoolExecutor(min(SPAWN_THREADS, len(requests)), thread_name_prefix="spawn") as pool:
+            return list(pool.map(lambda request: self.popen(*request), requests))
+
+
 PROCESSES = Spawner()
 
 
@@ -115,9 +127,15 @@ class LoaderProcess:
     def to(self, new_state: str) -> None:
         self.state = states.check_transition(self.state, new_state)
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv]
+
     def spawn(self, now: float) -> None:
+        self.begin(self.spawner.popen(self.command(), self.env), now)
+
+    def begin(self, proc: subprocess.Popen, now: float) -> None:  # from spawn, or Spawner.popen_all
         self.to(states.STARTING)
-        self.started(self.spawner.popen([sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv], self.env), now)
+        self.started(proc, now)
 
     def started(self, proc: subprocess.Popen, now: float) -> None:
         """A new run began: forget everything that described the previous one."""
@@ -334,9 +352,8 @@ class LoaderProcess:
 
 
 class Streams:
-    """What the loop waits on: its own wake pipe and every live loader's stderr, in one epoll set (no
-    descriptor limit as with select, nothing rebuilt per wait). A wait says which loaders wrote to
-    stderr or closed it."""
+    """What the loop waits on: its wake pipe and every live loader's stderr in one epoll set (no fd
+    limit as with select, nothing rebuilt per wait); a wait says which loaders' stderr has news."""
 
     def __init__(self):
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # signals and HTTP threads wake us

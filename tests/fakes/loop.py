@@ -79,6 +79,9 @@ class FakeSpawner:
         self.procs.append(proc)
         return proc
 
+    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[FakeProc]:
+        return [self.popen(command, env) for command, env in requests]
+
     def signal(self, proc: FakeProc, signum: int) -> None:
         proc.signals.append(signum)
         if signum == signal.SIGKILL or (signum == signal.SIGTERM and not self.ignore_term):

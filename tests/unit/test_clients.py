@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -121,3 +122,34 @@ def test_a_loader_busy_in_one_long_call_is_not_idle_and_a_stopped_one_is():
     assert loader.idle_for(None, 175.0, lambda: 6.0) == 35.0  # past the timeout: the caller kills it
     assert loader.idle_for(174.0, 175.0, lambda: 1 / 0) == 1.0  # a heartbeat again: all forgotten
     assert loader.cpu_seen is None and loader.last_busy is None
+
+
+def test_popen_all_starts_every_process_in_order_and_each_can_be_reaped():
+    from gpu_orchestrator.supervisor.clients import PROCESSES
+
+    requests = [([sys.executable, "-c", f"import sys; sys.exit({code})"], dict(os.environ)) for code in range(5)]
+    procs = PROCESSES.popen_all(requests)
+    assert len({p.pid for p in procs}) == 5
+    assert [os.waitstatus_to_exitcode(PROCESSES.reap(p, block=True)) for p in procs] == list(range(5))
+    for proc in procs:
+        proc.stdin.close()
+        proc.stderr.close()
+
+
+def test_rss_is_read_from_proc_for_a_live_run_and_none_without_one():
+    loader = LoaderProcess("a", 0, [], {}, Policy())
+    loader.to(states.STARTING)
+    loader.started(subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                                    stderr=subprocess.PIPE), 0.0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the interpreter is still starting at first
+        loader.measure_rss()
+        if loader.rss_bytes > 1024 * 1024:
+            break
+        time.sleep(0.01)
+    assert loader.rss_bytes > 1024 * 1024
+    loader.proc.stdin.close()
+    loader.proc.wait()
+    loader.exited(0, 1.0)
+    loader.measure_rss()
+    assert loader.rss_bytes is None
