@@ -24,7 +24,7 @@ import msgspec
 
 from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, warm
 from gpu_orchestrator.loaders.channel import ChannelError, Segment, SlotWriter
-from gpu_orchestrator.loaders.lines import LineLog, kv
+from gpu_orchestrator.loaders.lines import LEVELS, LineLog, kv
 from gpu_orchestrator.loaders.store import ModelStore, StoreError
 from gpu_orchestrator.loaders.wire import (
     EXIT_CANNOT_BOOT,
@@ -159,6 +159,8 @@ class Loader:
         done = sum(m.status == READY for m in self.state.models)
         log.info(kv("warm-up finished", client=self.client, generation=command.generation,
                     ready=done, failed=len(self.state.models) - done))
+        if log.threshold > LEVELS["INFO"]:
+            os.write(2, b"\n")  # the line was held back: an empty one wakes the supervisor, which drops it
 
     def load(self, model: ModelProgress, used_bytes: int) -> None:
         model.status = LOADING

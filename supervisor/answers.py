@@ -104,13 +104,15 @@ class Answers:
     def publish_loop(self, config: Config, loaders, warmup: Warmup, stopping: bool) -> bool:
         """Publish the loop's state if it changed; whether it did. A loader's record is made anew only
         when one of its fields changed, so that composing tells an unchanged client by identity."""
-        records = []
+        records, kept_records = [], {}
         for l in loaders:
             fields = (l.client, l.slot, l.state, l.pid, l.restarts, l.last_exit, l.fatal_reason, l.rss_bytes)
             kept = self.records.get(l.client)
             if kept is None or kept[0] != fields:
-                kept = self.records[l.client] = (fields, LoaderRecord(*fields))
+                kept = (fields, LoaderRecord(*fields))
+            kept_records[l.client] = kept
             records.append(kept[1])
+        self.records = kept_records  # a removed client's is forgotten
         snapshot = Snapshot(config, tuple(records), warmup, stopping)
         if snapshot == self.snapshot:
             return False
