@@ -31,9 +31,9 @@ from gpu_orchestrator.supervisor.warmup import Warmups, finished, preload_answer
 log = logging.getLogger("supervisor")
 loader_log = logging.getLogger("loader")
 TICK = 1.0  # the longest the loop sleeps; what is due sooner (promotion, backoff, MPS) sets its own deadline
-# What the loop does for every loader, at a cadence rather than every tick, so that an idle tick
-# costs by what changed, not by how many clients there are:
-RSS_REFRESH_S = 5.0  # rss_bytes in /models/status is at most this old (also taken as a loader turns RUNNING)
+# Per loader at a cadence, not every tick, so that an idle tick costs by what changed, not by the clients:
+RSS_REFRESH_S = 10.0  # rss_bytes in /models/status is at most this old (also taken as a loader turns RUNNING)
+HEARTBEAT_CHECKS = 6  # per heartbeat_timeout: a silent loader is killed within 7/6 of the timeout
 REAP_SWEEP_S = 5.0  # waitpid for every loader; SIGCHLD or a loader's stderr closing reaps at once
 KILL_WAIT_S = 5.0  # at shutdown, past stop_grace: how long KILLed loaders may take to be reaped
 
@@ -133,7 +133,7 @@ class Arbiter:
             self.observe(loader, now)
         for loader in self.loaders.values() if self.due("rss", now, RSS_REFRESH_S) else ():
             loader.measure_rss()
-        if self.due("heartbeats", now, self.policy.heartbeat_timeout / 10):
+        if self.due("heartbeats", now, self.policy.heartbeat_timeout / HEARTBEAT_CHECKS):
             self.check_heartbeats(now)
         self.warn_overcommit()
         self.kill_overdue(now)

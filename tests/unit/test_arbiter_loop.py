@@ -259,7 +259,7 @@ def test_an_idle_tick_reads_no_slot_and_measures_no_memory_until_their_cadence(l
             publish(segment, arbiter.loaders[client].slot, spawner.latest(client), 1, clock.now, **{model: READY})
         arbiter.tick(0)
     assert reads == [] and measured == [] and composed == []
-    clock.advance(max(arbiter_module.RSS_REFRESH_S, POLICY.heartbeat_timeout / 10))
+    clock.advance(max(arbiter_module.RSS_REFRESH_S, POLICY.heartbeat_timeout / arbiter_module.HEARTBEAT_CHECKS))
     arbiter.tick(0)
     assert sorted(measured) == sorted(clients) and len(reads) == len(clients) and composed == []
 
