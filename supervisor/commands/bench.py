@@ -29,8 +29,7 @@ from gpu_orchestrator.loaders.wire import LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.commands import helptext
 from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 from gpu_orchestrator.supervisor.commands.harness import Orchestrator, wait
-from gpu_orchestrator.supervisor.commands.loadgen import (  # noqa: F401 (tests/faults/test_load.py imports the
-    against_ceiling, finish_load, percentile, start_load)    # load generator from here)
+from gpu_orchestrator.supervisor.commands.loadgen import against_ceiling, percentile
 
 CLIENTS = 48  # as the issue asks; --smoke uses 6 to stay a few seconds long
 

@@ -4,7 +4,7 @@ import time
 
 from support import SOAK, Orchestrator, add_model, write_config
 
-from gpu_orchestrator.supervisor.commands.bench import finish_load, start_load
+from gpu_orchestrator.supervisor.commands.loadgen import finish_load, start_load
 
 CLIENTS = 48
 

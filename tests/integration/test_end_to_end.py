@@ -34,7 +34,11 @@ def test_missing_model_then_fix_then_refresh(orchestrator, store):
     code, body = orchestrator.post("/models/preload", {"refresh": True})
     assert code == 202 and body["started"] is True and body["generation"] == status["generation"] + 1
     code, again = orchestrator.post("/models/preload", {"refresh": True})
-    assert code in (200, 202) and again["generation"] == body["generation"]  # nothing new started
+    # Nothing new starts while a warm-up runs; these models are small enough that the first may
+    # already have finished, and then a refresh rightly starts the next one. (The loop's own test,
+    # tests/unit/test_arbiter_loop.py, holds a warm-up open to check the first case every time.)
+    expected = body["generation"] + 1 if again["started"] else body["generation"]
+    assert code in (200, 202) and again["generation"] == expected
 
     status = orchestrator.wait_settled()
     assert status["all_ready"] is True and status["errors"] == []
