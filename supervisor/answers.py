@@ -7,6 +7,7 @@ request that must change something (POST /models/preload) becomes a `Command` on
 serves; the HTTP thread waits for the loop's answer, at most LOOP_ANSWER_S.
 """
 
+import itertools
 import os
 import queue
 import threading
@@ -91,7 +92,8 @@ class Answers:
         self.commands: queue.Queue[Command] = queue.Queue()
         self.lock = threading.Lock()  # the reader, the cache, and the segment's life (closed)
         self.cache: tuple | None = None
-        self.parts: dict[str, tuple] = {}  # client -> (inputs, slot words, its status.ClientPart)
+        self.parts: dict[str, tuple] = {}  # client -> (inputs, slot words, its ClientPart, slot sequence, version)
+        self.versions = itertools.count()
         self.records: dict[str, tuple] = {}  # the loop's: client -> (its fields, its LoaderRecord)
         self.closed = False
         self.started = time.time()
@@ -217,13 +219,17 @@ class Answers:
         """The sampler's last snapshot (the sampler guards it)."""
         return self.sampler.snapshot()[1] if self.sampler is not None else None
 
-    def compose(self, snapshot: Snapshot | None = None) -> tuple[dict, bytes]:
+    def compose(self, snapshot: Snapshot | None = None, fresh: bool = False) -> tuple[dict, bytes]:
         """/models/status as a dict and as JSON: the warm-up, each client, MPS.
 
-        The whole answer is reused while nothing it depends on has changed: the same snapshot,
-        no slot written, the same MPS state and sample, and at most STATUS_REUSE_S old (ages in
-        it are that stale at most). Else only the clients whose record, slot contents (beyond
-        the heartbeat) or sample changed are composed again (see client_parts).
+        An answer is reused, without looking at any slot, for the rest of its STATUS_REUSE_S window
+        while the loop has published nothing new and the MPS state and GPU sample are the same: a
+        loader's progress shows at most that late, and a request costs the same with 8 clients or
+        384. After that, a client's part is composed again only when its record, its GPU sample or
+        what its slot says beyond the heartbeat changed, its slot decoded only when its sequence
+        number moved (client_parts), and the answer assembled again only when a part changed:
+        heartbeats alone (every loader publishes one a second) do not, so ages are that stale too.
+        The loop asks `fresh`: it acts on what the slots say now, never on a window's answer.
         """
         snapshot = snapshot or self.snapshot
         report = self.mps_report() or status.mps_disabled(snapshot.config)
@@ -231,17 +237,19 @@ class Answers:
         with self.lock:
             self.check_open()
             now = time.monotonic()
-            peek = self.reader.peek
-            key = (id(snapshot), tuple(mps.values()), int(now / STATUS_REUSE_S),
-                   self.sampler.snapshot()[0] if self.sampler is not None else 0,
-                   tuple([peek(loader.slot) for loader in snapshot.loaders]))
+            window = (id(snapshot), tuple(mps.values()), int(now / STATUS_REUSE_S),
+                      self.sampler.snapshot()[0] if self.sampler is not None else 0)
+            if not fresh and self.cache is not None and self.cache[0][:4] == window:
+                return self.cache[2], self.cache[3]
+            parts, versions = self.client_parts(snapshot)
+            key = (*window, versions)
             if self.cache is None or self.cache[0] != key:
-                current, encoded = status.assemble(self.client_parts(snapshot), snapshot.warmup, now, {"mps": mps})
+                current, encoded = status.assemble(parts, snapshot.warmup, now, {"mps": mps})
                 self.cache = (key, snapshot, current, encoded)
             return self.cache[2], self.cache[3]
 
     def status_line(self, generation: int, mps_down: bool) -> str:
-        return status.status_line(self.compose()[0], generation, mps_down)
+        return status.status_line(self.compose(fresh=True)[0], generation, mps_down)
 
     def published(self, loader: LoaderRecord) -> LoaderState | None:
         """The loader's slot, only if the live process wrote it. Lock held."""
@@ -250,45 +258,57 @@ class Answers:
         message = self.reader.read(loader.slot)
         return message if message is not None and message.pid == loader.pid else None
 
-    def client_parts(self, snapshot: Snapshot) -> list[tuple[str, status.ClientPart, float | None]]:
+    def client_parts(self, snapshot: Snapshot) -> tuple[list[tuple[str, status.ClientPart, float | None]], tuple]:
         """Every configured client's part of the status and its heartbeat, those whose loader is not
-        started yet included: while start-up waits for the MPS daemon there are no loaders, and a
-        status without their clients would read as all ready. A part is kept while its inputs are
-        the same: the loader's record, the configuration, the generation, its GPU memory and what
-        its slot says beyond the heartbeat. Lock held."""
+        started yet included (while start-up waits for the MPS daemon there are no loaders, and a
+        status without their clients would read as all ready); and the parts' versions, which
+        change only when a part is composed again. A part is kept while its inputs are the same:
+        the loader's record, the configuration, the generation, its GPU memory and what its slot
+        says beyond the heartbeat; a slot whose sequence number has not moved is not read at all.
+        Lock held."""
         config, generation = snapshot.config, snapshot.warmup.generation
         telemetry = self.telemetry()
         gpu_memory = telemetry.clients if telemetry is not None and telemetry.nvml_supported else None
         kept, parts = {}, []
         for loader in snapshot.loaders:
-            published = self.published(loader)
             key = (loader, config, generation, gpu_memory.get(loader.client, 0) if gpu_memory is not None else None)
+            sequence = self.reader.peek(loader.slot)
             cached = self.parts.get(loader.client)
-            if cached is None or cached[0] != key or not same_progress(cached[1], published):
-                view = status.ClientView(
-                    client=loader.client, models=config.clients[loader.client], state=loader.state,
-                    pid=loader.pid, restarts=loader.restarts, last_exit=loader.last_exit,
-                    fatal_reason=loader.fatal_reason, memory_limit_bytes=config.memory_limit_bytes(loader.client),
-                    published=published, gpu_memory_bytes=key[3],
-                    rss_bytes=loader.rss_bytes if loader.pid is not None else None)
-                cached = (key, published, status.client_part(view, generation))
+            if cached is None or cached[0] != key or cached[3] != sequence:
+                published = self.published(loader)
+                if cached is None or cached[0] != key or not same_progress(cached[1], published):
+                    cached = (key, published, self.client_part(loader, config, generation, key[3], published),
+                              sequence, next(self.versions))
+                else:  # a heartbeat: the same part, its newer heartbeat
+                    cached = (key, published, cached[2], sequence, cached[4])
             kept[loader.client] = cached
-            parts.append((loader.client, cached[2], published.heartbeat if published is not None else None))
+            parts.append((loader.client, cached[2], cached[1].heartbeat if cached[1] is not None else None))
         started = {loader.client for loader in snapshot.loaders}
-        for client, models in config.clients.items():
+        for client in config.clients:
             if client in started:
                 continue
             key = (None, config, generation, None)
             cached = self.parts.get(client)
             if cached is None or cached[0] != key:
-                view = status.ClientView(client=client, models=models, state=states.STOPPED, pid=None, restarts=0,
-                                         last_exit=None, fatal_reason=None,
-                                         memory_limit_bytes=config.memory_limit_bytes(client), published=None)
-                cached = (key, None, status.client_part(view, generation))
+                cached = (key, None, self.client_part(None, config, generation, None, None, client), None,
+                          next(self.versions))
             kept[client] = cached
             parts.append((client, cached[2], None))
         self.parts = kept
-        return parts
+        return parts, tuple(kept[client][4] for client, _, _ in parts)
+
+    @staticmethod
+    def client_part(loader: LoaderRecord | None, config: Config, generation: int, gpu_memory: int | None,
+                    published: LoaderState | None, client: str | None = None) -> status.ClientPart:
+        """One client's part; `loader` None for a client whose loader is not started yet."""
+        client = loader.client if loader is not None else client
+        view = status.ClientView(
+            client=client, models=config.clients[client], state=loader.state if loader else states.STOPPED,
+            pid=loader.pid if loader else None, restarts=loader.restarts if loader else 0,
+            last_exit=loader.last_exit if loader else None, fatal_reason=loader.fatal_reason if loader else None,
+            memory_limit_bytes=config.memory_limit_bytes(client), published=published, gpu_memory_bytes=gpu_memory,
+            rss_bytes=loader.rss_bytes if loader is not None and loader.pid is not None else None)
+        return status.client_part(view, generation)
 
 
 def same_progress(before: LoaderState | None, now: LoaderState | None) -> bool:

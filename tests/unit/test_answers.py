@@ -83,6 +83,7 @@ def test_a_client_part_is_composed_again_only_when_its_inputs_change(setup, monk
         publish(segment, slot, proc, 1, 1.0, **{model: "loading"})
     answers.publish(Snapshot(config, records, Warmup(1)))
     composed, client_part = [], status.client_part
+    monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 1e-9)  # every call its own window: the parts' logic
     monkeypatch.setattr(answers_module.status, "client_part",
                         lambda view, generation: composed.append(view.client) or client_part(view, generation))
     answers.models_status()
@@ -95,3 +96,22 @@ def test_a_client_part_is_composed_again_only_when_its_inputs_change(setup, monk
     answers.publish(Snapshot(config, (records[0], LoaderRecord("b", 1, states.RUNNING, procs[1].pid, restarts=1)),
                              Warmup(1)))
     assert answers.models_status()["clients"]["b"]["restarts"] == 1 and composed[3:] == ["b"]
+
+
+def test_an_answer_is_reused_within_its_window_until_the_loop_publishes(setup, monkeypatch):
+    """Within STATUS_REUSE_S no slot is looked at (a request costs the same for 384 clients as for
+    8); a new snapshot from the loop, or the next window, shows what the slots say."""
+    from gpu_orchestrator.supervisor import answers as answers_module
+
+    config, segment, spawner = setup
+    answers = Answers(config, segment, wake=lambda: None)
+    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
+    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
+    publish(segment, 0, procs[0], 1, 1.0, **{"org/a1": "loading"})
+    answers.publish(Snapshot(config, records, Warmup(1)))
+    monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 3600.0)  # one window for the whole test
+    assert not answers.models_status()["clients"]["a"]["ready"]
+    publish(segment, 0, procs[0], 1, 2.0, **{"org/a1": READY})
+    assert not answers.models_status()["clients"]["a"]["ready"]  # the window's answer
+    answers.publish(Snapshot(config, records, Warmup(1)))
+    assert answers.models_status()["clients"]["a"]["ready"]
