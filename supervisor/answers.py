@@ -59,6 +59,7 @@ class Command:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+    cancelled: bool = False  # its asker stopped waiting: the loop must not act on it
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -96,6 +97,7 @@ class Answers:
         self.versions = itertools.count()
         self.records: dict[str, tuple] = {}  # the loop's: client -> (its fields, its LoaderRecord)
         self.closed = False
+        self.stopping = False  # shutdown began: no command is served any more
         self.started = time.time()
 
     # ---- the loop's side ---------------------------------------------------
@@ -127,6 +129,11 @@ class Answers:
             self.closed = True
         self.fail_queued()
 
+    def stop_taking_commands(self) -> None:
+        """Shutdown began: the loop serves no more commands; refuse new ones and those queued."""
+        self.stopping = True
+        self.fail_queued()
+
     def fail_queued(self) -> None:
         while True:
             try:
@@ -139,14 +146,17 @@ class Answers:
     def ask(self, name: str, *args, timeout: float = LOOP_ANSWER_S):
         """Queue a command, wake the loop and wait for its answer."""
         self.check_open()
+        if self.stopping:
+            raise ShuttingDown()
         command = Command(name, args)
         self.commands.put(command)
         self.wake()
         deadline = time.monotonic() + timeout
         while not command.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
-            if self.closed:
+            if self.closed or self.stopping:  # queued as shutdown began: nobody will serve it
                 raise ShuttingDown()
             if time.monotonic() >= deadline:
+                command.cancelled = True
                 raise LoopDidNotAnswer(f"the supervision loop did not answer within {timeout:g} s; "
                                        "it may be stuck: see the service's log, then retry or restart it")
         self.wake()  # the loop acts on what it answered (sends a new warm-up) once the answer is ours

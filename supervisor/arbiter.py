@@ -22,7 +22,7 @@ from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.launch import count_gpus, loader_argv, loader_env
 from gpu_orchestrator.supervisor.mps import MpsDaemon
 from gpu_orchestrator.supervisor.mps_control import MpsSettings
-from gpu_orchestrator.supervisor.reload import PendingReload, Reloads, plan  # noqa: F401 (PendingReload: tests')
+from gpu_orchestrator.supervisor.reload import Reloads, plan
 from gpu_orchestrator.supervisor.slots import FreeSlots
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import Sampler
@@ -56,7 +56,7 @@ class Arbiter:
         self.overcommit_checked = False  # per configuration, once the GPU memory is known
         self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
-        self.sampler = Sampler(telemetry_interval, self.sampler_owners) if config.enable_nvml else None
+        self.sampler = Sampler(telemetry_interval, lambda: self.answers.sampler_owners()) if config.enable_nvml else None
         self.free_slots = FreeSlots(segment.slots)
         self.loaders: dict[str, LoaderProcess] = {}  # made once MPS is up or known down
         self.retiring: list[LoaderProcess] = []  # removed or replaced by a reload, being stopped
@@ -181,6 +181,8 @@ class Arbiter:
         """Answer what HTTP threads queued (see answers.Answers.ask)."""
         while not self.answers.commands.empty():
             command = self.answers.commands.get_nowait()
+            if command.cancelled:  # its asker was told the loop did not answer: do not act on it now
+                continue
             try:
                 command.finish(getattr(self, f"command_{command.name}")(*command.args))
             except Exception as exc:  # the asking thread re-raises it; the loop goes on
@@ -335,13 +337,15 @@ class Arbiter:
         """Stop every loader as a reload would, wait for them, free the segment, quit MPS."""
         self.notifier.stopping()
         self.stopping = True
+        self.answers.stop_taking_commands()  # a preload now is answered 503 at once, not after the grace
         for loader in self.loaders.values():
             loader.stop_or_end(self.clock())
         self.publish()
         give_up = time.monotonic() + self.policy.stop_grace + KILL_WAIT_S
         while any(l.state == states.STOPPING for l in self.all_loaders()):
             if time.monotonic() >= give_up:
-                log.error(kv("loaders survived SIGKILL; leaving them", pids=[l.pid for l in self.all_loaders()]))
+                log.error(kv("loaders survived SIGKILL; leaving them",
+                             pids=[l.pid for l in self.all_loaders() if l.state == states.STOPPING]))
                 break
             time.sleep(0.05)
             self.reap_loaders(self.clock())
@@ -361,12 +365,13 @@ class Arbiter:
         """Start new clients, stop removed ones, restart changed ones, keep the rest."""
         if not self.reloads.finish(now, lambda new: self.apply_config(new, now)):
             return
-        self.notifier.ready(self.status_line())
+        # Before boot the loaders are not started: READY=1 comes once they are (start_loaders).
+        (self.notifier.ready if self.booted else self.notifier.status)(self.status_line())
         if self.reloads.take_again() and self.reloads.begin(self.config):
             self.notifier.reloading()
 
     def apply_config(self, new: Config, now: float):
-        changes = plan(self.config, new, self.segment, self.free_slots)
+        changes = plan(self.config, new, self.segment, self.free_slots, holding=self.loaders.keys())
         for client in changes.removed if self.booted else ():
             self.retire(self.loaders.pop(client), now)
         self.warmups.forget_kills(changes.removed + changes.changed)
@@ -379,8 +384,6 @@ class Arbiter:
                 self.warmups.reopen()
         self.wake()
         return changes
-
-    # ---- what the loop tells systemd and the log ------------------------------
 
     def warn_overcommit(self) -> None:
         """Once per configuration, as soon as the first NVML sample is in (when NVML is on)."""
@@ -395,6 +398,3 @@ class Arbiter:
         """systemd's STATUS=: what `systemctl status` shows an operator at a glance."""
         self.publish()
         return self.answers.status_line(self.warmups.generation, self.mps is not None and not self.mps.healthy)
-
-    def sampler_owners(self):
-        return self.answers.sampler_owners()  # the sampler is made before the answers it reads

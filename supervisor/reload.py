@@ -9,6 +9,7 @@ can hold the new loaders, and applies it. A refused reload keeps the running con
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from gpu_orchestrator.loaders.channel import Segment
@@ -120,8 +121,11 @@ def diff(old: Config, new: Config) -> Changes:
             new.clients[c] != old.clients[c] or new.allocations.get(c) != old.allocations.get(c))])
 
 
-def plan(old: Config, new: Config, segment: Segment, free: FreeSlots) -> Changes:
-    """What `new` changes, or ConfigError when the channel cannot hold its new loaders."""
+def plan(old: Config, new: Config, segment: Segment, free: FreeSlots, holding: Collection[str]) -> Changes:
+    """What `new` changes, or ConfigError when the channel cannot hold its new loaders: those of
+    added and changed clients, and of every client not `holding` a slot yet (before the loaders
+    are first started, after a reload during the MPS daemon's start, that is all of them)."""
     changes = diff(old, new)
-    check_room(segment, free, [len(new.clients[c]) for c in changes.added + changes.changed], new.model_map_path)
+    needing = [c for c in new.clients if c in changes.added or c in changes.changed or c not in holding]
+    check_room(segment, free, [len(new.clients[c]) for c in needing], new.model_map_path)
     return changes

@@ -87,6 +87,10 @@ def test_cannot_boot_exits_78_with_the_reason(segment, tmp_path):
       '"store_root": "/"}'], b"Expected `int` >= 0"),
     (["--client", "d", "--args", msgspec.json.encode(LoaderArgs(client="c", segment="s", slot=0, store_root="/"))],
      b"differ"),
+    (["--client", "c", "--args", '{"type": "loader-args", "client": "c", "segment": "s\\u0000x", "slot": 0, '
+      '"store_root": "/"}'], b"null byte"),
+    (["--client", "c", "--args", '{"type": "loader-args", "client": "c", "segment": "s", "slot": 0, '
+      '"store_root": "/\udcff"}'], b"--args: "),
 ])
 def test_arguments_not_as_the_supervisor_writes_them_exit_78_saying_what_is_wrong(args, said):
     proc = start_loader_with([sys.executable, "-m", "gpu_orchestrator.loaders", *args])

@@ -7,7 +7,7 @@ import threading
 import pytest
 from support import Orchestrator, add_model, wait_for, write_config
 
-from gpu_orchestrator.supervisor.arbiter import PendingReload
+from gpu_orchestrator.supervisor.reload import PendingReload
 from gpu_orchestrator.supervisor.config import ConfigError
 from gpu_orchestrator.supervisor.mps import process_alive
 

@@ -270,3 +270,78 @@ def test_a_loader_whose_stderr_closes_is_reaped_at_once(loop):
     spawner.latest("alpha").exit(1)
     arbiter.tick(1.0)  # woken by the end of its stderr, not by the timeout
     assert arbiter.loaders["alpha"].state == states.BACKOFF
+
+
+class StartingMps:
+    """An MPS daemon still starting: loaders must wait for it, so the loop has not booted."""
+
+    healthy = settled = False
+    settings = None
+
+    def supervise(self, now):
+        return False
+
+    def next_deadline(self):
+        return None
+
+    def settings_in_force(self):
+        return None
+
+    def report(self):
+        return {"enabled": True, "managed": True, "restarts": 0, "error": None, "servers": [], "control_pid": None,
+                "pipe_dir": "/tmp/nvidia-mps"}
+
+    def stop(self, grace):
+        pass
+
+
+def test_a_reload_while_mps_starts_is_refused_when_the_channel_cannot_hold_every_client(loop, tmp_path, caplog):
+    # Before the loaders first start no client holds a slot: all of the new map's need one. Counting
+    # only the added ones once accepted a map the channel could not hold, and start-up then died.
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"], "beta": ["org/b1"]})
+    arbiter.mps = arbiter.answers.mps = StartingMps()
+    sent = []
+    arbiter.notifier.ready = lambda text: sent.append(("READY", text))
+    arbiter.notifier.status = lambda text: sent.append(("STATUS", text))
+    arbiter.tick(0)
+    assert not arbiter.booted and spawner.procs == []
+    for count, accepted in ((segment.slots + 1, False), (segment.slots, True)):
+        new, read = make_config(tmp_path, {f"c{i}": [f"org/m{i}"] for i in range(count)}), threading.Event()
+        arbiter.reloads.read = lambda config, new=new, read=read: read.set() or new
+        arbiter.signals.append(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not (read.is_set() and arbiter.reloads.pending is None) and time.monotonic() < deadline:
+            arbiter.tick(0.05)
+        assert (arbiter.config is new) is accepted and not arbiter.booted and spawner.procs == []
+    assert f"{segment.slots + 1} new or changed clients exceed the {segment.slots} free channel slots" in caplog.text
+    # READY=1 only once the loaders run: a reload before that tells systemd its status alone.
+    assert sent and all(kind == "STATUS" for kind, _ in sent)
+    arbiter.mps.healthy = arbiter.mps.settled = True
+    arbiter.tick(0)
+    assert arbiter.booted and len(spawner.procs) == segment.slots
+
+
+def test_a_refresh_while_a_warm_up_runs_starts_nothing_new(loop):
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    assert arbiter.warmups.generation == 1 and arbiter.warmups.state == states.WARMUP_IN_PROGRESS
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(arbiter.answers.request_preload(True)))
+    asking.start()
+    serve_until_done(arbiter, asking)
+    code, body = answers[0]
+    assert code == 202 and not body["started"] and body["generation"] == 1
+    assert [c["generation"] for c in spawner.latest("alpha").commands()] == [1]
+
+
+def test_a_preload_during_shutdown_is_refused_at_once_and_one_given_up_on_is_not_acted_on(loop):
+    from gpu_orchestrator.supervisor.answers import ShuttingDown
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]}, preload=False)
+    running(arbiter, clock)
+    with pytest.raises(TimeoutError):  # nobody steps the loop: the asker gives up
+        arbiter.answers.ask("preload", False, timeout=0.2)
+    arbiter.tick(0)  # the loop finds the abandoned command and leaves it
+    assert arbiter.warmups.generation == 0 and spawner.latest("alpha").commands() == []
+    arbiter.answers.stop_taking_commands()
+    with pytest.raises(ShuttingDown):
+        arbiter.answers.request_preload(False)
