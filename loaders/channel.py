@@ -293,3 +293,11 @@ class SlotReader:
             self._last[index] = (seq, message)
             return message
         return last[1] if last is not None else None
+
+    def read_written_by(self, index: int, pid: int | None):
+        """The slot's message only if process `pid` wrote it (its `pid` field says so): a slot
+        keeps what an earlier writer left there, which must never speak for the process now."""
+        if pid is None:
+            return None
+        message = self.read(index)
+        return message if message is not None and message.pid == pid else None

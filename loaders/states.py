@@ -2,7 +2,7 @@
 states.py. No project imports. A move goes through `check_transition(current, new, machine)`, so an
 illegal one fails loudly where it happens instead of leaving a record no code expects.
 
-Loader process (TRANSITIONS, for compatibility LOADER):
+Loader process (TRANSITIONS):
 STOPPED  not running and not wanted (before the first start, after a stop)
 STARTING spawned, not yet up for `startsecs`
 RUNNING  up for at least `startsecs`
@@ -41,7 +41,6 @@ TRANSITIONS = {
     STOPPING: {STOPPED},
     FATAL: {BACKOFF, STOPPED},
 }
-LOADER = TRANSITIONS
 
 ALIVE = {STARTING, RUNNING, STOPPING}
 

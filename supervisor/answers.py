@@ -263,10 +263,7 @@ class Answers:
 
     def published(self, loader: LoaderRecord) -> LoaderState | None:
         """The loader's slot, only if the live process wrote it. Lock held."""
-        if loader.pid is None:
-            return None
-        message = self.reader.read(loader.slot)
-        return message if message is not None and message.pid == loader.pid else None
+        return self.reader.read_written_by(loader.slot, loader.pid)
 
     def client_parts(self, snapshot: Snapshot) -> tuple[list[tuple[str, status.ClientPart, float | None]], tuple]:
         """Every configured client's part of the status and its heartbeat, those whose loader is not

@@ -15,7 +15,6 @@ import psutil
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WARMING_UP, LoaderState
 
-
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SPAWN_THREADS = 16  # loader execs in flight at once at start (see Spawner.popen_all)
 
@@ -308,10 +307,7 @@ class LoaderProcess:
 
     def published(self, reader) -> LoaderState | None:
         """What this run wrote to its slot (`reader`: a SlotReader of the channel); None if nothing."""
-        if self.pid is None:
-            return None
-        message = reader.read(self.slot)
-        return message if message is not None and message.pid == self.pid else None
+        return reader.read_written_by(self.slot, self.pid)
 
     def models_loading(self, reader) -> list[str]:
         """The models this live loader says it is loading right now."""

@@ -16,7 +16,7 @@ from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.config import Config, GiB, GpuMemory
 from gpu_orchestrator.supervisor.telemetry import Telemetry
-from gpu_orchestrator.supervisor.warmup import Warmup, finished  # noqa: F401 (Warmup: callers' name for it)
+from gpu_orchestrator.supervisor.warmup import Warmup, finished
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, WARMI
 from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.config import load_config
 from gpu_orchestrator.supervisor.telemetry import GpuProcess, GpuSample, Telemetry
+from gpu_orchestrator.supervisor.warmup import Warmup
 
 GB, GiB, MiB = 1000**3, 1024**3, 1024**2
 MISSING = ("model org/reranker-large not found for client synthesizer (STRICT_MODEL_STORE=1: the Hugging Face "
@@ -87,7 +88,7 @@ class WarmingHost:
             memory_limit_bytes=self.config.memory_limit_bytes(client),
             published=LoaderState(client, PIDS[client], 2, WARMING_UP, now, models),
             gpu_memory_bytes=self.telemetry.clients[client], rss_bytes=180 * MiB) for client, models in MODELS.items()]
-        self.warmup = status.Warmup(generation=2, started_at=time.time() - 16)
+        self.warmup = Warmup(generation=2, started_at=time.time() - 16)
 
     def models_status(self):
         return status.models_status(self.views, self.warmup)

@@ -7,9 +7,9 @@ import threading
 import pytest
 from support import Orchestrator, add_model, wait_for, write_config
 
-from gpu_orchestrator.supervisor.reload import PendingReload
 from gpu_orchestrator.supervisor.config import ConfigError
 from gpu_orchestrator.supervisor.mps import process_alive
+from gpu_orchestrator.supervisor.reload import PendingReload
 
 
 def test_a_read_that_hangs_gives_up_with_a_reason_and_never_blocks_the_caller():

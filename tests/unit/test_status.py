@@ -17,7 +17,8 @@ from gpu_orchestrator.loaders.wire import (
     LoaderState,
     ModelProgress,
 )
-from gpu_orchestrator.supervisor.status import ClientView, Warmup, models_status
+from gpu_orchestrator.supervisor.status import ClientView, models_status
+from gpu_orchestrator.supervisor.warmup import Warmup
 
 
 def view(client="a", state=states.RUNNING, published=None, models=("m1", "m2"), fatal=None):
