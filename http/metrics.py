@@ -132,7 +132,7 @@ def client_families(status: dict):
     models_failed = gauge("client_models_failed", "Models failed", ["client"])
     restarts = CounterMetricFamily(PREFIX + "loader_restarts", "Loader restarts", labels=["client"])
     state = gauge("loader_state", "1 for the loader's current state", ["client", "state"])
-    rss = gauge("loader_rss_bytes", "Resident memory of the client's loader", ["client"])
+    rss = gauge("loader_rss_bytes", "Resident memory of the client's loader (read every 10 s)", ["client"])
     warmup = gauge("model_warmup_seconds", "Seconds the model's last warm-up took", ["client", "model"])
     model_ready = gauge("model_ready", "1 when the model is ready", ["client", "model"])
     model_bytes = gauge("model_bytes", "Bytes of the model's snapshot", ["client", "model"])

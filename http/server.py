@@ -95,8 +95,9 @@ class GuardedServer(TcpWSGIServer):
     def readable(self):
         # Called on every pass of the event loop, several times a request. The room rule can only
         # close a connection when more than `connection_limit - RESERVE` are open, which len() tells
-        # at once; the deadline rule needs a clock, not every pass: checking it GUARD_INTERVAL apart
-        # closes a late connection at most that much after its deadline.
+        # at once; the deadline rule needs the walk over every connection only GUARD_INTERVAL apart
+        # (the clock itself is cheap), which closes a late connection at most that much after its
+        # deadline.
         now = time.monotonic()
         if now >= self.next_guard or len(self.active_channels) > self.adj.connection_limit - RESERVE:
             self.next_guard = now + GUARD_INTERVAL
