@@ -1,5 +1,6 @@
-"""NVML telemetry: a sampler thread in the supervisor publishes one snapshot per interval
-to the channel's telemetry slot. Requests only ever read that snapshot.
+"""NVML telemetry: a sampler thread in the supervisor takes one snapshot per interval and
+keeps it behind a lock (it never crosses a process, so it is not on the shared-memory
+channel). Requests only ever read that snapshot.
 
 A field a GPU does not support becomes None and is named, with the reason, in the
 GPU's `unsupported` list; a GPU that fails as a whole carries its `error` while the
