@@ -81,7 +81,7 @@ def field_path(base: str, key: str) -> str:
     """A JSON path that stays on one line whatever the key holds: $.analyst or $["odd\\nname"]."""
     if key and all(c.isalnum() or c in "_-" for c in key):
         return f"{base}.{key}"
-    return f"{base}[{msgspec.json.encode(key).decode()}]"
+    return f"{base}[{json.dumps(key)}]"  # ASCII: \x85 or \u2028 would break the line for some readers
 
 
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")

@@ -278,7 +278,8 @@ def test_overcommit_is_flagged_not_refused(tmp_path, store):
         summary = orch.get("/mps/allocation")[1]["mps_resource_allocation"]["system_summary"]
         assert summary["overcommitted"] is True and summary["overcommit_gb"] == 0.25
         assert orch.get("/gpu/info")[1]["mps"]["allocation_overcommitted"] is True
-        assert "MPS allocations over-commit the GPU memory" in orch.output()
+        # The loop logs it on its first step, which may come after the first answers.
+        wait_for(lambda: "MPS allocations over-commit the GPU memory" in orch.output(), what="the over-commit warning")
 
 
 def test_overcommit_is_judged_per_gpu_from_nvml_and_logged(tmp_path, store):

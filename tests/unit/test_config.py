@@ -66,6 +66,7 @@ REFUSALS = [
     ("text available", {"a": ["x/y"]}, {"mps_resource_allocation": {"available_memory_gb": "23.5"}}, "$.mps_resource_allocation.available_memory_gb: must be a number, got \"23.5\""),
     ("overhead eats the total", {"a": ["x/y"]}, {"mps_resource_allocation": {"total_gpu_memory_gb": 1, "mps_overhead_gb": 2}}, "mps_overhead_gb: 2 leaves nothing of the 1 GB"),
     ("configured total", {"a": ["x/y"]}, {"mps_resource_allocation": {"mps_configuration": {"total_gpu_memory_gb": -24}}}, "mps_configuration.total_gpu_memory_gb: must be > 0, got -24"),
+    ("client with a next-line character", {"\x85": ["x/y"]}, None, '$["\\u0085"]: client name'),
     ("client like an option", {"--help": ["x/y"]}, None, "$.--help: client name '--help' starts with '-'"),
     ("model like an option", {"a": ["-x"]}, None, "$.a[0]: model id '-x' starts with '-'"),
     ("more model ids than one argument holds", {"a": [f"org/m{i:04d}-" + "x" * 90 for i in range(1100)]}, None,
@@ -82,7 +83,7 @@ def test_refusals_name_file_field_and_problem(tmp_path, store, name, model_map, 
     with pytest.raises(ConfigError) as caught:
         load_config(config_for(tmp_path, store, model_map, alloc))
     assert message in str(caught.value)
-    assert "\n" not in str(caught.value)
+    assert len(str(caught.value).splitlines()) == 1  # splitlines also breaks at \x85, \u2028 ...
 
 
 def test_missing_store_root_and_missing_map_file(tmp_path, store):
