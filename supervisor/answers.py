@@ -25,6 +25,9 @@ from gpu_orchestrator.supervisor.telemetry import Owners
 from gpu_orchestrator.supervisor.warmup import Warmup, preload_answer
 
 STATUS_REUSE_S = 0.1
+# Up to this many loaders a request checks every slot's sequence number (cheap at this size) and
+# shows progress at once; past it, an answer is reused within its STATUS_REUSE_S window.
+SCAN_UP_TO = 64
 LOOP_ANSWER_S = 10.0  # a loop that does not serve a command within this is stuck: 503, not a hung request
 
 
@@ -232,10 +235,11 @@ class Answers:
     def compose(self, snapshot: Snapshot | None = None, fresh: bool = False) -> tuple[dict, bytes]:
         """/models/status as a dict and as JSON: the warm-up, each client, MPS.
 
-        An answer is reused, without looking at any slot, for the rest of its STATUS_REUSE_S window
-        while the loop has published nothing new and the MPS state and GPU sample are the same: a
-        loader's progress shows at most that late, and a request costs the same with 8 clients or
-        384. After that, a client's part is composed again only when its record, its GPU sample or
+        With more than SCAN_UP_TO loaders, an answer is reused, without looking at any slot, for the
+        rest of its STATUS_REUSE_S window while the loop has published nothing new and the MPS state
+        and GPU sample are the same: a loader's progress shows at most that late, and a request
+        costs the same with 100 clients or 384. With fewer, checking every slot's sequence number
+        costs little, and progress shows at once. Then a client's part is composed again only when its record, its GPU sample or
         what its slot says beyond the heartbeat changed, its slot decoded only when its sequence
         number moved (client_parts), and the answer assembled again only when a part changed:
         heartbeats alone (every loader publishes one a second) do not, so ages are that stale too.
@@ -249,7 +253,8 @@ class Answers:
             now = time.monotonic()
             window = (id(snapshot), tuple(mps.values()), int(now / STATUS_REUSE_S),
                       self.sampler.snapshot()[0] if self.sampler is not None else 0)
-            if not fresh and self.cache is not None and self.cache[0][:4] == window:
+            reuse = not fresh and len(snapshot.loaders) > SCAN_UP_TO
+            if reuse and self.cache is not None and self.cache[0][:4] == window:
                 return self.cache[2], self.cache[3]
             parts, versions = self.client_parts(snapshot)
             key = (*window, versions)
