@@ -238,11 +238,12 @@ class Answers:
         With more than SCAN_UP_TO loaders, an answer is reused, without looking at any slot, for the
         rest of its STATUS_REUSE_S window while the loop has published nothing new and the MPS state
         and GPU sample are the same: a loader's progress shows at most that late, and a request
-        costs the same with 100 clients or 384. With fewer, checking every slot's sequence number
-        costs little, and progress shows at once. Then a client's part is composed again only when its record, its GPU sample or
-        what its slot says beyond the heartbeat changed, its slot decoded only when its sequence
-        number moved (client_parts), and the answer assembled again only when a part changed:
-        heartbeats alone (every loader publishes one a second) do not, so ages are that stale too.
+        costs the same with 100 clients or 384; after the window it is assembled again only when a
+        client's part changed (heartbeats alone do not, so ages are at most a window old). With
+        fewer, every slot's sequence number is checked (it costs little) and any publish, a
+        heartbeat included, shows at once. Either way a client's part is composed again only when
+        its record, its GPU sample or what its slot says beyond the heartbeat changed, and a slot
+        is decoded only when its sequence number moved (client_parts).
         The loop asks `fresh`: it acts on what the slots say now, never on a window's answer.
         """
         snapshot = snapshot or self.snapshot
@@ -257,7 +258,9 @@ class Answers:
             if reuse and self.cache is not None and self.cache[0][:4] == window:
                 return self.cache[2], self.cache[3]
             parts, versions = self.client_parts(snapshot)
-            key = (*window, versions)
+            # Scanning, a heartbeat is news too (its age shows at once); past SCAN_UP_TO only a
+            # changed part is, and ages are at most a window old.
+            key = (*window, versions if reuse else tuple(self.parts[client][3] for client, _, _ in parts))
             if self.cache is None or self.cache[0] != key:
                 current, encoded = status.assemble(parts, snapshot.warmup, now, {"mps": mps})
                 self.cache = (key, snapshot, current, encoded)
