@@ -103,12 +103,15 @@ def test_every_import_goes_down_the_floors():
 
 
 def test_no_production_file_is_longer_than_a_newcomer_can_read():
-    long = {str(p.relative_to(REPO)): n for p in production_files() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    lines = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in production_files()}
+    long = {name: count for name, count in lines.items() if count > MAX_LINES}
     assert long == {}
 
 
 def test_the_repo_explains_itself_without_pointing_outside_it():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    pointing = [name for name in tracked if (REPO / name).is_file() and name != "tests/unit/test_layout.py"
-                and any(s in (REPO / name).read_bytes() for s in (b"DESIGN.md", b"../shared"))]
+    # Spelled in two halves, so that this file does not itself hold what it looks for.
+    outside = (b"DESIGN" + b".md", b"../" + b"shared")
+    pointing = [name for name in tracked
+                if (REPO / name).is_file() and any(s in (REPO / name).read_bytes() for s in outside)]
     assert pointing == []
