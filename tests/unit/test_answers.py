@@ -98,10 +98,11 @@ def test_a_client_part_is_composed_again_only_when_its_inputs_change(setup, monk
     assert answers.models_status()["clients"]["b"]["restarts"] == 1 and composed[3:] == ["b"]
 
 
-def test_an_answer_is_reused_within_its_window_until_the_loop_publishes(setup, monkeypatch):
-    """Past SCAN_UP_TO loaders no slot is looked at within STATUS_REUSE_S (a request costs the same
-    for 384 clients as for 100); a new snapshot from the loop, or the next window, shows what the
-    slots say. With fewer, progress shows at once."""
+@pytest.mark.parametrize("many", [False, True], ids=["few loaders", "past SCAN_UP_TO"])
+def test_what_a_slot_says_shows_at_once_with_few_loaders_and_within_a_window_past_that(setup, monkeypatch, many):
+    """Up to SCAN_UP_TO loaders every request checks each slot: progress and heartbeats show at
+    once. Past it no slot is looked at within STATUS_REUSE_S (a request costs the same for 384
+    clients as for 100) until the loop publishes a new snapshot."""
     from gpu_orchestrator.supervisor import answers as answers_module
 
     config, segment, spawner = setup
@@ -111,24 +112,11 @@ def test_an_answer_is_reused_within_its_window_until_the_loop_publishes(setup, m
     publish(segment, 0, procs[0], 1, 1.0, **{"org/a1": "loading"})
     answers.publish(Snapshot(config, records, Warmup(1)))
     monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 3600.0)  # one window for the whole test
-    monkeypatch.setattr(answers_module, "SCAN_UP_TO", 1)  # as if there were hundreds of loaders
-    assert not answers.models_status()["clients"]["a"]["ready"]
-    publish(segment, 0, procs[0], 1, 2.0, **{"org/a1": READY})
-    assert not answers.models_status()["clients"]["a"]["ready"]  # the window's answer
+    monkeypatch.setattr(answers_module, "SCAN_UP_TO", 1 if many else 64)
+    before = answers.models_status()["clients"]["a"]
+    publish(segment, 0, procs[0], 1, 2.0, **{"org/a1": "loading"})  # a heartbeat only
+    assert (answers.models_status()["clients"]["a"]["heartbeat_age_s"] < before["heartbeat_age_s"]) is not many
+    publish(segment, 0, procs[0], 1, 3.0, **{"org/a1": READY})
+    assert answers.models_status()["clients"]["a"]["ready"] is not many
     answers.publish(Snapshot(config, records, Warmup(1)))
-    assert answers.models_status()["clients"]["a"]["ready"]
-
-
-def test_with_few_loaders_progress_shows_at_once(setup, monkeypatch):
-    from gpu_orchestrator.supervisor import answers as answers_module
-
-    config, segment, spawner = setup
-    answers = Answers(config, segment, wake=lambda: None)
-    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
-    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
-    publish(segment, 0, procs[0], 1, 1.0, **{"org/a1": "loading"})
-    answers.publish(Snapshot(config, records, Warmup(1)))
-    monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 3600.0)
-    assert not answers.models_status()["clients"]["a"]["ready"]
-    publish(segment, 0, procs[0], 1, 2.0, **{"org/a1": READY})
     assert answers.models_status()["clients"]["a"]["ready"]
