@@ -7,14 +7,31 @@ else to the CPU. The memory they took is measured and checked against the
 client's limit; with `"warmup": true` and sentence-transformers installed, one
 sentence is embedded. The weights are then released: the backend proves the
 model loads and fits, the client service holds its own copy.
+
+Weights reach the device the way the hardware copies fastest: each file's data is read in
+chunks into two pinned (page-locked) host buffers in turn, and each chunk is copied to one
+device buffer while the next is read; the tensors are then views of that buffer.
+safetensors' own `load_file(device="cuda")` copies tensor by tensor from pageable memory.
 """
 
+import ctypes
 import gc
+import json
 import os
+import struct
 from dataclasses import dataclass
 
 from gpu_orchestrator.loaders.backends import ModelError, Plan
 from gpu_orchestrator.loaders.store import Snapshot
+
+STAGING_BYTES = 64 * 2**20  # per pinned buffer: large enough that a copy's setup cost vanishes
+
+# safetensors dtype -> torch attribute; a dtype torch lacks is refused by name.
+TORCH_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64",
+    "I64": "int64", "U64": "uint64", "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
 
 WARMUP_SENTENCE = "The orchestrator checks that this model answers before its client starts."
 
@@ -30,16 +47,15 @@ class TorchResult:
 def import_torch():
     try:
         import torch
-        from safetensors.torch import load_file
     except ImportError as exc:
         raise ModelError(f"backend 'torch' chosen but {exc.name} is not installed: "
                          "pip install 'gpu-orchestrator[torch]', or drop \"backend\": \"torch\"") from None
-    return torch, load_file
+    return torch
 
 
 def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_bytes: int | None,
                warmup: bool) -> TorchResult:
-    torch, load_file = import_torch()
+    torch = import_torch()
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     weights = [f for f in model_plan.files if f.suffix == ".safetensors"]
     if not weights:
@@ -47,8 +63,11 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
     before = torch.cuda.memory_allocated(0) if device != "cpu" else 0
     tensors = {}
     try:
+        staging = None
+        if device != "cpu":
+            staging = staging_buffers(torch, max(path.stat().st_size for path in weights), pinned=True)
         for path in weights:
-            tensors.update(load_file(str(path), device=device))
+            tensors.update(load_safetensors(torch, str(path), device, staging))
         taken = (torch.cuda.memory_allocated(0) - before) if device != "cpu" else \
             sum(t.numel() * t.element_size() for t in tensors.values())
         if limit_bytes is not None and used_bytes + taken > limit_bytes:
@@ -68,8 +87,10 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
                          f"(client limit {limit}; CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="
                          f"{os.environ.get('CUDA_MPS_PINNED_DEVICE_MEM_LIMIT', 'unset')}): {exc}") from None
     finally:
-        tensors.clear()
-        gc.collect()
+        tensors.clear()  # views of one buffer per file: freed by their last reference
+        staging = None
+        if warmup:
+            gc.collect()  # the embedding model's objects hold reference cycles
         if device != "cpu":
             torch.cuda.empty_cache()
 
@@ -90,3 +111,80 @@ def embed(snapshot: Snapshot, device: str, result: TorchResult) -> None:
     vector = model.encode([WARMUP_SENTENCE])
     result.embedding_dim = int(vector.shape[-1])
     del model
+
+
+def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES) -> list:
+    """The two host buffers a load reads into in turn: pinned (page-locked) for a GPU, whose
+    copies from pinned memory run asynchronously at the link's full rate; one pair per load."""
+    chunk = max(1, min(size, largest))
+    return [torch.empty(chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+
+
+def load_safetensors(torch, path: str, device: str, staging: list | None = None) -> dict:
+    """The tensors of a safetensors file (its header already checked by the plan), on `device`:
+    through `staging` (two buffers, see staging_buffers) if given, else straight into their memory
+    (the CPU only)."""
+    with open(path, "rb", buffering=0) as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+        start = 8 + header_len
+        data = torch.empty(os.fstat(handle.fileno()).st_size - start, dtype=torch.uint8, device=device)
+        os.posix_fadvise(handle.fileno(), start, data.numel(), os.POSIX_FADV_SEQUENTIAL)
+        if staging is None:
+            read_exactly(handle, start, data, data.numel())
+        else:
+            copy_through(torch, handle, start, data, staging)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = tensor_view(torch, data, name, info["dtype"], info["shape"], *info["data_offsets"])
+    return tensors
+
+
+def copy_through(torch, handle, start: int, data, staging: list) -> None:
+    """Read the file from `start` into `data` through the two staging buffers in turn: while the
+    device copies one (asynchronously, from pinned memory), the next chunk is read into the
+    other. A buffer is reused only once the copy out of it has finished (its event)."""
+    on_gpu = data.device.type == "cuda"
+    size, chunk = data.numel(), staging[0].numel()
+    done_with = [None, None]
+    for index, offset in enumerate(range(0, size, chunk)):
+        turn = index % 2
+        if done_with[turn] is not None:
+            done_with[turn].synchronize()
+        count = min(chunk, size - offset)
+        read_exactly(handle, start + offset, staging[turn], count)
+        data[offset:offset + count].copy_(staging[turn][:count], non_blocking=on_gpu)
+        if on_gpu:
+            done_with[turn] = torch.cuda.Event()
+            done_with[turn].record()
+    if on_gpu:
+        torch.cuda.current_stream(data.device).synchronize()
+
+
+def read_exactly(handle, position: int, buffer, count: int) -> None:
+    """`count` bytes of the file at `position` into the host tensor `buffer`, or a ModelError."""
+    if count == 0:
+        return
+    view = memoryview((ctypes.c_char * count).from_address(buffer.data_ptr())).cast("B")
+    got = 0
+    while got < count:
+        n = os.preadv(handle.fileno(), [view[got:]], position + got)
+        if n == 0:
+            raise ModelError(f"{os.path.basename(handle.name)}: ended {count - got} bytes early while loading "
+                             "(it shrank since it was checked); the store must be immutable")
+        got += n
+
+
+def tensor_view(torch, data, name: str, dtype: str, shape: list, begin: int, end: int):
+    """One tensor as a view of the file's device buffer; a copy where its offset is not aligned
+    to its element size (the format does not promise alignment, a view needs it)."""
+    kind = getattr(torch, TORCH_DTYPES.get(dtype, ""), None)
+    if kind is None:
+        raise ModelError(f"tensor {name!r} is {dtype}, which this torch ({torch.__version__}) has no type for")
+    raw = data[begin:end]
+    size = torch.empty((), dtype=kind).element_size()
+    if begin % size:
+        raw = raw.clone()
+    return raw.view(kind).view(shape)

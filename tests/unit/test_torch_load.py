@@ -1,0 +1,93 @@
+"""The torch backend's own safetensors loading (staged chunks, tensors as views of one buffer),
+judged against the safetensors library's load_file on the same files. On the CPU here; the same
+code runs on cuda with pinned buffers (scripts/gpu-check and `gpu-orchestrator bench-gpu`)."""
+
+import json
+import os
+import struct
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch backend needs the [torch] extra")
+safetensors_torch = pytest.importorskip("safetensors.torch", reason="the torch backend needs the [torch] extra")
+
+from gpu_orchestrator.loaders.formats import ModelError
+from gpu_orchestrator.loaders.torch_backend import (
+    TORCH_DTYPES,
+    load_safetensors,
+    staging_buffers,
+)
+
+
+def sample_tensors() -> dict:
+    generator = torch.Generator().manual_seed(7)
+    return {
+        "embeddings.weight": torch.randn(300, 17, generator=generator),
+        "layer.0.bias": torch.randn(17, generator=generator).to(torch.float16),
+        "layer.0.scale": torch.randn(5, 3, generator=generator).to(torch.bfloat16),
+        "positions": torch.arange(11, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+@pytest.mark.parametrize("staging", [None, 1, 7, 4096, 64 * 2**20])
+def test_same_tensors_as_the_library_whatever_the_chunking(tmp_path, staging):
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(sample_tensors(), str(path))
+    expected = safetensors_torch.load_file(str(path))
+    buffers = None if staging is None else staging_buffers(torch, path.stat().st_size, pinned=False, size=staging)
+    loaded = load_safetensors(torch, str(path), "cpu", buffers)
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor), name
+
+
+def write_misaligned(path) -> bytes:
+    """Three U8 bytes, then an F32 tensor starting at byte 3: valid safetensors, no alignment."""
+    values = [1.5, -2.25, 1e-3]
+    data = bytes([9, 8, 7]) + struct.pack("<3f", *values)
+    header = {"bytes": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "floats": {"dtype": "F32", "shape": [3], "data_offsets": [3, 15]}}
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return data
+
+
+def test_a_tensor_off_its_alignment_is_copied_not_misread(tmp_path):
+    path = tmp_path / "model.safetensors"
+    write_misaligned(path)
+    loaded = load_safetensors(torch, str(path), "cpu", staging_buffers(torch, 15, pinned=False, size=5))
+    assert loaded["bytes"].tolist() == [9, 8, 7]
+    assert loaded["floats"].tolist() == pytest.approx([1.5, -2.25, 1e-3])
+
+
+def test_a_file_that_shrinks_while_it_loads_fails_saying_so(tmp_path, monkeypatch):
+    """The buffer is sized from the file when it is opened; if the file is cut short after
+    that, the missing bytes must fail the load, never load as zeros."""
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(sample_tensors(), str(path))
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-10])
+    real_fstat = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], size, *real_fstat(fd)[7:])))
+    with pytest.raises(ModelError, match="model.safetensors: ended 10 bytes early"):
+        load_safetensors(torch, str(path), "cpu", staging_buffers(torch, size, pinned=False, size=4096))
+
+
+def test_every_dtype_mapped_exists_in_this_torch_or_is_refused_by_name(tmp_path):
+    path = tmp_path / "model.safetensors"
+    for dtype, attribute in TORCH_DTYPES.items():
+        if not hasattr(torch, attribute):
+            continue  # an older torch: refused by name, as F4 below
+        size = torch.empty((), dtype=getattr(torch, attribute)).element_size()
+        header = {"w": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2 * size]}}
+        text = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(2 * size))
+        assert load_safetensors(torch, str(path), "cpu")["w"].dtype == getattr(torch, attribute), dtype
+    text = json.dumps({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(1))
+    with pytest.raises(ModelError, match="'w' is F4, which this torch"):
+        load_safetensors(torch, str(path), "cpu")
