@@ -1,4 +1,4 @@
-"""`gpu-orchestrator`: serve (what systemd runs), demo, gate, status, mps-diag, gpu-check and bench."""
+"""`gpu-orchestrator`: serve (what systemd runs), demo, gate, status, mps-diag, gpu-check, bench and bench-gpu."""
 
 import argparse
 import logging
@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser = commands.add_parser("gpu-check", help="exercise the real NVML and MPS paths on a GPU host")
     check_parser.add_argument("--model-dir", help="a safetensors snapshot to load with the torch backend under MPS")
     commands.add_parser("bench", help="benchmarks (scripts/bench): prints a table, writes BENCHMARKS.md",
+                        add_help=False)
+    commands.add_parser("bench-gpu", help="warm-up onto the GPU against the pinned host-to-device copy",
                         add_help=False)
     for name, what in (("env", "print a client's MPS environment as KEY=value lines (for EnvironmentFile=)"),
                        ("exec", "run COMMAND as this client's service, under its MPS environment")):
@@ -202,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from gpu_orchestrator.supervisor.commands import bench  # only the benchmark needs its helpers
         return bench.main(argv[1:])
+    if argv[:1] == ["bench-gpu"]:
+        from gpu_orchestrator.supervisor.commands import gpubench
+        return gpubench.main(argv[1:])
     # exec's COMMAND is everything after '--', its options included: argparse must never see them.
     command_line = []
     if argv[:1] == ["exec"] and "--" in argv:

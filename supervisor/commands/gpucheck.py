@@ -73,7 +73,7 @@ def torch_load(directory: str, limit_mib: int) -> dict:
     path = os.path.realpath(directory)
     snapshot = Snapshot(Path(path), Path(path), "local")
     # Where the weights went matters as much as whether they fit: a limit failing on the CPU proves nothing.
-    device = "cuda:0" if import_torch()[0].cuda.is_available() else "cpu"
+    device = "cuda:0" if import_torch().cuda.is_available() else "cpu"
     try:
         result = load_torch(snapshot, plan(snapshot), 0, limit_mib * 2**20, warmup=True)
     except ModelError as exc:

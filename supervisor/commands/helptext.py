@@ -73,6 +73,8 @@ COMMANDS = {
                   {0: "every step worked, or there is no GPU (it says so)", 1: "a step that should work did not",
                    2: "usage error", 78: "invalid LOG_LEVEL"}),
     "bench": ({}, {0: "measured (BENCHMARKS.md written unless --smoke)", 2: "usage error"}),
+    "bench-gpu": ({"CUDA_VISIBLE_DEVICES": "which GPU is cuda:0"},
+                  {0: "measured, or there is no GPU (it says so)", 2: "usage error", 69: "torch is not installed"}),
     "env": (ORCHESTRATOR_URL | LOG, CLIENT_EXITS),
     "exec": (ORCHESTRATOR_URL | LOG, {**CLIENT_EXITS, 0: "never: COMMAND replaces it (its own status counts)",
                                       127: "COMMAND cannot be run"}),
