@@ -32,6 +32,9 @@ class DemoFiles:
     allocation: str
 
 
+RANDOM_CHUNK = 64 * 2**20
+
+
 def write_safetensors(path: Path, tensors: dict[str, list[int]], seed: int) -> int:
     """Write F16 tensors of the given shapes with random bytes; return the parameter count."""
     header, offset = {}, 0
@@ -45,7 +48,8 @@ def write_safetensors(path: Path, tensors: dict[str, list[int]], seed: int) -> i
     generator = random.Random(seed)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)) + encoded)
-        handle.write(generator.randbytes(offset))
+        for start in range(0, offset, RANDOM_CHUNK):  # one randbytes() makes at most 2**28 bytes
+            handle.write(generator.randbytes(min(RANDOM_CHUNK, offset - start)))
     return offset // 2
 
 
