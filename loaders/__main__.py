@@ -20,7 +20,25 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
+
+def import_msgspec_without_typing_extensions():
+    """msgspec takes typing_extensions when it is installed, for get_type_hints features that
+    Python 3.11's own typing has, and typing_extensions imports inspect (with ast, dis and
+    tokenize): 1.3 MiB in every loader, kept for its whole life. A None in sys.modules is
+    Python's "not installed": msgspec then uses typing's (it never requires typing_extensions).
+    Shown again at once, for what a model may need later (torch imports it)."""
+    hide = "typing_extensions" not in sys.modules
+    if hide:
+        sys.modules["typing_extensions"] = None
+    try:
+        import msgspec
+    finally:
+        if hide:
+            del sys.modules["typing_extensions"]
+    return msgspec
+
+
+msgspec = import_msgspec_without_typing_extensions()
 
 from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, warm
 from gpu_orchestrator.loaders.channel import ChannelError, Segment, SlotWriter

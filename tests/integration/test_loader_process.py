@@ -163,16 +163,47 @@ def test_exits_promptly_in_the_middle_of_a_read(segment, store, cleanup, how):
     assert reason in proc.stderr.read()
 
 
+# What a loader must not import: it keeps it for its whole life, one copy per client. The
+# supervisor's and HTTP's packages, psutil, logging; OpenSSL (hashlib) and zipfile unless a model
+# needs them; typing_extensions, which msgspec would take and which brings inspect, ast, dis and
+# tokenize (1.3 MiB a loader).
+UNWANTED = {"psutil", "hashlib", "_hashlib", "zipfile", "logging", "threading", "argparse", "secrets",
+            "dataclasses", "falcon", "waitress", "prometheus_client", "pynvml",
+            "typing_extensions", "inspect", "ast", "dis", "tokenize"}
+
+
+def unwanted_in(loaded: set[str]) -> set[str]:
+    return loaded & UNWANTED | {m for m in loaded if m.startswith(("gpu_orchestrator.supervisor",
+                                                                   "gpu_orchestrator.http"))}
+
+
 def test_a_loader_imports_only_what_it_needs():
-    """A loader lives as long as the service, one per client: what it imports it keeps. None of
-    the supervisor, HTTP, psutil or logging; OpenSSL (hashlib) and zipfile only when a model needs them."""
-    code = "import sys, gpu_orchestrator.loaders.__main__; print(' '.join(sys.modules))"
+    code = ("import sys, gpu_orchestrator.loaders.__main__; print(' '.join(sys.modules));"
+            "assert sys.modules.get('typing_extensions', 1) is not None, 'typing_extensions left hidden'")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 timeout=60).stdout.split())
-    unwanted = {"psutil", "hashlib", "_hashlib", "zipfile", "logging", "threading", "argparse", "secrets",
-                "dataclasses", "falcon", "waitress", "prometheus_client", "pynvml"}
-    assert not loaded & unwanted
-    assert not [m for m in loaded if m.startswith(("gpu_orchestrator.supervisor", "gpu_orchestrator.http"))]
+    assert not unwanted_in(loaded)
+
+
+def test_a_loader_after_a_warm_up_has_imported_only_what_it_needs(segment, tmp_path, cleanup):
+    """The loader as the supervisor runs it (`-m`, through runpy), a warm-up done, then orphaned:
+    what its sys.modules held as it exited."""
+    root = tmp_path / "store"
+    add_model(root, "org/one")  # no manifest: hashlib stays out
+    modules = tmp_path / "modules"
+    code = ("import atexit, runpy, sys\n"
+            f"atexit.register(lambda: open({str(modules)!r}, 'w').write(' '.join(sys.modules)))\n"
+            "runpy.run_module('gpu_orchestrator.loaders', run_name='__main__', alter_sys=True)\n")
+    args = LoaderArgs(client="c", segment=segment.name, slot=1, store_root=str(root), strict=True, models=["org/one"])
+    proc = start_loader_with([sys.executable, "-c", code, *encode_args(args)])
+    cleanup.append(proc)
+    send(proc, 1)
+    assert [m.status for m in wait_for(lambda: settled(segment, 1)).models] == ["ready"]
+    proc.stdin.close()  # orphaned: it exits 0, and its atexit writes what it imported
+    assert proc.wait(30) == 0
+    loaded = set(modules.read_text().split())
+    assert "gpu_orchestrator.loaders.backends" in loaded  # the list is the loader's
+    assert not unwanted_in(loaded)
 
 
 def test_after_a_warm_up_nothing_of_the_models_stays_open_or_loaded(segment, tmp_path, cleanup):
