@@ -117,7 +117,14 @@ def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES
     """The two host buffers a load reads into in turn: pinned (page-locked) for a GPU, whose
     copies from pinned memory run asynchronously at the link's full rate; one pair per load."""
     chunk = max(1, min(size, largest))
-    return [torch.empty(chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+    try:
+        return [torch.empty(chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise  # the context itself did not fit: load_torch says so with the limit
+        # Page-locked memory refused (a container's limit, no allocator): slower synchronous
+        # copies from ordinary memory still load the model.
+        return [torch.empty(chunk, dtype=torch.uint8) for _ in range(2)]
 
 
 def load_safetensors(torch, path: str, device: str, staging: list | None = None) -> dict:

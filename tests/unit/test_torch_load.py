@@ -91,3 +91,16 @@ def test_every_dtype_mapped_exists_in_this_torch_or_is_refused_by_name(tmp_path)
     path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(1))
     with pytest.raises(ModelError, match="'w' is F4, which this torch"):
         load_safetensors(torch, str(path), "cpu")
+
+
+def test_where_memory_cannot_be_pinned_the_staging_buffers_are_ordinary_memory(tmp_path):
+    """A CPU-only torch has no pinned allocator, as some containers refuse page-locked memory:
+    the load still works, through ordinary buffers."""
+    if torch.cuda.is_available():
+        pytest.skip("this torch can pin memory")
+    buffers = staging_buffers(torch, 1000, pinned=True, size=64)
+    assert [b.numel() for b in buffers] == [64, 64] and not buffers[0].is_pinned()
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(sample_tensors(), str(path))
+    assert torch.equal(load_safetensors(torch, str(path), "cpu", buffers)["embeddings.weight"],
+                       sample_tensors()["embeddings.weight"])
