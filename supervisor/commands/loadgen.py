@@ -5,7 +5,13 @@ pointed at beside the orchestrator, returning the same bytes.
 wrk runs `-t1 -c8` (one thread, eight keep-alive connections): on a small machine one wrk thread
 already keeps the server's worker threads busy, and more would take CPU from the server measured.
 The Python generator is 4 processes of one keep-alive connection each (processes, not threads:
-the generator must not share a GIL).
+the generator must not share a GIL); they start, connect and then wait for one common instant, so
+that starting interpreters never falls inside the measured window.
+
+On a small machine shared with other work, a single turn can be twice as fast or as slow as the
+next for reasons of its own. So the two servers take many short turns, in the order A B, then
+B A, and the ratio is the median of the ratios of each such pair (whatever else runs falls on both
+sides of a pair alike); its spread across pairs is printed with it.
 """
 
 import http.client
@@ -21,11 +27,11 @@ import urllib.request
 from pathlib import Path
 
 from gpu_orchestrator.supervisor.commands.harness import free_port, wait
-from gpu_orchestrator.supervisor.daemon import HTTP_THREADS
 
 WRK_THREADS, WRK_CONNECTIONS = 1, 8
 PYTHON_CONNECTIONS = 4
-ROUND_S = 2.0  # seconds of one turn of load; the two servers take turns
+ROUND_S = 1.0  # seconds of one turn of load; the two servers take turns, many short ones
+START_AFTER_S = 0.5  # the Python generator's processes start, connect, then all begin together
 TARGET = ">= 0.9x, p99 <= 1.5x"
 
 # wrk's own summary rounds and picks units; this prints the exact figures as one JSON line.
@@ -75,11 +81,17 @@ def wrk_load(url: str, seconds: float) -> dict:
 
 # ---- the Python generator --------------------------------------------------------------------
 
-def load_worker(url: str, paths: list[str], seconds: float) -> None:
-    """One keep-alive connection cycling through `paths` as fast as it goes; prints latencies
-    in ms (sampled) and counts as an error every answer that is not 200 or that fails."""
+def load_worker(url: str, paths: list[str], seconds: float, start_at: float) -> None:
+    """One keep-alive connection cycling through `paths` as fast as it goes from `start_at` (a
+    time.time(); at once if already past) for `seconds`; prints latencies in ms (sampled) and
+    counts as an error every answer that is not 200 or that fails."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.connect()
+    except OSError:
+        pass  # counted as an error by the first request, which connects again
+    time.sleep(max(0.0, start_at - time.time()))
     latencies, errors = [], 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -98,8 +110,9 @@ def load_worker(url: str, paths: list[str], seconds: float) -> None:
 
 
 def start_load(url: str, paths: list[str], seconds: float, connections: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-m", __spec__.name, "--load-worker", url, str(seconds), *paths],
-                             stdout=subprocess.PIPE, text=True) for _ in range(connections)]
+    start_at = time.time() + START_AFTER_S
+    return [subprocess.Popen([sys.executable, "-m", __spec__.name, "--load-worker", url, str(seconds), str(start_at),
+                              *paths], stdout=subprocess.PIPE, text=True) for _ in range(connections)]
 
 
 def finish_load(workers: list[subprocess.Popen], seconds: float) -> dict:
@@ -122,6 +135,8 @@ def ceiling_server(port: int, path: str, body_file: str) -> None:
     """The framework's ceiling: a bare Falcon route answering the same bytes, same threads, no middleware."""
     import falcon
     import waitress
+
+    from gpu_orchestrator.supervisor.daemon import HTTP_THREADS  # here: the load workers need not import it
     body = Path(body_file).read_bytes()
 
     class Fixed:
@@ -135,16 +150,25 @@ def ceiling_server(port: int, path: str, body_file: str) -> None:
     waitress.serve(app, host="127.0.0.1", port=port, threads=HTTP_THREADS, _quiet=True)
 
 
-def alternate(generator: str, bases: tuple[str, str], path: str, seconds: float) -> tuple[dict, dict]:
-    """Both servers in turns of ROUND_S, `seconds` each in all, each rate and latency the
-    median of its turns (requests and errors summed):
-    whatever else the machine runs meanwhile falls on both alike, not on whichever ran second."""
+def alternate(generator: str, bases: tuple[str, str], path: str, seconds: float) -> tuple[dict, dict, dict]:
+    """Both servers in pairs of turns of ROUND_S, `seconds` each in all, A B then B A: each side's
+    rate and latency the median of its turns (requests and errors summed), and per pair the
+    ratio of the first side's rate and p99 to the second's."""
     turns: tuple[list, list] = ([], [])
-    for _ in range(max(1, round(seconds / ROUND_S))):
-        for base, results in zip(bases, turns):
-            results.append(load(generator, base, path, min(seconds, ROUND_S)))
-    return tuple({key: (sum if key in ("requests", "errors") else statistics.median)([r[key] for r in results])
-                  for key in results[0]} for results in turns)
+    for pair in range(max(1, round(seconds / ROUND_S))):
+        order = (0, 1) if pair % 2 == 0 else (1, 0)
+        for side in order:
+            turns[side].append(load(generator, bases[side], path, min(seconds, ROUND_S)))
+    ratios = {key: [a[key] / b[key] for a, b in zip(*turns)] for key in ("rps", "p99")}
+    return (*({key: (sum if key in ("requests", "errors") else statistics.median)([r[key] for r in results])
+               for key in results[0]} for results in turns), ratios)
+
+
+def ratio_text(ratios: dict) -> str:
+    """The median of the pairs' ratios, and their spread (one pair: no spread to show)."""
+    rps, p99 = ratios["rps"], ratios["p99"]
+    spread = f" ({min(rps):.2f}-{max(rps):.2f} over {len(rps)} pairs)" if len(rps) > 1 else ""
+    return f"{statistics.median(rps):.2f}x throughput{spread}, {statistics.median(p99):.2f}x p99"
 
 
 def against_ceiling(base: str, path: str, seconds: float, label: str) -> list[tuple]:
@@ -160,12 +184,12 @@ def against_ceiling(base: str, path: str, seconds: float, label: str) -> list[tu
             wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10), 30, "the ceiling server")
             rows = []
             for generator in generators():
-                ours, bare = alternate(generator, (base, f"http://127.0.0.1:{port}"), path, seconds)
+                ours, bare, ratios = alternate(generator, (base, f"http://127.0.0.1:{port}"), path, seconds)
                 rows.append((f"GET {path} ({len(body)} B body, {label}), {describe(generator)}",
                              f"{ours['rps']:.0f} req/s, p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, "
                              f"{ours['errors']:.0f} errors",
                              f"bare Falcon+waitress, same bytes: {bare['rps']:.0f} req/s, p99 {bare['p99']:.2f} ms",
-                             f"{ours['rps'] / bare['rps']:.2f}x throughput, {ours['p99'] / bare['p99']:.2f}x p99",
+                             ratio_text(ratios),
                              TARGET))
             return rows
         finally:
@@ -175,6 +199,6 @@ def against_ceiling(base: str, path: str, seconds: float, label: str) -> list[tu
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--load-worker"]:
-        load_worker(sys.argv[2], sys.argv[4:], float(sys.argv[3]))
+        load_worker(sys.argv[2], sys.argv[5:], float(sys.argv[3]), float(sys.argv[4]))
     elif sys.argv[1:2] == ["--ceiling"]:
         ceiling_server(int(sys.argv[2]), sys.argv[3], sys.argv[4])
