@@ -120,3 +120,25 @@ def test_what_a_slot_says_shows_at_once_with_few_loaders_and_within_a_window_pas
     assert answers.models_status()["clients"]["a"]["ready"] is not many
     answers.publish(Snapshot(config, records, Warmup(1)))
     assert answers.models_status()["clients"]["a"]["ready"]
+
+
+def test_with_few_loaders_an_answer_nothing_changed_since_is_the_same_bytes_and_a_heartbeat_is_news(setup, monkeypatch):
+    """Scanning, a request whose loaders' sequence numbers all stand still answers the bytes it
+    answered last without looking at any part; one heartbeat makes a new answer at once."""
+    from gpu_orchestrator.supervisor import answers as answers_module
+
+    config, segment, spawner = setup
+    answers = Answers(config, segment, wake=lambda: None)
+    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
+    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
+    for slot, proc in enumerate(procs):
+        publish(segment, slot, proc, 1, 1.0, **{f"org/{'ab'[slot]}1": READY})
+    answers.publish(Snapshot(config, records, Warmup(1)))
+    monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 3600.0)  # one window for the whole test
+    first = answers.models_status_json()
+    looked = []
+    client_parts = answers.client_parts
+    monkeypatch.setattr(answers, "client_parts", lambda *args: looked.append(1) or client_parts(*args))
+    assert answers.models_status_json() is first and not looked
+    publish(segment, 1, procs[1], 1, 2.0, **{"org/b1": READY})  # a heartbeat only
+    assert answers.models_status_json() != first and looked == [1]
