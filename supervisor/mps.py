@@ -273,12 +273,14 @@ class MpsDaemon:
         log.info(kv("MPS control daemon stopped"))
 
     def remove_pipe_files(self, pid: int) -> None:
-        """A killed daemon cannot clean up; leave no pipe a client would try to reach. Only when the
-        pid file names our daemon: one that exited because another already ran must not take its pipe."""
+        """Leave no pipe a client would try to reach: a killed daemon cannot clean up, and the real
+        one's `quit` removes its pid file but leaves the control pipe. Kept only while the pid file
+        names another live daemon: ours may have exited because that one already served the folder."""
         try:
-            if read_pid(Path(self.settings.pipe_dir, PID_FILE)) != pid:
-                return
+            owner = read_pid(Path(self.settings.pipe_dir, PID_FILE))
         except (OSError, ValueError):
+            owner = None  # no daemon serves the folder: a running one always has its pid file
+        if owner is not None and owner != pid and process_alive(owner):
             return
         for name in (CONTROL_PIPE, PID_FILE):
             try:
