@@ -2,8 +2,8 @@
 
 It prints what it saw, in two parts. First the pieces: the GPUs through NVML, a
 real nvidia-cuda-mps-control started on private pipe and log folders (the host's
-own daemon is not touched), one CUDA client allocating under its pinned MPS limit
-and one allocating past it, and, where torch imports, the torch backend loading a
+own daemon is not touched), what a bare CUDA context takes of a client's pinned limit,
+one CUDA client allocating under its pinned MPS limit and one allocating past it, and, where torch imports, the torch backend loading a
 generated snapshot (or --model-dir, a real one such as all-MiniLM-L6-v2) onto the
 GPU under a pinned limit that fits and one that does not. Then the product: a
 real `gpu-orchestrator serve` with ENABLE_NVML and ENABLE_MPS on its own folders
@@ -29,9 +29,13 @@ from gpu_orchestrator.supervisor.commands import statusview
 from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 from gpu_orchestrator.supervisor.commands.harness import Orchestrator, get_json, wait
 
-LIMIT_MIB = 512
+# A client's pinned limit counts its CUDA context too (over 512 MiB on an H200 with driver 580):
+# each limit below is the measured context cost plus what the step must fit, or must not.
 UNDER_MIB = 256
 OVER_MIB = 1024
+HEADROOM_MIB = 512
+CONTEXT_PROBE_MAX_MIB = 4096
+CONTEXT_PROBE_STEP_MIB = 32
 
 
 def say(message: str) -> None:
@@ -73,7 +77,13 @@ def torch_load(directory: str, limit_mib: int) -> dict:
     path = os.path.realpath(directory)
     snapshot = Snapshot(Path(path), Path(path), "local")
     # Where the weights went matters as much as whether they fit: a limit failing on the CPU proves nothing.
-    device = "cuda:0" if import_torch().cuda.is_available() else "cpu"
+    torch = import_torch()
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(1, device=device)
+    except RuntimeError as exc:  # refused before a weight was read: that proves nothing about the model
+        return {"ok": False, "device": device, "over_limit": False,
+                "result": f"the CUDA context itself does not fit under the limit: {str(exc).splitlines()[0]}"}
     try:
         result = load_torch(snapshot, plan(snapshot), 0, limit_mib * 2**20, warmup=True)
     except ModelError as exc:
@@ -82,6 +92,25 @@ def torch_load(directory: str, limit_mib: int) -> dict:
         return {"ok": False, "device": device, "result": f"{type(exc).__name__}: {exc}", "over_limit": False}
     return {"ok": True, "device": result.device, "result": f"{result.memory_bytes // 2**20} MiB on {result.device}"
                                   + (f", embedding of {result.embedding_dim}" if result.embedding_dim else "")}
+
+
+def context_cost(settings: mps_control.MpsSettings) -> int | None:
+    """The smallest pinned limit (MiB, to CONTEXT_PROBE_STEP_MIB) under which a client creates its
+    CUDA context and allocates 1 MiB, by bisection; None if not even under CONTEXT_PROBE_MAX_MIB."""
+    def fits(limit: int) -> bool:
+        return run_client(settings, limit, "--allocate", "1").get("ok", False)
+
+    low, high = 0, CONTEXT_PROBE_MAX_MIB
+    if not fits(high):
+        return None
+    while high - low > CONTEXT_PROBE_STEP_MIB:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def weight_mib(directory: str) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*.safetensors")) // 2**20
 
 
 def run_client(settings: mps_control.MpsSettings, limit_mib: int, *child_args: str) -> dict:
@@ -162,17 +191,27 @@ def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
             return 1
         say(f"MPS: control daemon pid {daemon.control_pid()} answering on {settings.pipe_dir}; "
             f"default active thread percentage {mps_control.query(settings, 'get_default_active_thread_percentage')}")
+        context = context_cost(settings)
+        if context is None:  # the steps below still run, and say what they see
+            say(f"MPS: UNEXPECTED: no CUDA context could be created under a {CONTEXT_PROBE_MAX_MIB} MiB pinned limit")
+            failures, context = failures + 1, 0
+        else:
+            say(f"MPS: a bare CUDA context takes {context - CONTEXT_PROBE_STEP_MIB}-{context} MiB of a client's "
+                "pinned limit (the smallest limit it is created under)")
+        limit = context + HEADROOM_MIB
         # Over the limit must fail for the right reason: out of memory, not a missing library.
         for mib, expected in ((UNDER_MIB, "CUDA_SUCCESS"), (OVER_MIB, "CUDA_ERROR_OUT_OF_MEMORY")):
-            outcome = run_client(settings, LIMIT_MIB, "--allocate", str(mib))
+            outcome = run_client(settings, limit, "--allocate", str(mib))
             verdict = "as expected" if outcome["result"] == expected else f"UNEXPECTED, wanted {expected}"
             failures += outcome["result"] != expected
-            say(f"client with {LIMIT_MIB} MiB pinned limit allocating {mib} MiB: {outcome['result']} ({verdict}); "
+            say(f"client with {limit} MiB pinned limit allocating {mib} MiB: {outcome['result']} ({verdict}); "
                 f"context sees {outcome.get('context_total_mib', '?')} MiB total")
         say(f"MPS servers: {mps_control.query(settings, 'get_server_list') or 'none'}")
         show_processes(module)
         if torch_dir:
-            for limit, should_work in ((1024, True), (32, False)):
+            weights = weight_mib(torch_dir)
+            # Fits: the context, the weights and the warm-up's own copy. Refused: half the weights short.
+            for limit, should_work in ((max(1024, context + 2 * weights + UNDER_MIB), True), (context + weights // 2, False)):
                 outcome = run_client(settings, limit, "--torch-load", torch_dir, str(limit))
                 # On the GPU, and refused by the limit rather than by anything else.
                 worked = outcome["ok"] if should_work else outcome.get("over_limit", False)
@@ -236,7 +275,8 @@ def check_orchestrator(work: Path, model_dir: str | None, use_torch: bool, with_
             code = orch.stop()
         expect(code == 0, f"SIGTERM: exit status {code}")
         if with_mps:
-            expect(not (pipe / mps.CONTROL_PIPE).exists(), "the MPS control pipe is gone after shutdown")
+            left = sorted(os.listdir(pipe)) if pipe.exists() else []
+            expect(mps.CONTROL_PIPE not in left, f"the MPS control pipe is gone after shutdown (left there: {left})")
     except Exception as exc:  # whatever broke, say it and show the orchestrator's log
         expect(False, f"{type(exc).__name__}: {exc}")
         for line in (log.read_text(errors="replace").splitlines()[-30:] if log.exists() else []):

@@ -33,11 +33,14 @@ def test_gpu_check_drives_the_product_on_fake_nvml_and_mps(tmp_path):
     assert result.returncode == 1, out + result.stderr
     assert "GPU 0: NVIDIA H100 80GB HBM3, 81920 MiB total" in out and "GPU 2: " in out
     assert "MPS: control daemon pid" in out
-    assert "allocating 256 MiB: " in out and "UNEXPECTED, wanted CUDA_SUCCESS" in out  # no libcuda here
+    # No libcuda here: no context under any limit, then each step still runs and says so.
+    assert "MPS: UNEXPECTED: no CUDA context could be created under a 4096 MiB pinned limit" in out
+    assert "allocating 256 MiB: " in out and "UNEXPECTED, wanted CUDA_SUCCESS" in out
     assert "allocating 1024 MiB: " in out and "UNEXPECTED, wanted CUDA_ERROR_OUT_OF_MEMORY" in out
     torch = importlib.util.find_spec("torch") is not None
     if torch:  # torch on the CPU here: the limit checks must not count as the GPU path working
-        assert "under a 1024 MiB limit on cpu: " in out and "under a 32 MiB limit on cpu: " in out
+        # The generated snapshot's 154 MiB: fits under 1024 MiB, refused (would be) under half of it.
+        assert "under a 1024 MiB limit on cpu: " in out and "under a 77 MiB limit on cpu: " in out
         assert out.count("MiB limit on cpu: ") == out.count("(UNEXPECTED)") == 2
         assert "UNEXPECTED: the torch backend put the weights on {'cpu'}" in out
     assert f"orchestrator: serve with ENABLE_NVML=true, ENABLE_MPS=true, backend {'torch' if torch else 'default'}" in out
@@ -45,7 +48,7 @@ def test_gpu_check_drives_the_product_on_fake_nvml_and_mps(tmp_path):
                  "ok: the loader's CUDA_MPS_PINNED_DEVICE_MEM_LIMIT is 0=1024M,1=1024M,2=1024M",
                  "ok: /gpu/info: 3 GPU(s), driver 550.54.15, CUDA 12.4",
                  "ok: MPS: control daemon", "ok: /mps/allocation judged on NVML", "ok: /metrics: ",
-                 "ok: SIGTERM: exit status 0", "ok: the MPS control pipe is gone after shutdown"):
+                 "ok: SIGTERM: exit status 0", "ok: the MPS control pipe is gone after shutdown (left there: [])"):
         assert line in out, out
-    assert f"gpu-check: {5 if torch else 2} unexpected result(s)" in out
+    assert f"gpu-check: {6 if torch else 3} unexpected result(s)" in out
     assert not list(tmp_path.glob("gpu-check-*")), "gpu-check left its folders behind"
