@@ -9,8 +9,9 @@ sentence is embedded. The weights are then released: the backend proves the
 model loads and fits, the client service holds its own copy.
 
 Weights reach the device the way the hardware copies fastest: each file's data is read in
-chunks into two pinned (page-locked) host buffers in turn, and each chunk is copied to one
-device buffer while the next is read; the tensors are then views of that buffer.
+chunks, by several threads at once, into pinned (page-locked) host buffers taken in turn, and
+each chunk is copied to one device buffer while the next are read; the tensors are then views
+of that buffer.
 safetensors' own `load_file(device="cuda")` copies tensor by tensor from pageable memory.
 """
 
@@ -19,12 +20,15 @@ import gc
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gpu_orchestrator.loaders.backends import ModelError, Plan
 from gpu_orchestrator.loaders.store import Snapshot
 
-STAGING_BYTES = 64 * 2**20  # per pinned buffer: large enough that a copy's setup cost vanishes
+STAGING_BYTES = 16 * 2**20  # per pinned buffer: large enough that a copy's setup cost vanishes
+STAGING_SLOTS = 8  # buffers per load: enough to keep READERS reading while copies run
+READERS = 8  # threads reading one file at once
 
 # safetensors dtype -> torch attribute; a dtype torch lacks is refused by name.
 TORCH_DTYPES = {
@@ -113,18 +117,18 @@ def embed(snapshot: Snapshot, device: str, result: TorchResult) -> None:
     del model
 
 
-def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES) -> list:
-    """The two host buffers a load reads into in turn: pinned (page-locked) for a GPU, whose
-    copies from pinned memory run asynchronously at the link's full rate; one pair per load."""
+def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES, slots: int = STAGING_SLOTS) -> list:
+    """The host buffers a load reads into, `slots` of them taken in turn: pinned (page-locked) for a
+    GPU, whose copies from pinned memory run asynchronously at the link's full rate; one set per load."""
     chunk = max(1, min(size, largest))
     try:
-        return [torch.empty(chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        return [torch.empty(chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)]
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
             raise  # the context itself did not fit: load_torch says so with the limit
         # Page-locked memory refused (a container's limit, no allocator): slower synchronous
         # copies from ordinary memory still load the model.
-        return [torch.empty(chunk, dtype=torch.uint8) for _ in range(2)]
+        return [torch.empty(chunk, dtype=torch.uint8) for _ in range(slots)]
 
 
 def load_safetensors(torch, path: str, device: str, staging: list | None = None) -> dict:
@@ -150,22 +154,38 @@ def load_safetensors(torch, path: str, device: str, staging: list | None = None)
 
 
 def copy_through(torch, handle, start: int, data, staging: list) -> None:
-    """Read the file from `start` into `data` through the two staging buffers in turn: while the
-    device copies one (asynchronously, from pinned memory), the next chunk is read into the
-    other. A buffer is reused only once the copy out of it has finished (its event)."""
+    """Read the file from `start` into `data` through the staging buffers: up to READERS threads
+    read chunks into free buffers at once (one thread copies the page cache at a fraction of the
+    link's rate), and each chunk, in file order, is copied to the device asynchronously. A buffer
+    is read into again only once the copy out of it has finished (its event)."""
     on_gpu = data.device.type == "cuda"
-    size, chunk = data.numel(), staging[0].numel()
-    done_with = [None, None]
-    for index, offset in enumerate(range(0, size, chunk)):
-        turn = index % 2
-        if done_with[turn] is not None:
-            done_with[turn].synchronize()
-        count = min(chunk, size - offset)
-        read_exactly(handle, start + offset, staging[turn], count)
-        data[offset:offset + count].copy_(staging[turn][:count], non_blocking=on_gpu)
-        if on_gpu:
-            done_with[turn] = torch.cuda.Event()
-            done_with[turn].record()
+    size, chunk, slots = data.numel(), staging[0].numel(), len(staging)
+    offsets = range(0, size, chunk)
+    copied = [None] * slots  # per buffer: the event of the last copy out of it
+
+    def read(index: int) -> int:
+        turn = index % slots
+        if copied[turn] is not None:
+            copied[turn].synchronize()
+        count = min(chunk, size - offsets[index])
+        read_exactly(handle, start + offsets[index], staging[turn], count)
+        return count
+
+    # Leaving the pool waits for reads in flight: no thread writes into a buffer after this returns.
+    with ThreadPoolExecutor(max_workers=min(READERS, slots)) as pool:
+        reads = {index: pool.submit(read, index) for index in range(min(slots, len(offsets)))}
+        try:
+            for index, offset in enumerate(offsets):
+                count, turn = reads.pop(index).result(), index % slots
+                data[offset:offset + count].copy_(staging[turn][:count], non_blocking=on_gpu)
+                if on_gpu:
+                    copied[turn] = torch.cuda.Event()
+                    copied[turn].record()
+                if index + slots < len(offsets):
+                    reads[index + slots] = pool.submit(read, index + slots)
+        finally:
+            for pending in reads.values():
+                pending.cancel()
     if on_gpu:
         torch.cuda.current_stream(data.device).synchronize()
 

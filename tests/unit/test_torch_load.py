@@ -32,12 +32,12 @@ def sample_tensors() -> dict:
     }
 
 
-@pytest.mark.parametrize("staging", [None, 1, 7, 4096, 64 * 2**20])
-def test_same_tensors_as_the_library_whatever_the_chunking(tmp_path, staging):
+@pytest.mark.parametrize("staging, slots", [(None, 0), (7, 2), (4096, 3), (4096, 8), (64 * 2**20, 8)])
+def test_same_tensors_as_the_library_whatever_the_chunking(tmp_path, staging, slots):
     path = tmp_path / "model.safetensors"
     safetensors_torch.save_file(sample_tensors(), str(path))
     expected = safetensors_torch.load_file(str(path))
-    buffers = None if staging is None else staging_buffers(torch, path.stat().st_size, pinned=False, size=staging)
+    buffers = None if staging is None else staging_buffers(torch, path.stat().st_size, False, staging, slots)
     loaded = load_safetensors(torch, str(path), "cpu", buffers)
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -98,8 +98,8 @@ def test_where_memory_cannot_be_pinned_the_staging_buffers_are_ordinary_memory(t
     the load still works, through ordinary buffers."""
     if torch.cuda.is_available():
         pytest.skip("this torch can pin memory")
-    buffers = staging_buffers(torch, 1000, pinned=True, size=64)
-    assert [b.numel() for b in buffers] == [64, 64] and not buffers[0].is_pinned()
+    buffers = staging_buffers(torch, 1000, pinned=True, size=64, slots=3)
+    assert [b.numel() for b in buffers] == [64, 64, 64] and not buffers[0].is_pinned()
     path = tmp_path / "model.safetensors"
     safetensors_torch.save_file(sample_tensors(), str(path))
     assert torch.equal(load_safetensors(torch, str(path), "cpu", buffers)["embeddings.weight"],
