@@ -22,6 +22,22 @@ def respond(resp: falcon.Response, body: dict | bytes, status: int = 200) -> Non
     resp.data = body if isinstance(body, bytes) else msgspec.json.encode(body)
 
 
+class EncodedOnce:
+    """An answer's JSON, encoded once for as long as the source hands back that very object: a
+    source answers an unchanged state with the same dict, so its bytes are sent again as they are.
+    The last answer is kept referenced, so its identity cannot be taken by a new one."""
+
+    def __init__(self, shape=lambda answer: answer):
+        self.shape = shape  # what is sent, made from the answer
+        self.last: tuple = (None, b"")
+
+    def __call__(self, answer) -> bytes:
+        last = self.last  # one read: another thread may replace it meanwhile, never change it
+        if last[0] is not answer:
+            last = self.last = (answer, msgspec.json.encode(self.shape(answer)))
+        return last[1]
+
+
 def read_body(req: falcon.Request) -> bytes:
     """The request body, refused with 413 past MAX_BODY whether or not it declared a length, and
     with 415 unless it is JSON: a web page can send a text/plain POST without asking first."""
@@ -63,12 +79,13 @@ class Ready:
 
     def __init__(self, source):
         self.source = source
+        self.encoded = EncodedOnce(lambda current: {
+            "ready": current["all_ready"], "in_progress": current["in_progress"],
+            "summary": current["summary"], "errors": current["errors"]})
 
     def on_get(self, req, resp):
         current = self.source.models_status()
-        body = {"ready": current["all_ready"], "in_progress": current["in_progress"],
-                "summary": current["summary"], "errors": current["errors"]}
-        respond(resp, body, 200 if current["all_ready"] else 503)
+        respond(resp, self.encoded(current), 200 if current["all_ready"] else 503)
 
 
 class ModelsStatus:
@@ -95,9 +112,10 @@ class ModelsPreload:
 class GpuInfo:
     def __init__(self, source):
         self.source = source
+        self.encoded = EncodedOnce()
 
     def on_get(self, req, resp):
-        respond(resp, self.source.gpu_info())
+        respond(resp, self.encoded(self.source.gpu_info()))
 
 
 class MpsAllocation:

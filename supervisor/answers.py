@@ -94,6 +94,7 @@ class Answers:
         self.segment = segment
         self.reader = SlotReader(segment, LoaderState)  # this side's own: a reader is not thread-safe
         self.seq_at: tuple = (None, [])  # (the loaders, where each one's sequence number lies)
+        self.gpu_cache: tuple = (None, None, None, None)  # (config, MPS report, GPU sample, /gpu/info)
         self.wake, self.mps, self.sampler, self.gpu_count = wake, mps, sampler, gpu_count
         self.commands: queue.Queue[Command] = queue.Queue()
         self.lock = threading.Lock()  # the reader, the cache, and the segment's life (closed)
@@ -193,8 +194,14 @@ class Answers:
                 "clients": len(snapshot.loaders), "loaders": counts}
 
     def gpu_info(self) -> dict:
+        """Composed again only when the configuration, the MPS report or the GPU sample changed:
+        else the same dict (the HTTP layer then sends the same bytes), its sample's age aside."""
         self.check_open()
-        return status.gpu_info(self.snapshot.config, self.mps_report(), self.telemetry())
+        config, report, telemetry = self.snapshot.config, self.mps_report(), self.telemetry()
+        cached = self.gpu_cache
+        if cached[0] is not config or cached[1] != report or cached[2] is not telemetry:
+            cached = self.gpu_cache = (config, report, telemetry, status.gpu_info(config, report, telemetry))
+        return status.with_age(cached[3], telemetry, time.monotonic())
 
     def mps_allocation(self) -> dict:
         self.check_open()

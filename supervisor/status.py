@@ -337,7 +337,7 @@ def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now:
         return info
     if telemetry is None:
         return {**info, "nvml_init_error": "no sample yet: the NVML sampler is starting"}
-    return {
+    return with_age({
         **info,
         "available": any(gpu.error is None for gpu in telemetry.gpus),
         "gpus": [msgspec.structs.asdict(gpu) for gpu in telemetry.gpus],
@@ -347,5 +347,12 @@ def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now:
         "driver_version": telemetry.driver_version,
         "cuda_driver_version": telemetry.cuda_driver_version,
         "sampled_at": iso(telemetry.sampled_at),
-        "age_s": round(now - telemetry.sampled_monotonic, 3),
-    }
+    }, telemetry, now)
+
+
+def with_age(info: dict, telemetry: Telemetry | None, now: float) -> dict:
+    """/gpu/info with the sample's age now: the one key that moves with the clock. An answer
+    without a sample has none, and is returned as it is."""
+    if telemetry is None or info["sampled_at"] is None:
+        return info
+    return {**info, "age_s": round(now - telemetry.sampled_monotonic, 3)}

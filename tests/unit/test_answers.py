@@ -142,3 +142,38 @@ def test_with_few_loaders_an_answer_nothing_changed_since_is_the_same_bytes_and_
     assert answers.models_status_json() is first and not looked
     publish(segment, 1, procs[1], 1, 2.0, **{"org/b1": READY})  # a heartbeat only
     assert answers.models_status_json() != first and looked == [1]
+
+
+def test_gpu_info_is_composed_again_only_when_its_inputs_change_and_its_age_always_moves(setup):
+    """The same configuration, MPS report and GPU sample: the same dict (sent as the same bytes);
+    with a sample, only its age is new on each request; a new sample or configuration composes anew."""
+    import time
+
+    import msgspec
+
+    from gpu_orchestrator.supervisor.telemetry import Telemetry
+
+    config, segment, _ = setup
+    sample = Telemetry(True, None, time.time(), time.monotonic() - 5.0)
+
+    class Sampler:
+        def __init__(self):
+            self.latest = None
+
+        def snapshot(self):
+            return 1, self.latest
+
+    sampler = Sampler()
+    answers = Answers(config, segment, wake=lambda: None, sampler=sampler)
+    first = answers.gpu_info()
+    assert answers.gpu_info() is first
+    answers.publish(Snapshot(msgspec.structs.replace(config, enable_mps=True)))
+    assert answers.gpu_info() is not first and answers.gpu_info()["mps_configured"]
+    answers.publish(Snapshot(msgspec.structs.replace(config, enable_nvml=True)))
+    sampler.latest = sample
+    aged = answers.gpu_info()
+    assert aged["nvml_supported"] and aged["age_s"] >= 5.0
+    assert answers.gpu_info()["age_s"] >= aged["age_s"]
+    assert list(aged) == list(first)  # the same keys in the same places, age_s among them
+    sampler.latest = Telemetry(True, None, time.time(), time.monotonic())
+    assert answers.gpu_info()["age_s"] < 5.0

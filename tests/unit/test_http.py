@@ -69,6 +69,24 @@ def test_ready_follows_all_ready(client, source):
     assert client.simulate_get("/ready").json["ready"] is True
 
 
+def test_an_answer_handed_back_again_is_sent_as_the_bytes_encoded_for_it(client, source):
+    """A source answers an unchanged state with the same object: /ready and /gpu/info encode it
+    once; a new object, whatever it says, is encoded anew."""
+    from gpu_orchestrator.http.resources import EncodedOnce
+
+    shaped = []
+    encoded = EncodedOnce(lambda answer: shaped.append(answer) or {"n": answer["n"]})
+    same = {"n": 1}
+    assert encoded(same) == b'{"n":1}' and encoded(same) is encoded(same) and len(shaped) == 1
+    assert encoded({"n": 2}) == b'{"n":2}' and len(shaped) == 2
+    status = source.models_status()
+    source.models_status = lambda: status
+    first = client.simulate_get("/ready")
+    assert first.status_code == 503 and client.simulate_get("/ready").content == first.content
+    source.models_status = lambda: {**status, "all_ready": True}
+    assert client.simulate_get("/ready").json["ready"] is True
+
+
 @pytest.mark.parametrize("body,refresh", [(b'{"refresh": true}', True), (b'{"refresh": false}', False),
                                           (b"{}", False), (b"", False)])
 def test_preload_bodies(client, source, body, refresh):
