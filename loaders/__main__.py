@@ -194,9 +194,10 @@ class Loader:
             model.bytes_total, model.weight_bytes = model_plan.total_bytes, model_plan.weight_bytes
             check_fits(model_plan, used_bytes, self.limit_bytes)
             self.publish()
-            model.verified = warm(snapshot, model_plan, self.progress(model, started))
-            if self.backend == "torch":
-                self.place_on_device(model, snapshot, model_plan, used_bytes)
+            if self.backend == "torch":  # the same checks and read, the weights read onto the device
+                self.load_on_device(model, snapshot, model_plan, used_bytes, self.progress(model, started))
+            else:
+                model.verified = warm(snapshot, model_plan, self.progress(model, started))
         except (StoreError, ModelError) as exc:
             self.fail(model, str(exc), started)
         except OSError as exc:
@@ -212,13 +213,13 @@ class Loader:
             if model_plan is not None:
                 model_plan.close()  # plan() opened every file; a model refused before warm() must not keep them
 
-    def place_on_device(self, model: ModelProgress, snapshot, model_plan, used_bytes: int) -> None:
+    def load_on_device(self, model: ModelProgress, snapshot, model_plan, used_bytes: int, progress) -> None:
         from gpu_orchestrator.loaders.logs import setup_logging
         from gpu_orchestrator.loaders.torch_backend import load_torch  # torch is optional and slow to import
 
         setup_logging()  # torch logs through the logging package (imported with it): the same lines
-        result = load_torch(snapshot, model_plan, used_bytes, self.limit_bytes, self.warmup_inference)
-        model.device, model.device_memory_bytes = result.device, result.memory_bytes
+        result = load_torch(snapshot, model_plan, used_bytes, self.limit_bytes, self.warmup_inference, progress)
+        model.verified, model.device, model.device_memory_bytes = result.verified, result.device, result.memory_bytes
         model.embedding_dim = result.embedding_dim
         model.note = None if result.note is None else cap_text(result.note, MAX_NOTE)
         self.tick()

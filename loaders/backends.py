@@ -209,13 +209,17 @@ def read_buffer():
 
 
 Progress = Callable[[int], None]
+# place(handle, path, checked, digest, progress) reads a weight file as read_file does (same
+# checks, every byte into `digest` in order) and puts it somewhere: the torch backend's device.
+Place = Callable[[BinaryIO, Path, tuple, object, Progress], int]
 
 
-def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress) -> bool:
+def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress, place: Place | None = None) -> bool:
     """Read every byte once (hashing when there is a manifest); return True if verified.
 
     `progress(bytes_done)` is called after every chunk; it may raise to abandon. Reads go
-    through the descriptors the plan checked, which are closed afterwards.
+    through the descriptors the plan checked, which are closed afterwards. With `place`, the
+    safetensors files are read by it instead, so their bytes are read once, not twice.
     """
     digest = None
     if model_plan.manifest:
@@ -229,8 +233,12 @@ def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress) -> bool:
                 relative = path.relative_to(snapshot.path).as_posix()
                 if digest is not None:
                     add_path_to_digest(digest, relative)
-                done += read_file(model_plan.handles[path], path, model_plan.identities[path], view, digest,
-                                  lambda n: progress(done + n))
+                handle, checked = model_plan.handles[path], model_plan.identities[path]
+                step = lambda n: progress(done + n)  # noqa: E731  (done: the files before this one)
+                if place is not None and path.suffix == ".safetensors":
+                    done += place(handle, path, checked, digest, step)
+                else:
+                    done += read_file(handle, path, checked, view, digest, step)
     finally:
         model_plan.close()
     if digest is not None:
@@ -259,8 +267,7 @@ def changes(checked: tuple, now: tuple, path: Path) -> str:
 def read_file(handle: BinaryIO, path: Path, checked: tuple, view: memoryview, digest, progress: Progress) -> int:
     """Read the file open as `handle` through `view`; fail if it is not the file that was checked
     (`checked`, its identity() then), changes while read, or its path now names another file."""
-    if before := changes(checked, identity(handle), path):
-        raise ModelError(f"{path.name}: changed since it was checked ({before}); the store must be immutable")
+    check_unchanged_before(handle, path, checked)
     handle.seek(0)
     os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
     done = 0
@@ -270,12 +277,21 @@ def read_file(handle: BinaryIO, path: Path, checked: tuple, view: memoryview, di
             digest.update(view[:n])
         done += n
         progress(done)
+    check_unchanged_after(handle, path, checked, done)
+    return done
+
+
+def check_unchanged_before(handle: BinaryIO, path: Path, checked: tuple) -> None:
+    if before := changes(checked, identity(handle), path):
+        raise ModelError(f"{path.name}: changed since it was checked ({before}); the store must be immutable")
+
+
+def check_unchanged_after(handle: BinaryIO, path: Path, checked: tuple, done: int) -> None:
     during = changes(checked, identity(handle), path)
     if not during and done != checked[0]:
         during = f"read {done} of its {checked[0]} bytes"
     if during:
         raise ModelError(f"{path.name}: changed while it was being read ({during}); the store must be immutable")
-    return done
 
 
 def check_fits(model_plan: Plan, used_bytes: int, limit_bytes: int | None) -> None:

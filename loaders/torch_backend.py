@@ -22,8 +22,17 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
-from gpu_orchestrator.loaders.backends import ModelError, Plan
+from gpu_orchestrator.loaders.backends import (
+    ModelError,
+    Plan,
+    Progress,
+    check_unchanged_after,
+    check_unchanged_before,
+    warm,
+)
 from gpu_orchestrator.loaders.store import Snapshot
 
 STAGING_BYTES = 16 * 2**20  # per pinned buffer: large enough that a copy's setup cost vanishes
@@ -46,6 +55,7 @@ class TorchResult:
     memory_bytes: int
     embedding_dim: int | None = None
     note: str | None = None
+    verified: bool = False  # the bytes matched the snapshot's manifest
 
 
 def import_torch():
@@ -58,26 +68,26 @@ def import_torch():
 
 
 def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_bytes: int | None,
-               warmup: bool) -> TorchResult:
+               warmup: bool, progress: Progress = lambda done: None) -> TorchResult:
+    """Check and read the model as warm() does (it is warm(), with the safetensors files read
+    straight onto the device), then measure what the weights took and hold it to the limit."""
     torch = import_torch()
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     weights = [f for f in model_plan.files if f.suffix == ".safetensors"]
     if not weights:
         raise ModelError("backend 'torch' loads safetensors weights; this snapshot has none")
     before = torch.cuda.memory_allocated(0) if device != "cpu" else 0
-    tensors = {}
+    placement = None
     try:
-        staging = None
-        if device != "cpu":
-            staging = staging_buffers(torch, max(path.stat().st_size for path in weights), pinned=True)
-        for path in weights:
-            tensors.update(load_safetensors(torch, str(path), device, staging))
+        largest = max(model_plan.identities[path][0] for path in weights)
+        placement = Placement(torch, device, None if device == "cpu" else staging_buffers(torch, largest, pinned=True))
+        verified = warm(snapshot, model_plan, progress, placement.place)
         taken = (torch.cuda.memory_allocated(0) - before) if device != "cpu" else \
-            sum(t.numel() * t.element_size() for t in tensors.values())
+            sum(t.numel() * t.element_size() for t in placement.tensors.values())
         if limit_bytes is not None and used_bytes + taken > limit_bytes:
             raise ModelError(f"took {taken / 2**30:.2f} GiB on {device}, over the client's limit of "
                              f"{limit_bytes / 2**30:.2f} GiB ({used_bytes / 2**30:.2f} GiB already taken)")
-        result = TorchResult(device, taken)
+        result = TorchResult(device, taken, verified=verified)
         if warmup:
             embed(snapshot, device, result)
         return result
@@ -91,8 +101,7 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
                          f"(client limit {limit}; CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="
                          f"{os.environ.get('CUDA_MPS_PINNED_DEVICE_MEM_LIMIT', 'unset')}): {exc}") from None
     finally:
-        tensors.clear()  # views of one buffer per file: freed by their last reference
-        staging = None
+        placement = None  # the tensors: views of one buffer per file, freed with their last reference
         if warmup:
             gc.collect()  # the embedding model's objects hold reference cycles
         if device != "cpu":
@@ -131,33 +140,47 @@ def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES
         return [torch.empty(chunk, dtype=torch.uint8) for _ in range(slots)]
 
 
-def load_safetensors(torch, path: str, device: str, staging: list | None = None) -> dict:
-    """The tensors of a safetensors file (its header already checked by the plan), on `device`:
-    through `staging` (two buffers, see staging_buffers) if given, else straight into their memory
-    (the CPU only)."""
-    with open(path, "rb", buffering=0) as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
-        start = 8 + header_len
-        data = torch.empty(os.fstat(handle.fileno()).st_size - start, dtype=torch.uint8, device=device)
+class Placement:
+    """Where warm() puts a model's safetensors files on the torch backend: each file's bytes go
+    from the store into one buffer on the device as they are read (checked, hashed and counted as
+    read_file does), and its tensors are views of that buffer."""
+
+    def __init__(self, torch, device: str, staging: list | None):
+        self.torch, self.device, self.staging = torch, device, staging  # staging None: read straight in (CPU)
+        self.tensors = {}
+
+    def place(self, handle: BinaryIO, path: Path, checked: tuple, digest, progress: Progress) -> int:
+        """One file, open as `handle` (the plan checked its header; `checked` is its identity then)."""
+        check_unchanged_before(handle, path, checked)
+        size = checked[0]
+        prefix = os.pread(handle.fileno(), 8, 0)
+        header_bytes = os.pread(handle.fileno(), struct.unpack("<Q", prefix)[0], 8)
+        start = 8 + len(header_bytes)
+        if digest is not None:
+            digest.update(prefix + header_bytes)
+        data = self.torch.empty(size - start, dtype=self.torch.uint8, device=self.device)
         os.posix_fadvise(handle.fileno(), start, data.numel(), os.POSIX_FADV_SEQUENTIAL)
-        if staging is None:
+        if self.staging is None:
             read_exactly(handle, start, data, data.numel())
+            if digest is not None:
+                digest.update(host_view(data, data.numel()))
+            progress(size)
         else:
-            copy_through(torch, handle, start, data, staging)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = tensor_view(torch, data, name, info["dtype"], info["shape"], *info["data_offsets"])
-    return tensors
+            copy_through(self.torch, handle, start, data, self.staging, digest, lambda n: progress(start + n))
+        check_unchanged_after(handle, path, checked, size)
+        for name, info in json.loads(header_bytes).items():
+            if name != "__metadata__":
+                self.tensors[name] = tensor_view(self.torch, data, name, info["dtype"], info["shape"],
+                                                 *info["data_offsets"])
+        return size
 
 
-def copy_through(torch, handle, start: int, data, staging: list) -> None:
+def copy_through(torch, handle, start: int, data, staging: list, digest, progress: Progress) -> None:
     """Read the file from `start` into `data` through the staging buffers: up to READERS threads
     read chunks into free buffers at once (one thread copies the page cache at a fraction of the
-    link's rate), and each chunk, in file order, is copied to the device asynchronously. A buffer
-    is read into again only once the copy out of it has finished (its event)."""
+    link's rate), and each chunk, in file order, is hashed into `digest` (if any), counted, and
+    copied to the device asynchronously. A buffer is read into again only once the copy out of it
+    has finished (its event)."""
     on_gpu = data.device.type == "cuda"
     size, chunk, slots = data.numel(), staging[0].numel(), len(staging)
     offsets = range(0, size, chunk)
@@ -177,10 +200,13 @@ def copy_through(torch, handle, start: int, data, staging: list) -> None:
         try:
             for index, offset in enumerate(offsets):
                 count, turn = reads.pop(index).result(), index % slots
+                if digest is not None:
+                    digest.update(host_view(staging[turn], count))
                 data[offset:offset + count].copy_(staging[turn][:count], non_blocking=on_gpu)
                 if on_gpu:
                     copied[turn] = torch.cuda.Event()
                     copied[turn].record()
+                progress(offset + count)
                 if index + slots < len(offsets):
                     reads[index + slots] = pool.submit(read, index + slots)
         finally:
@@ -192,16 +218,20 @@ def copy_through(torch, handle, start: int, data, staging: list) -> None:
 
 def read_exactly(handle, position: int, buffer, count: int) -> None:
     """`count` bytes of the file at `position` into the host tensor `buffer`, or a ModelError."""
-    if count == 0:
-        return
-    view = memoryview((ctypes.c_char * count).from_address(buffer.data_ptr())).cast("B")
-    got = 0
+    view, got = host_view(buffer, count), 0
     while got < count:
         n = os.preadv(handle.fileno(), [view[got:]], position + got)
         if n == 0:
             raise ModelError(f"{os.path.basename(handle.name)}: ended {count - got} bytes early while loading "
                              "(it shrank since it was checked); the store must be immutable")
         got += n
+
+
+def host_view(buffer, count: int) -> memoryview:
+    """The first `count` bytes of a host (CPU) uint8 tensor, as a writable memoryview."""
+    if count == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * count).from_address(buffer.data_ptr())).cast("B")
 
 
 def tensor_view(torch, data, name: str, dtype: str, shape: list, begin: int, end: int):

@@ -3,8 +3,9 @@
 For each snapshot (a generated one, plus every --model-dir), side by side in one process:
 - `cat`: reading the snapshot's files (the page cache's, or the disk's, read rate);
 - the default backend: the loader's check and read of every file, as a warm-up does it;
-- the torch backend: that read, then the weights onto cuda:0, as a loader with "backend": "torch";
-- its device step alone (`load_torch`), and safetensors' own `load_file(device="cuda")`;
+- the torch backend: the same checks and read, the weights read onto cuda:0, as a loader with
+  "backend": "torch" does it (`load_torch`);
+- safetensors' own `load_file(device="cuda")` of the weights;
 - the physical limit: torch's host-to-device copy of a pinned buffer of the weights' size.
 Each is the median of --repeat runs, with a hot page cache and, where the cache can be emptied
 (root: /proc/sys/vm/drop_caches; else posix_fadvise DONTNEED per file), a cold one. Rates are the
@@ -86,19 +87,14 @@ class Bench:
         device.copy_(host, non_blocking=self.on_gpu)  # the first copy maps the buffer; not timed
         return self.timed(lambda: device.copy_(host, non_blocking=self.on_gpu))  # both freed on return
 
-    def backend(self, root: Path, torch_too: bool) -> None:
+    def default_backend(self, root: Path) -> None:
         snapshot = Snapshot(root, root, "bench")
-        model_plan = plan(snapshot)
-        warm(snapshot, model_plan, lambda done: None)
-        if torch_too:
-            self.device_step(root)
+        warm(snapshot, plan(snapshot), lambda done: None)
 
-    def device_step(self, root: Path) -> None:
+    def torch_backend(self, root: Path) -> None:
         from gpu_orchestrator.loaders.torch_backend import load_torch
         snapshot = Snapshot(root, root, "bench")
-        model_plan = plan(snapshot)
-        model_plan.close()
-        load_torch(snapshot, model_plan, 0, None, warmup=False)
+        load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
 
     def library(self, weights: list[Path]) -> None:
         from safetensors.torch import load_file
@@ -114,9 +110,9 @@ class Bench:
         limit = self.pinned_copy(weight_bytes)
         rows = [(f"{label}: pinned host-to-device copy (the physical limit)", weight_bytes, limit, limit)]
         steps = [("`cat` of every file", total, lambda: read_all(files)),
-                 ("default backend: check and read every file", total, lambda: self.backend(root, False)),
-                 ("torch backend: check, read, weights onto the GPU", weight_bytes, lambda: self.backend(root, True)),
-                 ("torch backend's device step alone (load_torch)", weight_bytes, lambda: self.device_step(root)),
+                 ("default backend: check and read every file", total, lambda: self.default_backend(root)),
+                 ("torch backend: check and read every file, weights onto the GPU", weight_bytes,
+                  lambda: self.torch_backend(root)),
                  ('safetensors load_file(device="cuda")', weight_bytes, lambda: self.library(weights))]
         read_all(files)
         for what, size, step in steps:

@@ -32,11 +32,11 @@ def test_every_step_runs_on_the_cpu_and_each_row_is_measured(tmp_path):
                        "--model-dir", str(snapshot), "--output", str(output))
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 2 * 6, result.stdout  # two snapshots: the pinned copy and five steps each
+    assert len(rows) == 2 * 5, result.stdout  # two snapshots: the pinned copy and four steps each
     for row in rows:
         seconds, rate = re.fullmatch(r"\| .+ \| [\d.]+ MiB \| ([\d.e+-]+) \| ([\d.e+-]+) \| [\d.]+x \|", row).groups()
         assert float(seconds) > 0 and float(rate) > 0, row
-    assert "small, hot cache: torch backend: check, read, weights onto the GPU" in result.stdout
+    assert "small, hot cache: torch backend: check and read every file, weights onto the GPU" in result.stdout
     assert output.read_text() == result.stdout.rstrip("\n") + "\n"
 
 

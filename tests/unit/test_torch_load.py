@@ -2,21 +2,28 @@
 judged against the safetensors library's load_file on the same files. On the CPU here; the same
 code runs on cuda with pinned buffers (scripts/gpu-check and `gpu-orchestrator bench-gpu`)."""
 
+import hashlib
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs the [torch] extra")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="the torch backend needs the [torch] extra")
 
+from gpu_orchestrator.loaders.backends import identity
 from gpu_orchestrator.loaders.formats import ModelError
-from gpu_orchestrator.loaders.torch_backend import (
-    TORCH_DTYPES,
-    load_safetensors,
-    staging_buffers,
-)
+from gpu_orchestrator.loaders.torch_backend import TORCH_DTYPES, Placement, staging_buffers
+
+
+def load_safetensors(torch, path: str, device: str, staging=None, digest=None, progress=lambda n: None) -> dict:
+    """One file placed as warm() places it on the torch backend: its tensors."""
+    placement = Placement(torch, device, staging)
+    with open(path, "rb") as handle:
+        assert placement.place(handle, Path(path), identity(handle), digest, progress) == os.path.getsize(path)
+    return placement.tensors
 
 
 def sample_tensors() -> dict:
@@ -64,17 +71,32 @@ def test_a_tensor_off_its_alignment_is_copied_not_misread(tmp_path):
     assert loaded["floats"].tolist() == pytest.approx([1.5, -2.25, 1e-3])
 
 
-def test_a_file_that_shrinks_while_it_loads_fails_saying_so(tmp_path, monkeypatch):
-    """The buffer is sized from the file when it is opened; if the file is cut short after
-    that, the missing bytes must fail the load, never load as zeros."""
+def test_a_file_that_shrinks_while_it_loads_fails_saying_so(tmp_path):
+    """Cut short after its first chunk was placed: the missing bytes fail the load by name,
+    never load as zeros."""
     path = tmp_path / "model.safetensors"
     safetensors_torch.save_file(sample_tensors(), str(path))
-    size = path.stat().st_size
-    path.write_bytes(path.read_bytes()[:-10])
-    real_fstat = os.fstat
-    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], size, *real_fstat(fd)[7:])))
-    with pytest.raises(ModelError, match="model.safetensors: ended 10 bytes early"):
-        load_safetensors(torch, str(path), "cpu", staging_buffers(torch, size, pinned=False, size=4096))
+    (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+    cut = 8 + header_len + 2 * 4096 + 10
+
+    def cut_short(done: int) -> None:
+        if done <= 8 + header_len + 4096:
+            os.truncate(path, cut)
+
+    staging = staging_buffers(torch, path.stat().st_size, pinned=False, size=4096, slots=2)
+    with pytest.raises(ModelError, match=r"model.safetensors: ended \d+ bytes early while loading"):
+        load_safetensors(torch, str(path), "cpu", staging, progress=cut_short)
+
+
+def test_every_byte_is_hashed_in_order_and_counted(tmp_path):
+    """The manifest's digest sees the file as read_file would feed it: every byte, in order."""
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(sample_tensors(), str(path))
+    for staging in (None, staging_buffers(torch, path.stat().st_size, pinned=False, size=1000, slots=3)):
+        digest, seen = hashlib.sha256(), []
+        load_safetensors(torch, str(path), "cpu", staging, digest, seen.append)
+        assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert seen == sorted(seen) and seen[-1] == path.stat().st_size
 
 
 def test_every_dtype_mapped_exists_in_this_torch_or_is_refused_by_name(tmp_path):
@@ -104,3 +126,26 @@ def test_where_memory_cannot_be_pinned_the_staging_buffers_are_ordinary_memory(t
     safetensors_torch.save_file(sample_tensors(), str(path))
     assert torch.equal(load_safetensors(torch, str(path), "cpu", buffers)["embeddings.weight"],
                        sample_tensors()["embeddings.weight"])
+
+
+def test_the_torch_backend_is_the_warm_up_itself_manifest_checked_on_the_bytes_it_placed(tmp_path):
+    """One read: the torch backend's placement is warm()'s read of the weights, so a manifest
+    is verified on the very bytes that went to the device, and a flipped byte fails the model."""
+    from gpu_orchestrator.loaders.backends import plan
+    from gpu_orchestrator.loaders.store import Snapshot
+    from gpu_orchestrator.loaders.torch_backend import load_torch
+    from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+
+    root = tmp_path / "org" / "m"
+    write_snapshot(root, (64, 1, 100), seed=1, manifest=True)
+    snapshot = Snapshot(root, root, "test")
+    seen = []
+    result = load_torch(snapshot, plan(snapshot), 0, None, warmup=False, progress=seen.append)
+    files = sum(p.stat().st_size for p in root.iterdir() if p.name != "manifest.json")
+    assert result.verified and result.device in ("cpu", "cuda:0") and seen[-1] == files
+    weights = root / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="manifest checksum mismatch"):
+        load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
