@@ -27,6 +27,7 @@ from gpu_orchestrator.loaders.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.loaders.store import Snapshot
 from gpu_orchestrator.loaders.wire import LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.commands import helptext
+from gpu_orchestrator.supervisor.commands.benchfile import gpu_section
 from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 from gpu_orchestrator.supervisor.commands.harness import Orchestrator, wait
 from gpu_orchestrator.supervisor.commands.loadgen import against_ceiling, percentile
@@ -350,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if not args.smoke:
         command = "scripts/bench" + (" --quick" if args.quick else "")
+        gpu = gpu_section(Path(args.output).read_text() if Path(args.output).exists() else "")
         Path(args.output).write_text(f"# Benchmarks\n\n{environment()}\n- run: `{command}` ({scale})\n\n{table}\n\n"
-                                     f"{NOTES}\n")
+                                     f"{gpu}{NOTES}\n")  # a GPU host's figures: this run cannot remake them
         print(f"\nwritten to {args.output}")
     return 0
 
