@@ -52,3 +52,20 @@ def test_gpu_check_drives_the_product_on_fake_nvml_and_mps(tmp_path):
         assert line in out, out
     assert f"gpu-check: {6 if torch else 3} unexpected result(s)" in out
     assert not list(tmp_path.glob("gpu-check-*")), "gpu-check left its folders behind"
+
+
+def test_the_context_cost_is_bisected_and_the_limits_are_set_from_it(monkeypatch):
+    """On an H200 a bare context did not fit under 512 MiB: the limits must come from the
+    measured cost, never from a guess. Here a client 'fits' from 530 MiB up."""
+    from gpu_orchestrator.supervisor.commands import gpucheck
+    asked = []
+
+    def client(settings, limit, *args):
+        asked.append(limit)
+        return {"ok": limit >= 530}
+
+    monkeypatch.setattr(gpucheck, "run_client", client)
+    assert gpucheck.context_cost(None) == 544  # 512 refused, 544 accepted: to 32 MiB
+    assert asked[0] == gpucheck.CONTEXT_PROBE_MAX_MIB and len(asked) <= 8
+    monkeypatch.setattr(gpucheck, "run_client", lambda *a: {"ok": False, "result": "no libcuda"})
+    assert gpucheck.context_cost(None) is None
