@@ -160,11 +160,13 @@ class Placement:
             digest.update(prefix + header_bytes)
         data = self.torch.empty(size - start, dtype=self.torch.uint8, device=self.device)
         os.posix_fadvise(handle.fileno(), start, data.numel(), os.POSIX_FADV_SEQUENTIAL)
-        if self.staging is None:
-            read_exactly(handle, start, data, data.numel())
-            if digest is not None:
-                digest.update(host_view(data, data.numel()))
-            progress(size)
+        if self.staging is None:  # in chunks all the same: progress, and a SIGTERM, between them
+            for offset in range(0, data.numel(), STAGING_BYTES):
+                part = data[offset:offset + STAGING_BYTES]
+                read_exactly(handle, start + offset, part, part.numel())
+                if digest is not None:
+                    digest.update(host_view(part, part.numel()))
+                progress(start + offset + part.numel())
         else:
             copy_through(self.torch, handle, start, data, self.staging, digest, lambda n: progress(start + n))
         check_unchanged_after(handle, path, checked, size)
