@@ -84,6 +84,7 @@ class MpsDaemon:
         self.wake = wake
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
+        self.our_pipe: tuple[int, int] | None = None  # (st_dev, st_ino) of the control pipe our daemon made
         self.available = shutil.which(BINARY) is not None
         self.probe = Probe(error=None if self.available else f"{BINARY} not found on PATH")
         self.state = states.MPS_OFF
@@ -177,7 +178,20 @@ class MpsDaemon:
             log.info(kv("MPS control daemon answering", pid=probe.control_pid, after_s=round(now - self.since, 2)))
         with self.lock:
             self.failure = None
+        if self.proc is not None:
+            self.our_pipe = self.pipe_made_by(self.proc.pid)
         self.to(states.MPS_UP, now)
+
+    def pipe_made_by(self, pid: int) -> tuple[int, int] | None:
+        """The control pipe's identity when the pid file says daemon `pid` made it, else None: only
+        that pipe is ever removed (never one of another daemon serving the same folder)."""
+        try:
+            if read_pid(Path(self.settings.pipe_dir, PID_FILE)) != pid:
+                return None
+            found = os.stat(Path(self.settings.pipe_dir, CONTROL_PIPE))
+        except (OSError, ValueError):
+            return None
+        return found.st_dev, found.st_ino
 
     def next_deadline(self) -> float | None:
         """When the loop must look again even if the probe stays silent: a restart due, a hung start."""
@@ -273,20 +287,25 @@ class MpsDaemon:
         log.info(kv("MPS control daemon stopped"))
 
     def remove_pipe_files(self, pid: int) -> None:
-        """Leave no pipe a client would try to reach: a killed daemon cannot clean up, and the real
-        one's `quit` removes its pid file but leaves the control pipe. Kept only while the pid file
-        names another live daemon: ours may have exited because that one already served the folder."""
-        try:
-            owner = read_pid(Path(self.settings.pipe_dir, PID_FILE))
-        except (OSError, ValueError):
-            owner = None  # no daemon serves the folder: a running one always has its pid file
-        if owner is not None and owner != pid and process_alive(owner):
+        """Leave no pipe of ours a client would try to reach: a killed daemon cannot clean up, and
+        the real one's `quit` leaves its control pipe. Only the pipe our daemon made once it
+        answered (same inode) or that its pid file still names, and that pid file: a daemon of ours
+        that exited because another already served the folder removes nothing."""
+        ours, self.our_pipe = self.our_pipe or self.pipe_made_by(pid), None
+        if ours is None:
             return
-        for name in (CONTROL_PIPE, PID_FILE):
-            try:
-                os.unlink(os.path.join(self.settings.pipe_dir, name))
-            except FileNotFoundError:
-                pass
+        folder = Path(self.settings.pipe_dir)
+        try:
+            found = os.stat(folder / CONTROL_PIPE)
+            if (found.st_dev, found.st_ino) == ours:
+                os.unlink(folder / CONTROL_PIPE)
+        except OSError:
+            pass  # gone already, or not ours to remove
+        try:
+            if read_pid(folder / PID_FILE) == pid:
+                os.unlink(folder / PID_FILE)
+        except (OSError, ValueError):
+            pass
 
     # ---- probe thread ---------------------------------------------------------
 

@@ -302,3 +302,27 @@ def test_overcommit_is_judged_per_gpu_from_nvml_and_logged(tmp_path, store):
                           what="the over-commit warnings")
         assert "over-commit the GPU memory; clients may run out of memory gpu=1 limits_gb=28.0 gpu_gb=24.0" in logged
         assert "gpu=0" not in logged
+
+
+@pytest.mark.parametrize("pid_file", ["missing", "garbage", "a pid we cannot see"])
+def test_a_daemon_of_ours_that_never_answered_leaves_another_daemons_pipe(tmp_path, mps_dirs, pid_file):
+    """Another daemon serves the folder but its pid file does not name it to us (still starting,
+    unreadable, another pid namespace); ours exited 'already running'. Its pipe must stay."""
+    from gpu_orchestrator.supervisor.mps import PID_FILE, MpsDaemon
+    from gpu_orchestrator.supervisor.mps_control import MpsSettings
+    other = subprocess.Popen([str(FAKES / "nvidia-cuda-mps-control"), "-f"], env={**os.environ, **mps_dirs})
+    try:
+        pipe = Path(mps_dirs["CUDA_MPS_PIPE_DIRECTORY"])
+        wait_for(lambda: ctl(mps_dirs, "get_default_active_thread_percentage").returncode == 0, 20)
+        {"missing": lambda: (pipe / PID_FILE).unlink(),
+         "garbage": lambda: (pipe / PID_FILE).write_text("not a pid\n"),
+         "a pid we cannot see": lambda: (pipe / PID_FILE).write_text("4194303\n")}[pid_file]()
+        daemon = MpsDaemon(MpsSettings(mps_dirs["CUDA_MPS_PIPE_DIRECTORY"], mps_dirs["CUDA_MPS_LOG_DIRECTORY"]))
+        daemon.proc = subprocess.Popen(["true"])  # ours, gone at once as after "already running"
+        daemon.proc.wait()
+        daemon.reap(0.0)
+        assert (pipe / "control").exists()
+        assert ctl(mps_dirs, "get_default_active_thread_percentage").stdout.strip() == "100.0"
+    finally:
+        other.terminate()
+        other.wait(10)
