@@ -8,11 +8,12 @@ client's limit; with `"warmup": true` and sentence-transformers installed, one
 sentence is embedded. The weights are then released: the backend proves the
 model loads and fits, the client service holds its own copy.
 
-Weights reach the device the way the hardware copies fastest: each file's data is read in
-chunks, by several threads at once, into pinned (page-locked) host buffers taken in turn, and
-each chunk is copied to one device buffer while the next are read; the tensors are then views
-of that buffer.
-safetensors' own `load_file(device="cuda")` copies tensor by tensor from pageable memory.
+The weights are read once, as the warm-up's read of their files (backends.warm with a place):
+each file's data is read in chunks, by several threads at once, into pinned (page-locked) host
+buffers taken in turn, and each chunk is copied asynchronously to one device buffer while the
+next are read; the tensors are then views of that buffer. safetensors' own
+`load_file(device="cuda")` copies tensor by tensor from pageable memory, after a warm-up that
+read the files already.
 """
 
 import ctypes
@@ -20,6 +21,7 @@ import gc
 import json
 import os
 import struct
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,10 @@ TORCH_DTYPES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
     "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "C64": "complex64",
     "I64": "int64", "U64": "uint64", "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",  # two to a byte: the last dimension halves, as safetensors loads it
+}  # F6 has no torch type (safetensors 0.8 refuses it too)
+PACKED = {"F4": 2}  # elements per torch element
 
 WARMUP_SENTENCE = "The orchestrator checks that this model answers before its client starts."
 
@@ -76,6 +81,10 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
     weights = [f for f in model_plan.files if f.suffix == ".safetensors"]
     if not weights:
         raise ModelError("backend 'torch' loads safetensors weights; this snapshot has none")
+    limit = f"{limit_bytes / 2**30:.2f} GiB" if limit_bytes is not None else "none set"
+    pinned = os.environ.get("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "unset")
+    if device != "cpu":
+        create_context(torch, device, limit, pinned)
     before = torch.cuda.memory_allocated(0) if device != "cpu" else 0
     placement = None
     try:
@@ -91,21 +100,42 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
         if warmup:
             embed(snapshot, device, result)
         return result
-    except RuntimeError as exc:
-        # OutOfMemoryError from the allocator; a plain RuntimeError ("CUDA error: out of memory")
-        # when the pinned limit is too small for the context itself.
-        if not isinstance(exc, torch.cuda.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+    except BaseException as exc:
+        # The traceback keeps the frames that held the device buffers (and warm()'s, holding the
+        # placement) alive for as long as the caller keeps the error: let them go now, so that
+        # empty_cache below gives the memory back to the device.
+        traceback.clear_frames(exc.__traceback__)
+        if not isinstance(exc, RuntimeError) or "out of memory" not in str(exc).lower():
             raise
-        limit = f"{limit_bytes / 2**30:.2f} GiB" if limit_bytes is not None else "none set"
         raise ModelError(f"out of GPU memory loading {model_plan.weight_bytes / 2**30:.2f} GiB of weights "
-                         f"(client limit {limit}; CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="
-                         f"{os.environ.get('CUDA_MPS_PINNED_DEVICE_MEM_LIMIT', 'unset')}): {exc}") from None
+                         f"(client limit {limit}; CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={pinned}): {exc}") from None
     finally:
-        placement = None  # the tensors: views of one buffer per file, freed with their last reference
+        if placement is not None:
+            placement.tensors.clear()  # views of one buffer per file: freed with their last reference
+            placement.staging = None
+        placement = None
         if warmup:
             gc.collect()  # the embedding model's objects hold reference cycles
         if device != "cpu":
             torch.cuda.empty_cache()
+            # torch keeps freed pinned blocks for reuse, so the staging buffers would stay locked
+            # in the loader for good; its own graphs.py frees them with this (not public API).
+            getattr(torch._C, "_host_emptyCache", lambda: None)()
+
+
+def create_context(torch, device: str, limit: str, pinned: str) -> None:
+    """The CUDA context, before any weight: under MPS it counts against the client's pinned limit
+    (512-544 MiB on an H200 with driver 580), and a limit too small for it must say so rather
+    than blame the weights."""
+    try:
+        torch.empty(1, device=device)
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        raise ModelError(f"the CUDA context itself does not fit under the client's limit ({limit}; "
+                         f"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={pinned}): a context takes about 0.5 GiB of it "
+                         f"on recent GPUs; raise mps_memory_limit_gb (gpu-check measures it): "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def embed(snapshot: Snapshot, device: str, result: TorchResult) -> None:
@@ -130,13 +160,13 @@ def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES
     """The host buffers a load reads into, `slots` of them taken in turn: pinned (page-locked) for a
     GPU, whose copies from pinned memory run asynchronously at the link's full rate; one set per load."""
     chunk = max(1, min(size, largest))
+    slots = max(2, min(slots, -(-largest // chunk)))  # no more than the largest file fills, two for overlap
     try:
         return [torch.empty(chunk, dtype=torch.uint8, pin_memory=pinned) for _ in range(slots)]
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise  # the context itself did not fit: load_torch says so with the limit
-        # Page-locked memory refused (a container's limit, no allocator): slower synchronous
-        # copies from ordinary memory still load the model.
+    except RuntimeError:
+        # Page-locked host memory refused (a container's limit, no allocator; the context exists
+        # already, so this is not the device's memory): slower synchronous copies from ordinary
+        # memory still load the model.
         return [torch.empty(chunk, dtype=torch.uint8) for _ in range(slots)]
 
 
@@ -241,7 +271,13 @@ def tensor_view(torch, data, name: str, dtype: str, shape: list, begin: int, end
     to its element size (the format does not promise alignment, a view needs it)."""
     kind = getattr(torch, TORCH_DTYPES.get(dtype, ""), None)
     if kind is None:
-        raise ModelError(f"tensor {name!r} is {dtype}, which this torch ({torch.__version__}) has no type for")
+        raise ModelError(f"tensor {name!r} is {dtype}, which the torch backend cannot load with this torch "
+                         f"({torch.__version__}); use the default backend for this model")
+    if dtype in PACKED:
+        if not shape or shape[-1] % PACKED[dtype]:
+            raise ModelError(f"tensor {name!r} is {dtype}{shape}: its last dimension does not pack "
+                             f"{PACKED[dtype]} to a byte, as torch holds {dtype}; use the default backend")
+        shape = [*shape[:-1], shape[-1] // PACKED[dtype]]
     raw = data[begin:end]
     size = torch.empty((), dtype=kind).element_size()
     if begin % size:

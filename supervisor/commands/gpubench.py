@@ -129,8 +129,10 @@ class Bench:
 SECTION_NOTES = """What bounds each figure: `cat` and the default backend, one thread copying the page cache
 (hot) or reading the disk (cold); the torch backend, up to 8 threads copying the page cache into
 pinned buffers while the copy engine moves the chunks before them; the pinned copy, the
-host-to-device link. A small model's figures are mostly fixed costs (pinning the staging
-buffers, starting the readers). `scripts/bench` keeps this section when it rewrites the rest."""
+host-to-device link. A small model's figures are mostly fixed costs (the context's first
+allocations, starting the readers, a device buffer per file). The torch rows count the weights'
+bytes, and their time includes reading the snapshot's small files too. `scripts/bench` keeps
+this section when it rewrites the rest."""
 
 
 def render(rows: list[tuple], repeat: int) -> str:

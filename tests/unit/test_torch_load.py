@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch", reason="the torch backend needs the [torch]
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="the torch backend needs the [torch] extra")
 
 from gpu_orchestrator.loaders.backends import identity
-from gpu_orchestrator.loaders.formats import ModelError
+from gpu_orchestrator.loaders.formats import SAFETENSORS_DTYPE_BITS, ModelError
 from gpu_orchestrator.loaders.torch_backend import TORCH_DTYPES, Placement, staging_buffers
 
 
@@ -102,20 +102,51 @@ def test_every_byte_is_hashed_in_order_and_counted(tmp_path, monkeypatch):
         assert seen == sorted(seen) and seen[-1] == path.stat().st_size and len(seen) > 10
 
 
-def test_every_dtype_mapped_exists_in_this_torch_or_is_refused_by_name(tmp_path):
+def test_every_dtype_the_library_loads_loads_here_and_the_others_are_refused_by_name(tmp_path):
+    """Each dtype of the format (the model check accepts them all): where safetensors' own
+    load_file loads it, so must the torch backend, byte for byte; else a ModelError naming it."""
     path = tmp_path / "model.safetensors"
-    for dtype, attribute in TORCH_DTYPES.items():
-        if not hasattr(torch, attribute):
-            continue  # an older torch: refused by name, as F4 below
-        size = torch.empty((), dtype=getattr(torch, attribute)).element_size()
-        header = {"w": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2 * size]}}
-        text = json.dumps(header).encode()
-        path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(2 * size))
-        assert load_safetensors(torch, str(path), "cpu")["w"].dtype == getattr(torch, attribute), dtype
-    text = json.dumps({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(1))
-    with pytest.raises(ModelError, match="'w' is F4, which this torch"):
-        load_safetensors(torch, str(path), "cpu")
+    for dtype, bits in SAFETENSORS_DTYPE_BITS.items():
+        elements = 8  # a whole number of bytes for every width
+        text = json.dumps({"w": {"dtype": dtype, "shape": [elements], "data_offsets": [0, elements * bits // 8]}})
+        path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + bytes(range(1, 1 + elements * bits // 8)))
+        try:
+            expected = safetensors_torch.load_file(str(path))["w"]
+        except Exception:  # noqa: BLE001  (the library refuses it: so may we, by name)
+            with pytest.raises(ModelError, match=f"'w' is {dtype}, which the torch backend cannot load"):
+                load_safetensors(torch, str(path), "cpu")
+            continue
+        loaded = load_safetensors(torch, str(path), "cpu")["w"]
+        assert loaded.dtype == expected.dtype and loaded.shape == expected.shape, dtype
+        assert torch.equal(loaded.view(torch.uint8), expected.view(torch.uint8)), dtype
+
+
+def test_a_failed_load_lets_go_of_its_buffers_while_the_error_is_still_held(tmp_path, monkeypatch):
+    """A manifest mismatch after the weights were placed: the caller (a loader that lives on)
+    still holds the error, and the tensors must be gone all the same, or a GPU's memory would
+    stay taken until the next load."""
+    import weakref
+
+    from gpu_orchestrator.loaders import torch_backend
+    from gpu_orchestrator.loaders.backends import plan
+    from gpu_orchestrator.loaders.store import Snapshot
+    from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+
+    placed = []
+    real_view = torch_backend.tensor_view
+    monkeypatch.setattr(torch_backend, "tensor_view", lambda *a: placed.append(real_view(*a)) or placed[-1])
+    root = tmp_path / "org" / "m"
+    write_snapshot(root, (64, 1, 100), seed=1, manifest=True)
+    data = bytearray((root / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (root / "model.safetensors").write_bytes(bytes(data))
+    snapshot = Snapshot(root, root, "test")
+    with pytest.raises(ModelError, match="manifest checksum mismatch") as raised:
+        torch_backend.load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
+    alive = [weakref.ref(t) for t in placed]
+    placed.clear()
+    assert alive and all(ref() is None for ref in alive), "a failed load still holds its tensors"
+    assert raised.value is not None
 
 
 def test_where_memory_cannot_be_pinned_the_staging_buffers_are_ordinary_memory(tmp_path):
@@ -152,3 +183,33 @@ def test_the_torch_backend_is_the_warm_up_itself_manifest_checked_on_the_bytes_i
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="manifest checksum mismatch"):
         load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
+
+
+def test_a_load_failing_mid_file_lets_go_of_the_file_buffer_while_the_error_is_held(tmp_path, monkeypatch):
+    """The error comes from inside the placement, whose frame holds the file's whole buffer: the
+    traceback the caller keeps must not keep that buffer (on a GPU: device memory) alive."""
+    import weakref
+
+    from gpu_orchestrator.loaders import torch_backend
+    from gpu_orchestrator.loaders.backends import plan
+    from gpu_orchestrator.loaders.store import Snapshot
+    from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+
+    buffers = []
+    real_read = torch_backend.read_exactly
+
+    def read_then_fail(handle, position, buffer, count):
+        buffers.append(weakref.ref(buffer if buffer._base is None else buffer._base))
+        if len(buffers) == 2:
+            raise ModelError("model.safetensors: ended 1 bytes early while loading")
+        real_read(handle, position, buffer, count)
+
+    monkeypatch.setattr(torch_backend, "read_exactly", read_then_fail)
+    monkeypatch.setattr(torch_backend, "STAGING_BYTES", 4096)
+    root = tmp_path / "org" / "m"
+    write_snapshot(root, (64, 1, 100), seed=1, manifest=False)
+    snapshot = Snapshot(root, root, "test")
+    with pytest.raises(ModelError, match="ended 1 bytes early") as raised:
+        torch_backend.load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
+    assert len(buffers) == 2 and all(ref() is None for ref in buffers), "the failed load's buffer is still alive"
+    assert raised.traceback  # the error, and its traceback, are still held here
