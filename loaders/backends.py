@@ -18,6 +18,7 @@ block would stay resident).
 import json
 import mmap
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -65,15 +66,26 @@ def identity(handle: BinaryIO) -> tuple:
 
 def list_files(snapshot: Snapshot) -> list[Path]:
     """Every regular file of the snapshot, sorted by relative path (the manifest's order),
-    each proven to lie inside its confinement."""
+    each proven to lie inside its confinement.
+
+    Only a symbolic link is resolved: the walk never follows one, so every other name's real
+    path is the snapshot's real path joined with its relative path. One lstat per name instead of
+    one per component of its path (a fifth of a warm-up's checks with 48 loaders x 2 models)."""
     files = []
+    real_root = Path(os.path.realpath(snapshot.path))
     for directory, _, names in os.walk(snapshot.path, followlinks=False):
+        real_directory = real_root / os.path.relpath(directory, snapshot.path)
         for name in names:
             path = Path(directory) / name
-            real = path.resolve()
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue  # gone since the walk listed it: not part of the snapshot
+            link = stat.S_ISLNK(mode)
+            real = path.resolve() if link else real_directory / name
             if not is_inside(real, snapshot.confined_to):
                 raise ModelError(f"{path} resolves to {real}, outside {snapshot.confined_to}; refused")
-            if real.is_file():
+            if real.is_file() if link else stat.S_ISREG(mode):
                 files.append(path)
     return sorted(files, key=lambda f: f.relative_to(snapshot.path).as_posix())
 

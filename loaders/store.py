@@ -67,7 +67,10 @@ class Snapshot(msgspec.Struct, frozen=True):
 
 
 def is_inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """Whether absolute, normalised `path` is `root` or below it: by the text, as `root in
+    path.parents` would say, without making a Path per parent (every file of every warm-up)."""
+    path_text, root_text = str(path), str(root)
+    return path_text == root_text or path_text.startswith(root_text.rstrip("/") + "/")
 
 
 def hf_hub_dir(env: dict) -> Path:

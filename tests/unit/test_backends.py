@@ -6,6 +6,7 @@ import math
 import os
 import struct
 import zipfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +15,7 @@ from support import add_model
 
 from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, snapshot_checksum, warm
 from gpu_orchestrator.loaders.formats import SAFETENSORS_DTYPE_BITS, check_safetensors
-from gpu_orchestrator.loaders.store import Snapshot
+from gpu_orchestrator.loaders.store import Snapshot, is_inside
 
 
 def snapshot_of(path):
@@ -140,6 +141,34 @@ def test_symlinked_file_escaping_the_store_is_refused(tmp_path):
     (path / "tokenizer.json").symlink_to(secret)
     with pytest.raises(ModelError, match="outside"):
         plan(Snapshot(path.resolve(), (tmp_path / "store").resolve(), "shared"))
+
+
+def test_files_are_listed_through_their_snapshot_even_when_it_is_reached_through_a_link(tmp_path):
+    """list_files resolves only symbolic links; every other name is judged by the snapshot's real
+    path, so a snapshot named through a linked folder lists and confines as its real folder does."""
+    store = tmp_path / "store"
+    path = add_model(store, "org/m")
+    (path / "sub").mkdir()
+    (path / "sub" / "extra.json").write_text("{}")
+    (path / "linked.json").symlink_to(path / "sub" / "extra.json")  # a link that stays inside: listed
+    os.mkfifo(path / "pipe")  # not a regular file: left out, never opened
+    (tmp_path / "alias").symlink_to(store)
+    via_link = Snapshot(tmp_path / "alias" / "org" / "m", store.resolve(), "shared")
+    model_plan = plan(via_link)
+    model_plan.close()
+    names = [f.relative_to(via_link.path).as_posix() for f in model_plan.files]
+    assert names == sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                           if p.is_file() and p.name != "pipe") and "linked.json" in names
+    outside = Snapshot(tmp_path / "alias" / "org" / "m", (tmp_path / "elsewhere").resolve(), "shared")
+    with pytest.raises(ModelError, match="outside"):
+        plan(outside)
+
+
+@pytest.mark.parametrize("path,root,inside", [
+    ("/a/b", "/a", True), ("/a", "/a", True), ("/ab", "/a", False), ("/a/bc", "/a/b", False),
+    ("/a", "/a/b", False), ("/a", "/", True), ("/", "/", True)])
+def test_is_inside_is_by_whole_components(path, root, inside):
+    assert is_inside(Path(path), Path(root)) is inside
 
 
 def test_memory_limit_is_checked_before_reading(tmp_path):
