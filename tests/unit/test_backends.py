@@ -1,6 +1,7 @@
 """The default backend: snapshot completeness, safetensors headers, manifests, memory limits."""
 
 import io
+import itertools
 import json
 import math
 import os
@@ -13,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import add_model
 
-from gpu_orchestrator.loaders.backends import ModelError, check_fits, plan, snapshot_checksum, warm
+from gpu_orchestrator.loaders.backends import (CHUNK, PROGRESS_BYTES, ModelError, check_fits, plan, snapshot_checksum,
+                                               warm)
 from gpu_orchestrator.loaders.formats import SAFETENSORS_DTYPE_BITS, check_safetensors
 from gpu_orchestrator.loaders.store import Snapshot, is_inside
 
@@ -141,6 +143,20 @@ def test_symlinked_file_escaping_the_store_is_refused(tmp_path):
     (path / "tokenizer.json").symlink_to(secret)
     with pytest.raises(ModelError, match="outside"):
         plan(Snapshot(path.resolve(), (tmp_path / "store").resolve(), "shared"))
+
+
+def test_progress_comes_at_each_files_end_and_at_most_every_progress_bytes_between(tmp_path):
+    """Reads are CHUNK long, progress (the loader's look at signals and stdin) comes every
+    PROGRESS_BYTES of a file and at its end: every byte counted, none twice."""
+    path = add_model(tmp_path, "org/m", shape=(256, 1, 40000))  # a ~20 MB weight file, many reads
+    model_plan = plan(snapshot_of(path))
+    seen = []
+    warm(snapshot_of(path), model_plan, seen.append)
+    ends = list(itertools.accumulate(model_plan.sizes[f] for f in model_plan.files))
+    assert set(ends) <= set(seen) and seen == sorted(seen) and seen[-1] == model_plan.total_bytes
+    steps = [b - a for a, b in zip([0, *seen], seen)]
+    assert max(steps) < PROGRESS_BYTES + CHUNK and len(seen) < len(ends) + model_plan.total_bytes // PROGRESS_BYTES + 1
+    assert len(seen) > len(ends)  # the large file was reported on its way, not only at its end
 
 
 def test_files_are_listed_through_their_snapshot_even_when_it_is_reached_through_a_link(tmp_path):
