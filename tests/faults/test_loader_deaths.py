@@ -52,7 +52,10 @@ def test_sigkill_during_warmups(tmp_path, record):
             pid = victim["pid"]
             killed.add(pid)
             mid_warmup += any(m["status"] != "ready" for m in victim["models"])  # where the kill landed
-            wait_for(lambda: not process_alive(pid), what="the killed loader reaped")
+            # Until the loop reaps it (its next tick) the status may still name the killed loader;
+            # once it stops, the dead pid must never come back.
+            wait_for(lambda: orch.status()["clients"]["victim"]["pid"] != pid, what="the killed loader noticed")
+            assert not process_alive(pid)
 
             def back():
                 nonlocal responses
