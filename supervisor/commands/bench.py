@@ -347,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_recovery(work, tries)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = render(rows)
-    print(table)
+    print(table := render(rows))
     if not args.smoke:
         command = "scripts/bench" + (" --quick" if args.quick else "")
         gpu = gpu_section(Path(args.output).read_text() if Path(args.output).exists() else "")
@@ -363,9 +362,10 @@ NOTES = """## How to reproduce
 `make test` installs the package; then `scripts/bench` (or `.venv/bin/gpu-orchestrator bench`;
 `--quick` for a short run, `--clients 48,192,384` for the sizes of the scaling curve) prints this
 table and rewrites this file. Every comparison runs side by side in the same run on the same
-machine: the orchestrator and the ceiling take turns of 2 s under the same load generator, and
-each figure is the median of its turns. The load comes from wrk (`-t1 -c8`) when it is installed
-and always from the project's Python generator (4 processes, one keep-alive connection each).
+machine: the orchestrator and the ceiling take 1 s turns under the same load generator, in
+pairs that alternate who goes first; each ratio is the median of the pairs' ratios, with their
+spread. The load comes from wrk (`-t1 -c8`) when it is installed and always from the project's
+Python generator (4 processes, one keep-alive connection each, starting together).
 Compare ratios, not absolute figures, across machines. On a 2-core machine shared with other work
 the 48-client API ratios of one code moved between 0.4x and 1.8x from run to run (and between two
 rows of one run); those for 192 and 384 clients stayed far below 1x in every run.
