@@ -6,7 +6,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 # The safetensors format's own limit (MAX_HEADER_SIZE in the library's src/tensor.rs):
 # a larger length is refused before a byte of the header is read.
@@ -33,14 +33,18 @@ def is_usize(value) -> bool:
     return type(value) is int and 0 <= value < USIZE_LIMIT  # bool is an int to Python, not to JSON
 
 
+def tensor_fields(name: str, tensor: str, info) -> tuple:
+    """(dtype, shape, data_offsets) of one tensor entry, whichever form the library accepts."""
+    if isinstance(info, list) and len(info) == 3:
+        return tuple(info)  # serde also reads a struct from a JSON array, in field order
+    if isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys():
+        return info["dtype"], info["shape"], info["data_offsets"]
+    raise ModelError(f"{name}: tensor {tensor!r} lacks dtype, shape or data_offsets")
+
+
 def tensor_bytes(name: str, tensor: str, info) -> tuple[int, int, int, int]:
     """(begin, end, bytes needed, elements) of one tensor entry, checked as the library checks it."""
-    if isinstance(info, list) and len(info) == 3:
-        dtype, shape, offsets = info  # serde also reads a struct from a JSON array, in field order
-    elif isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys():
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    else:
-        raise ModelError(f"{name}: tensor {tensor!r} lacks dtype, shape or data_offsets")
+    dtype, shape, offsets = tensor_fields(name, tensor, info)
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
         raise ModelError(f"{name}: tensor {tensor!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(map(is_usize, shape))
@@ -69,8 +73,19 @@ def check_safetensors(path: Path) -> int:
         return safetensors_parameters(handle, path.name)
 
 
+class SafetensorsHeader(NamedTuple):
+    raw: bytes  # the file's first bytes: the 8-byte length and the header
+    tensors: list  # (name, dtype, shape, begin, end) of each tensor, offsets into the data
+    parameters: int
+
+
 def safetensors_parameters(handle: BinaryIO, name: str) -> int:
     """The header of the file open as `handle`, validated; the parameter count."""
+    return safetensors_header(handle, name).parameters
+
+
+def safetensors_header(handle: BinaryIO, name: str) -> SafetensorsHeader:
+    """The header of the file open as `handle`, validated against the file as the library does."""
     size = os.fstat(handle.fileno()).st_size
     handle.seek(0)
     prefix = handle.read(8)
@@ -82,8 +97,9 @@ def safetensors_parameters(handle: BinaryIO, name: str) -> int:
                          f"{MAX_SAFETENSORS_HEADER} bytes; the file is corrupt or not safetensors")
     if 8 + header_len > size:
         raise ModelError(f"{name}: safetensors header length {header_len} does not fit the {size}-byte file")
+    text = handle.read(header_len)
     try:
-        header = json.loads(handle.read(header_len).decode("utf-8"), parse_constant=_no_constant)
+        header = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ModelError(f"{name}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -92,11 +108,12 @@ def safetensors_parameters(handle: BinaryIO, name: str) -> int:
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise ModelError(f"{name}: safetensors __metadata__ must map names to strings")
     data_size = size - 8 - header_len
-    ranges, parameters = [], 0
+    ranges, parameters, tensors = [], 0, []
     for tensor, info in header.items():
         if tensor == "__metadata__":
             continue
         begin, end, needed, count = tensor_bytes(name, tensor, info)
+        tensors.append((tensor, *tensor_fields(name, tensor, info)[:2], begin, end))
         if not begin <= end <= data_size:
             raise ModelError(f"{name}: tensor {tensor!r} bytes {begin}-{end} lie outside the file's {data_size} data bytes; the file is truncated or corrupt")
         if end - begin != needed:
@@ -113,7 +130,7 @@ def safetensors_parameters(handle: BinaryIO, name: str) -> int:
         expected = end
     if expected != data_size:
         raise ModelError(f"{name}: {data_size - expected} bytes after the last tensor belong to no tensor")
-    return parameters
+    return SafetensorsHeader(prefix + text, tensors, parameters)
 
 
 def check_zip_checkpoint(handle: BinaryIO, name: str) -> None:

@@ -18,9 +18,7 @@ read the files already.
 
 import ctypes
 import gc
-import json
 import os
-import struct
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from gpu_orchestrator.loaders.backends import (
     check_unchanged_before,
     warm,
 )
+from gpu_orchestrator.loaders.formats import safetensors_header
 from gpu_orchestrator.loaders.store import Snapshot
 
 STAGING_BYTES = 16 * 2**20  # per pinned buffer: large enough that a copy's setup cost vanishes
@@ -183,11 +182,10 @@ class Placement:
         """One file, open as `handle` (the plan checked its header; `checked` is its identity then)."""
         check_unchanged_before(handle, path, checked)
         size = checked[0]
-        prefix = os.pread(handle.fileno(), 8, 0)
-        header_bytes = os.pread(handle.fileno(), struct.unpack("<Q", prefix)[0], 8)
-        start = 8 + len(header_bytes)
+        header = safetensors_header(handle, path.name)  # checked again: these are the bytes that place
+        start = len(header.raw)
         if digest is not None:
-            digest.update(prefix + header_bytes)
+            digest.update(header.raw)
         data = self.torch.empty(size - start, dtype=self.torch.uint8, device=self.device)
         os.posix_fadvise(handle.fileno(), start, data.numel(), os.POSIX_FADV_SEQUENTIAL)
         if self.staging is None:  # in chunks all the same: progress, and a SIGTERM, between them
@@ -200,10 +198,8 @@ class Placement:
         else:
             copy_through(self.torch, handle, start, data, self.staging, digest, lambda n: progress(start + n))
         check_unchanged_after(handle, path, checked, size)
-        for name, info in json.loads(header_bytes).items():
-            if name != "__metadata__":
-                self.tensors[name] = tensor_view(self.torch, data, name, info["dtype"], info["shape"],
-                                                 *info["data_offsets"])
+        for name, dtype, shape, begin, end in header.tensors:
+            self.tensors[name] = tensor_view(self.torch, data, name, dtype, shape, begin, end)
         return size
 
 

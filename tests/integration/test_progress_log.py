@@ -4,7 +4,7 @@ import re
 
 from support import Orchestrator, add_model, write_config
 
-BIG = (1024, 2, 24000)  # hidden, layers, vocabulary: a ~100 MB model, a dozen 8 MiB reads
+BIG = (1024, 2, 24000)  # hidden, layers, vocabulary: a ~100 MB model, a dozen 8 MiB progress steps
 
 
 def test_each_tenth_of_a_model_is_logged_once_with_its_own_seconds(tmp_path):

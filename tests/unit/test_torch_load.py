@@ -15,7 +15,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch", reason="the torch b
 
 from gpu_orchestrator.loaders.backends import identity
 from gpu_orchestrator.loaders.formats import SAFETENSORS_DTYPE_BITS, ModelError
-from gpu_orchestrator.loaders.torch_backend import TORCH_DTYPES, Placement, staging_buffers
+from gpu_orchestrator.loaders.torch_backend import Placement, staging_buffers
 
 
 def load_safetensors(torch, path: str, device: str, staging=None, digest=None, progress=lambda n: None) -> dict:
@@ -213,3 +213,34 @@ def test_a_load_failing_mid_file_lets_go_of_the_file_buffer_while_the_error_is_h
         torch_backend.load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
     assert len(buffers) == 2 and all(ref() is None for ref in buffers), "the failed load's buffer is still alive"
     assert raised.traceback  # the error, and its traceback, are still held here
+
+
+def test_entries_in_array_form_load_as_the_check_accepts_them(tmp_path):
+    """The library (serde) reads a tensor entry as [dtype, shape, data_offsets] too, and the model
+    check accepts it: the torch backend must load it, not crash on a list."""
+    path = tmp_path / "model.safetensors"
+    text = json.dumps({"w": ["F32", [2], [0, 8]], "b": {"dtype": "U8", "shape": [3], "data_offsets": [8, 11]}})
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + struct.pack("<2f", 1.5, -2.0) + bytes([7, 8, 9]))
+    loaded = load_safetensors(torch, str(path), "cpu")
+    assert loaded["w"].tolist() == [1.5, -2.0] and loaded["b"].tolist() == [7, 8, 9]
+
+
+def test_a_header_changed_in_place_since_the_check_is_checked_again(tmp_path):
+    """Same size and mtime, another header: the placement validates the header it places by,
+    so offsets out of the data fail by name instead of cutting tensors from the wrong bytes."""
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(sample_tensors(), str(path))
+    with open(path, "rb") as handle:
+        checked = identity(handle)
+    whole = bytearray(path.read_bytes())
+    (header_len,) = struct.unpack("<Q", whole[:8])
+    header = json.loads(whole[8:8 + header_len])
+    begin, end = header["positions"]["data_offsets"]
+    header["positions"]["data_offsets"] = [begin + 8, end + 8]  # now overlaps the next tensor
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    stat = path.stat()
+    path.write_bytes(bytes(whole[:8]) + text + bytes(whole[8 + header_len:]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    placement = Placement(torch, "cpu", None)
+    with open(path, "rb") as handle, pytest.raises(ModelError, match="model.safetensors: "):
+        placement.place(handle, path, checked, None, lambda n: None)
