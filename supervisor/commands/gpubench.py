@@ -1,7 +1,8 @@
 """`gpu-orchestrator bench-gpu`: how fast a warm-up puts weights on the GPU, against the hardware.
 
 For each snapshot (a generated one, plus every --model-dir), side by side in one process:
-- `cat`: reading the snapshot's files (the page cache's, or the disk's, read rate);
+- `cat`: the snapshot's files read in 8 MiB chunks, as cat does (the page cache's, or the disk's,
+  read rate);
 - the default backend: the loader's check and read of every file, as a warm-up does it;
 - the torch backend: the same checks and read, the weights read onto cuda:0, as a loader with
   "backend": "torch" does it (`load_torch`);
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_orchestrator.loaders.backends import plan, warm
+from gpu_orchestrator.loaders.backends import list_files, plan, warm
 from gpu_orchestrator.loaders.store import Snapshot
 from gpu_orchestrator.supervisor.commands import helptext
 from gpu_orchestrator.supervisor.commands.bench import drop_caches
@@ -32,10 +33,6 @@ from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 
 GENERATED_SHAPE = (4096, 2, 30000)  # hidden, layers, vocabulary: about 1 GiB of F16 weights
 READ_CHUNK = 8 * 2**20
-
-
-def snapshot_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
 
 
 def evict(files: list[Path]) -> str:
@@ -104,7 +101,7 @@ class Bench:
         del tensors
 
     def measure(self, label: str, root: Path) -> list[tuple]:
-        files = snapshot_files(root)
+        files = list_files(Snapshot(root, root, "bench"))  # the files a warm-up reads
         weights = [p for p in files if p.suffix == ".safetensors"]
         total = sum(p.stat().st_size for p in files)
         weight_bytes = sum(p.stat().st_size for p in weights)
