@@ -110,12 +110,13 @@ class ModelsPreload:
 
 
 class GpuInfo:
+    """Encoded per request: its sample's age moves with the clock, so each answer is a new dict."""
+
     def __init__(self, source):
         self.source = source
-        self.encoded = EncodedOnce()
 
     def on_get(self, req, resp):
-        respond(resp, self.encoded(self.source.gpu_info()))
+        respond(resp, self.source.gpu_info())
 
 
 class MpsAllocation:

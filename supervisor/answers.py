@@ -7,7 +7,6 @@ request that must change something (POST /models/preload) becomes a `Command` on
 serves; the HTTP thread waits for the loop's answer, at most LOOP_ANSWER_S.
 """
 
-import itertools
 import os
 import queue
 import threading
@@ -99,8 +98,7 @@ class Answers:
         self.commands: queue.Queue[Command] = queue.Queue()
         self.lock = threading.Lock()  # the reader, the cache, and the segment's life (closed)
         self.cache: tuple | None = None
-        self.parts: dict[str, tuple] = {}  # client -> (inputs, slot words, its ClientPart, slot sequence, version)
-        self.versions = itertools.count()
+        self.parts: dict[str, tuple] = {}  # client -> (inputs, slot words, its ClientPart, slot sequence)
         self.records: dict[str, tuple] = {}  # the loop's: client -> (its fields, its LoaderRecord)
         self.closed = False
         self.stopping = False  # shutdown began: no command is served any more
@@ -194,8 +192,8 @@ class Answers:
                 "clients": len(snapshot.loaders), "loaders": counts}
 
     def gpu_info(self) -> dict:
-        """Composed again only when the configuration, the MPS report or the GPU sample changed:
-        else the same dict (the HTTP layer then sends the same bytes), its sample's age aside."""
+        """Composed again only when the configuration, the MPS report or the GPU sample changed;
+        else the composed answer with its sample's age now (a new dict: the age moves)."""
         self.check_open()
         config, report, telemetry = self.snapshot.config, self.mps_report(), self.telemetry()
         cached = self.gpu_cache
@@ -247,9 +245,7 @@ class Answers:
         With more than SCAN_UP_TO loaders, an answer is reused, without looking at any slot, for the
         rest of its STATUS_REUSE_S window while the loop has published nothing new and the MPS state
         and GPU sample are the same: a loader's progress shows at most that late, and a request
-        costs the same with 100 clients or 384; after the window it is assembled again only when a
-        client's part changed (heartbeats alone do not, so ages are at most a window old). With
-        fewer, every slot's sequence number is checked (it costs little) and any publish, a
+        costs the same with 100 clients or 384 (ages are at most a window old). With fewer, every slot's sequence number is checked (it costs little) and any publish, a
         heartbeat included, shows at once. Either way a client's part is composed again only when
         its record, its GPU sample or what its slot says beyond the heartbeat changed, and a slot
         is decoded only when its sequence number moved (client_parts).
@@ -266,18 +262,16 @@ class Answers:
             reuse = not fresh and len(snapshot.loaders) > SCAN_UP_TO
             if reuse and self.cache is not None and self.cache[0][:4] == window:
                 return self.cache[2], self.cache[3]
-            sequences = self.sequences(snapshot.loaders)
+            key = (*window, self.sequences(snapshot.loaders))
             # Scanning, a heartbeat is news too (its age shows at once), and when no sequence number
-            # moved nothing else can have: the answer is the last one, found without a part looked
-            # at. Past SCAN_UP_TO only a changed part is news, and ages are at most a window old.
-            if not reuse and self.cache is not None and self.cache[0] == (*window, False, sequences):
+            # moved nothing else can have: the answer is the last one, found without a part looked at.
+            if not reuse and self.cache is not None and self.cache[0] == key:
                 return self.cache[2], self.cache[3]
-            parts, versions = self.client_parts(snapshot, sequences)
-            key = (*window, reuse, versions if reuse else sequences)
-            if self.cache is None or self.cache[0] != key:
-                current, encoded = status.assemble(parts, snapshot.warmup, now, {"mps": mps})
-                self.cache = (key, snapshot, current, encoded)
-            return self.cache[2], self.cache[3]
+            # A new window assembles anew even when no part changed: the ages move with the clock.
+            current, encoded = status.assemble(self.client_parts(snapshot, key[-1]), snapshot.warmup, now,
+                                               {"mps": mps})
+            self.cache = (key, snapshot, current, encoded)
+            return current, encoded
 
     def status_line(self, generation: int, mps_down: bool) -> str:
         return status.status_line(self.compose(fresh=True)[0], generation, mps_down)
@@ -295,11 +289,10 @@ class Answers:
         return self.reader.read_written_by(loader.slot, loader.pid)
 
     def client_parts(self, snapshot: Snapshot,
-                     sequences: tuple[int, ...]) -> tuple[list[tuple[str, status.ClientPart, float | None]], tuple]:
+                     sequences: tuple[int, ...]) -> list[tuple[str, status.ClientPart, float | None]]:
         """Every configured client's part of the status and its heartbeat, those whose loader is not
         started yet included (while start-up waits for the MPS daemon there are no loaders, and a
-        status without their clients would read as all ready); and the parts' versions, which
-        change only when a part is composed again. A part is kept while its inputs are the same:
+        status without their clients would read as all ready). A part is kept while its inputs are the same:
         the loader's record, the configuration, the generation, its GPU memory and what its slot
         says beyond the heartbeat; a slot whose sequence number (`sequences`, one per loader) has
         not moved is not read at all. Lock held."""
@@ -314,9 +307,9 @@ class Answers:
                 published = self.published(loader)
                 if cached is None or cached[0] != key or not same_progress(cached[1], published):
                     cached = (key, published, self.client_part(loader, config, generation, key[3], published),
-                              sequence, next(self.versions))
+                              sequence)
                 else:  # a heartbeat: the same part, its newer heartbeat
-                    cached = (key, published, cached[2], sequence, cached[4])
+                    cached = (key, published, cached[2], sequence)
             kept[loader.client] = cached
             parts.append((loader.client, cached[2], cached[1].heartbeat if cached[1] is not None else None))
         started = {loader.client for loader in snapshot.loaders}
@@ -326,12 +319,11 @@ class Answers:
             key = (None, config, generation, None)
             cached = self.parts.get(client)
             if cached is None or cached[0] != key:
-                cached = (key, None, self.client_part(None, config, generation, None, None, client), None,
-                          next(self.versions))
+                cached = (key, None, self.client_part(None, config, generation, None, None, client), None)
             kept[client] = cached
             parts.append((client, cached[2], None))
         self.parts = kept
-        return parts, tuple(kept[client][4] for client, _, _ in parts)
+        return parts
 
     @staticmethod
     def client_part(loader: LoaderRecord | None, config: Config, generation: int, gpu_memory: int | None,

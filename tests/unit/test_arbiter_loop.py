@@ -252,7 +252,7 @@ def test_an_idle_tick_reads_no_slot_and_measures_no_memory_until_their_cadence(l
     read, measure, compose = arbiter.reader.read, LoaderProcess.measure_rss, arbiter.answers.compose
     monkeypatch.setattr(arbiter.reader, "read", lambda slot: reads.append(slot) or read(slot))
     monkeypatch.setattr(LoaderProcess, "measure_rss", lambda self: measured.append(self.client) or measure(self))
-    monkeypatch.setattr(arbiter.answers, "compose", lambda *a: composed.append(1) or compose(*a))
+    monkeypatch.setattr(arbiter.answers, "compose", lambda *a, **k: composed.append(1) or compose(*a, **k))
     for _ in range(3):
         clock.advance(0.1)
         for client, (model,) in clients.items():  # heartbeats

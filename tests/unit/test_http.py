@@ -70,8 +70,8 @@ def test_ready_follows_all_ready(client, source):
 
 
 def test_an_answer_handed_back_again_is_sent_as_the_bytes_encoded_for_it(client, source):
-    """A source answers an unchanged state with the same object: /ready and /gpu/info encode it
-    once; a new object, whatever it says, is encoded anew."""
+    """A source answers an unchanged state with the same object: /ready encodes it once; a new
+    object, whatever it says, is encoded anew."""
     from gpu_orchestrator.http.resources import EncodedOnce
 
     shaped = []
