@@ -264,7 +264,7 @@ def boot(argv: list[str]) -> Loader:
         cannot_boot(args.client, f"model store root {args.store_root} is not a directory")
     try:
         writer = SlotWriter(Segment.attach(args.segment), args.slot)
-    except (ChannelError, ValueError) as exc:  # ValueError: a NUL (JSON "\\u0000") in the segment's name
+    except ChannelError as exc:
         cannot_boot(args.client, str(exc))
     store = ModelStore(args.store_root, args.base_model_dir, args.strict, Path(args.hf_hub) if args.hf_hub else None)
     return Loader(args.client, args.models, store, writer, args.memory_limit_bytes, args.heartbeat_interval,

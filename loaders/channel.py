@@ -196,6 +196,8 @@ class Segment:
             fd = os.open(segment_path(name), os.O_RDWR)
         except FileNotFoundError:
             raise ChannelError(f"shared-memory segment /dev/shm/{name} does not exist") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+            raise ChannelError(f"shared-memory segment /dev/shm/{name!r} cannot be opened: {exc}") from None
         return cls(name, fd, owner=False)
 
     def slot_offset(self, index: int) -> int:

@@ -386,10 +386,7 @@ class Streams:
             self.poller.unregister(fd)
 
     def wait(self, timeout: float) -> list[LoaderProcess]:
-        try:
-            events = self.poller.poll(timeout)
-        except InterruptedError:
-            return []
+        events = self.poller.poll(timeout)  # a signal does not interrupt it: Python retries (PEP 475)
         return [loader for fd, _ in events if (loader := self.watched.get(fd)) is not None]
 
     def close(self) -> None:

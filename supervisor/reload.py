@@ -126,6 +126,6 @@ def plan(old: Config, new: Config, segment: Segment, free: FreeSlots, holding: C
     added and changed clients, and of every client not `holding` a slot yet (before the loaders
     are first started, after a reload during the MPS daemon's start, that is all of them)."""
     changes = diff(old, new)
-    needing = [c for c in new.clients if c in changes.added or c in changes.changed or c not in holding]
+    needing = [c for c in new.clients if c in changes.changed or c not in holding]  # added: not holding
     check_room(segment, free, [len(new.clients[c]) for c in needing], new.model_map_path)
     return changes
