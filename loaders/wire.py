@@ -1,8 +1,8 @@
 """The wire format between the supervisor and its loaders, and the only place it is encoded and
 decoded: a loader's start arguments (LoaderArgs, on its command line), its commands (LoadCommand,
 a JSON line on its stdin) and its state (LoaderState, in its shared-memory slot; channel.py moves
-the bytes); and the shapes of the HTTP API's answers as `gate`, `status` and the tests read them
-(ModelsStatus, GpuInfo). Every state is a Literal, so a bad value fails when it is decoded, not later.
+the bytes). Every state is a Literal, so a bad value fails when it is decoded, not later. The HTTP
+API's answer shapes, which no loader reads, are in supervisor/commands/api.py.
 
 No project imports and nothing but msgspec, so a loader can import it cheaply.
 """
@@ -26,9 +26,6 @@ IDLE: LoaderPhase = "idle"
 WARMING_UP: LoaderPhase = "loading"
 
 Backend = Literal["default", "torch"]
-
-# A loader process's state as the supervisor keeps it (loaders/states.py has its machine).
-ProcessState = Literal["STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "FATAL"]
 
 # Exit status a loader uses when it cannot boot (bad arguments, no store, no
 # channel): restarting cannot help, so the supervisor goes straight to FATAL.
@@ -168,95 +165,3 @@ def encode_command(command: LoadCommand) -> bytes:
 def decode_command(line: bytes) -> LoadCommand:
     """The command on one stdin line; msgspec.DecodeError when it is not one."""
     return _COMMAND_DECODER.decode(line)
-
-
-# ---- the HTTP API's answers, as its readers check them ------------------------------------------
-# supervisor/status.py composes these documents; the end-to-end and telemetry tests convert live
-# answers to them, holding the two together. Fields a reader does not need may be absent
-# (defaults), so an older orchestrator's answer still passes; a state outside its Literal does not.
-
-class Failure(msgspec.Struct):
-    agent: str
-    model: str
-    error: str | None
-
-
-class Summary(msgspec.Struct):
-    total: int
-    done: int
-    failed: int
-
-
-class ModelState(msgspec.Struct):
-    status: ModelStatus
-    # What `status` shows of a model; defaults keep an older orchestrator's answer acceptable to `gate`.
-    model: str = ""
-    bytes: int = 0
-    bytes_total: int = 0
-    rate_bytes_per_s: float | None = None
-    eta_s: float | None = None
-    seconds: float = 0.0
-    error: str | None = None
-
-
-class Progress(msgspec.Struct):
-    bytes: int
-    bytes_total: int
-    rate_bytes_per_s: float | None
-    eta_s: float | None
-
-
-class Client(msgspec.Struct):
-    ready: bool
-    in_progress: bool
-    state: ProcessState
-    pid: int | None
-    restarts: int
-    models: list[ModelState]
-    gpu_memory_bytes: int | None
-    rss_bytes: int | None
-    memory_limit_bytes: int | None = None
-    last_exit: str | None = None
-    error: str | None = None
-    heartbeat_age_s: float | None = None
-    progress: Progress | None = None
-
-
-class ModelsStatus(msgspec.Struct):
-    in_progress: bool
-    all_ready: bool
-    generation: int
-    summary: Summary
-    errors: list[Failure]
-    clients: dict[str, Client]
-
-
-class Gpu(msgspec.Struct):
-    index: int
-    name: str | None
-    error: str | None
-    memory_used_bytes: int | None
-    memory_total_bytes: int | None
-    utilization_gpu_percent: int | None
-    temperature_celsius: int | None
-    power_draw_watts: float | None
-    power_limit_watts: float | None
-    compute_mode: str | None
-
-
-class Mps(msgspec.Struct):
-    enabled: bool
-    servers: list[int]
-    managed: bool
-    control_pid: int | None
-    pipe_dir: str
-    error: str | None
-
-
-class GpuInfo(msgspec.Struct):
-    nvml_supported: bool
-    nvml_init_error: str | None
-    gpus: list[Gpu]
-    age_s: float | None
-    driver_version: str | None
-    mps: Mps

@@ -10,9 +10,12 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
+
+from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.wire import ModelStatus
 
 MAX_ANSWER = 64 * 1024 * 1024  # /models/status with 48 clients is 35 KB; anything near this is not ours
 
@@ -133,3 +136,100 @@ def error_of(status: int, document: Any) -> str:
     if isinstance(document, dict) and isinstance(document.get("description") or document.get("error"), str):
         return f"{status}: {document.get('description') or document.get('error')}"
     return str(status)
+
+
+# A loader process's state as the supervisor keeps it: the names of its machine's states.
+ProcessState = Literal[tuple(states.TRANSITIONS)]
+
+
+# ---- the answers, as gate and status read them ---------------------------------------------------
+# supervisor/status.py composes these documents; the end-to-end and telemetry tests convert live
+# answers to them, holding the two together. They live here, not in loaders/wire.py, because every
+# loader imports wire and none reads an answer. Fields a reader does not need may be absent
+# (defaults), so an older orchestrator's answer still passes; a state outside its Literal does not.
+
+class Failure(msgspec.Struct):
+    agent: str
+    model: str
+    error: str | None
+
+
+class Summary(msgspec.Struct):
+    total: int
+    done: int
+    failed: int
+
+
+class ModelState(msgspec.Struct):
+    status: ModelStatus
+    # What `status` shows of a model; defaults keep an older orchestrator's answer acceptable to `gate`.
+    model: str = ""
+    bytes: int = 0
+    bytes_total: int = 0
+    rate_bytes_per_s: float | None = None
+    eta_s: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class Progress(msgspec.Struct):
+    bytes: int
+    bytes_total: int
+    rate_bytes_per_s: float | None
+    eta_s: float | None
+
+
+class Client(msgspec.Struct):
+    ready: bool
+    in_progress: bool
+    state: ProcessState
+    pid: int | None
+    restarts: int
+    models: list[ModelState]
+    gpu_memory_bytes: int | None
+    rss_bytes: int | None
+    memory_limit_bytes: int | None = None
+    last_exit: str | None = None
+    error: str | None = None
+    heartbeat_age_s: float | None = None
+    progress: Progress | None = None
+
+
+class ModelsStatus(msgspec.Struct):
+    in_progress: bool
+    all_ready: bool
+    generation: int
+    summary: Summary
+    errors: list[Failure]
+    clients: dict[str, Client]
+
+
+class Gpu(msgspec.Struct):
+    index: int
+    name: str | None
+    error: str | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    utilization_gpu_percent: int | None
+    temperature_celsius: int | None
+    power_draw_watts: float | None
+    power_limit_watts: float | None
+    compute_mode: str | None
+
+
+class Mps(msgspec.Struct):
+    enabled: bool
+    servers: list[int]
+    managed: bool
+    control_pid: int | None
+    pipe_dir: str
+    error: str | None
+
+
+class GpuInfo(msgspec.Struct):
+    nvml_supported: bool
+    nvml_init_error: str | None
+    gpus: list[Gpu]
+    age_s: float | None
+    driver_version: str | None
+    mps: Mps

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from gpu_orchestrator.loaders.store import StoreError, check_client_name
-from gpu_orchestrator.loaders.wire import ModelsStatus
+from gpu_orchestrator.supervisor.commands.api import ModelsStatus
 from gpu_orchestrator.supervisor.commands.api import BadAnswer, Unreachable, UsageError, call, error_of
 
 ORCHESTRATOR_NAMES = {"gpu_orchestrator", "gpu-orchestrator"}

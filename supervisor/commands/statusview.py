@@ -12,7 +12,7 @@ import sys
 import textwrap
 import time
 
-from gpu_orchestrator.loaders.wire import GpuInfo, ModelsStatus
+from gpu_orchestrator.supervisor.commands.api import GpuInfo, ModelsStatus
 from gpu_orchestrator.supervisor.commands.api import BadAnswer, Unreachable, call, error_of
 
 MiB = 1024**2

@@ -7,7 +7,7 @@ import signal
 import msgspec
 from support import add_model, wait_for
 
-from gpu_orchestrator.loaders.wire import ModelsStatus
+from gpu_orchestrator.supervisor.commands.api import ModelsStatus
 
 
 def test_missing_model_then_fix_then_refresh(orchestrator, store):

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import Orchestrator, free_port, status_code, wait_for, write_config
 
-from gpu_orchestrator.loaders.wire import GpuInfo
+from gpu_orchestrator.supervisor.commands.api import GpuInfo
 
 nvml_env = nvml_hosts.env
 

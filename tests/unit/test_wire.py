@@ -162,11 +162,6 @@ def test_the_largest_arguments_the_configuration_accepts_fit_one_command_line_ar
     assert longest < wire.MAX_ARGUMENT
 
 
-def test_the_process_states_the_api_shows_are_the_loader_machine_s():
-    from gpu_orchestrator.loaders import states
-    assert set(typing.get_args(wire.ProcessState)) == set(states.TRANSITIONS)
-
-
 def test_arguments_with_a_byte_that_is_not_utf8_are_refused_as_arguments():
     argv = ["--client", "a", "--args", '{"type": "loader-args", "client": "a", "store_root": "/s\udcff"}']
     with pytest.raises(wire.ArgsError, match="--args: "):
