@@ -1,13 +1,19 @@
 """The generated snapshots of demo, gpu-check and the benchmarks: valid at any size."""
 
+import random
+
 from gpu_orchestrator.loaders.formats import check_safetensors
-from gpu_orchestrator.supervisor.commands.demo import write_safetensors
+from gpu_orchestrator.supervisor.commands import demo
 
 
-def test_a_snapshot_over_256_mib_is_written_whole(tmp_path):
-    """One random.randbytes call cannot make more than 2**28 bytes; bench-gpu asks for 1 GiB."""
+def test_the_random_bytes_are_made_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """One random.randbytes call cannot make more than 2**28 bytes, and bench-gpu asks for a
+    GiB: no call may ask for more than RANDOM_CHUNK (made small here so the test stays small)."""
+    asked = []
+    real = random.Random.randbytes
+    monkeypatch.setattr(demo, "RANDOM_CHUNK", 1024)
+    monkeypatch.setattr(random.Random, "randbytes", lambda self, n: asked.append(n) or real(self, n))
     path = tmp_path / "model.safetensors"
-    parameters = write_safetensors(path, {"w": [2**27 + 4096, 1]}, seed=3)
-    assert parameters == 2**27 + 4096
-    assert check_safetensors(path) == parameters
-    path.unlink()
+    parameters = demo.write_safetensors(path, {"w": [5000, 1]}, seed=3)
+    assert parameters == 5000 and check_safetensors(path) == 5000
+    assert max(asked) <= 1024 and sum(asked) == 10000

@@ -244,3 +244,12 @@ def test_a_header_changed_in_place_since_the_check_is_checked_again(tmp_path):
     placement = Placement(torch, "cpu", None)
     with open(path, "rb") as handle, pytest.raises(ModelError, match="model.safetensors: "):
         placement.place(handle, path, checked, None, lambda n: None)
+
+
+def test_staging_is_no_larger_than_the_largest_file_needs():
+    """A load stages through at most STAGING_SLOTS buffers of STAGING_BYTES, fewer and smaller
+    for small files, and always two at least (one read while the other is copied)."""
+    from gpu_orchestrator.loaders.torch_backend import STAGING_BYTES, STAGING_SLOTS
+    assert [b.numel() for b in staging_buffers(torch, 1000, pinned=False)] == [1000, 1000]
+    assert [b.numel() for b in staging_buffers(torch, 40 * 2**20, pinned=False)] == [STAGING_BYTES] * 3
+    assert len(staging_buffers(torch, 10**12, pinned=False)) == STAGING_SLOTS
