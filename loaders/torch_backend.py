@@ -53,6 +53,11 @@ PACKED = {"F4": 2}  # elements per torch element
 WARMUP_SENTENCE = "The orchestrator checks that this model answers before its client starts."
 
 
+class OverLimit(ModelError):
+    """The weights did not fit: over the client's limit, or out of device memory under it (a
+    context that does not fit is a plain ModelError: it says nothing of the model)."""
+
+
 @dataclass
 class TorchResult:
     device: str
@@ -93,7 +98,7 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
         taken = (torch.cuda.memory_allocated(0) - before) if device != "cpu" else \
             sum(t.numel() * t.element_size() for t in placement.tensors.values())
         if limit_bytes is not None and used_bytes + taken > limit_bytes:
-            raise ModelError(f"took {taken / 2**30:.2f} GiB on {device}, over the client's limit of "
+            raise OverLimit(f"took {taken / 2**30:.2f} GiB on {device}, over the client's limit of "
                              f"{limit_bytes / 2**30:.2f} GiB ({used_bytes / 2**30:.2f} GiB already taken)")
         result = TorchResult(device, taken, verified=verified)
         if warmup:
@@ -106,7 +111,7 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
         traceback.clear_frames(exc.__traceback__)
         if not isinstance(exc, RuntimeError) or "out of memory" not in str(exc).lower():
             raise
-        raise ModelError(f"out of GPU memory loading {model_plan.weight_bytes / 2**30:.2f} GiB of weights "
+        raise OverLimit(f"out of GPU memory loading {model_plan.weight_bytes / 2**30:.2f} GiB of weights "
                          f"(client limit {limit}; CUDA_MPS_PINNED_DEVICE_MEM_LIMIT={pinned}): {exc}") from None
     finally:
         if placement is not None:

@@ -73,7 +73,7 @@ def torch_load(directory: str, limit_mib: int) -> dict:
     """In a child process: the torch backend on a snapshot, under a pinned MPS limit."""
     from gpu_orchestrator.loaders.backends import ModelError, plan
     from gpu_orchestrator.loaders.store import Snapshot
-    from gpu_orchestrator.loaders.torch_backend import import_torch, load_torch
+    from gpu_orchestrator.loaders.torch_backend import OverLimit, import_torch, load_torch
     path = os.path.realpath(directory)
     snapshot = Snapshot(Path(path), Path(path), "local")
     # Where the weights went matters as much as whether they fit: a limit failing on the CPU proves nothing.
@@ -81,8 +81,7 @@ def torch_load(directory: str, limit_mib: int) -> dict:
     try:
         result = load_torch(snapshot, plan(snapshot), 0, limit_mib * 2**20, warmup=True)
     except ModelError as exc:  # refused for its size only by the memory, not by a context that does not fit
-        size = "out of GPU memory loading" in str(exc) or "over the client's limit" in str(exc)
-        return {"ok": False, "device": device, "result": str(exc), "over_limit": size}
+        return {"ok": False, "device": device, "result": str(exc), "over_limit": isinstance(exc, OverLimit)}
     except Exception as exc:  # whatever else broke is reported, and is not the limit at work
         return {"ok": False, "device": device, "result": f"{type(exc).__name__}: {exc}", "over_limit": False}
     return {"ok": True, "device": result.device, "result": f"{result.memory_bytes // 2**20} MiB on {result.device}"

@@ -253,3 +253,24 @@ def test_staging_is_no_larger_than_the_largest_file_needs():
     assert [b.numel() for b in staging_buffers(torch, 1000, pinned=False)] == [1000, 1000]
     assert [b.numel() for b in staging_buffers(torch, 40 * 2**20, pinned=False)] == [STAGING_BYTES] * 3
     assert len(staging_buffers(torch, 10**12, pinned=False)) == STAGING_SLOTS
+
+
+def test_only_weights_that_do_not_fit_are_over_the_limit(tmp_path, monkeypatch):
+    """gpu-check counts a refusal as 'for its size' only for an OverLimit: a changed file or a
+    context that does not fit is a ModelError that says nothing of the model's size."""
+    from gpu_orchestrator.loaders import torch_backend
+    from gpu_orchestrator.loaders.backends import plan
+    from gpu_orchestrator.loaders.store import Snapshot
+    from gpu_orchestrator.supervisor.commands import gpucheck
+    from gpu_orchestrator.supervisor.commands.demo import write_snapshot
+
+    root = tmp_path / "org" / "m"
+    write_snapshot(root, (64, 1, 100), seed=1, manifest=False)
+    snapshot = Snapshot(root, root, "test")
+    with pytest.raises(torch_backend.OverLimit, match="over the client's limit"):
+        torch_backend.load_torch(snapshot, plan(snapshot), 0, 1024, warmup=False)
+    assert gpucheck.torch_load(str(root), 0)["over_limit"] is True  # 0 MiB: nothing fits
+    monkeypatch.setattr(torch_backend, "load_torch",
+                        lambda *a, **k: (_ for _ in ()).throw(ModelError("the CUDA context itself does not fit")))
+    outcome = gpucheck.torch_load(str(root), 4096)
+    assert outcome["over_limit"] is False and "context itself" in outcome["result"]
