@@ -42,9 +42,9 @@ def tensor_fields(name: str, tensor: str, info) -> tuple:
     raise ModelError(f"{name}: tensor {tensor!r} lacks dtype, shape or data_offsets")
 
 
-def tensor_bytes(name: str, tensor: str, info) -> tuple[int, int, int, int]:
-    """(begin, end, bytes needed, elements) of one tensor entry, checked as the library checks it."""
-    dtype, shape, offsets = tensor_fields(name, tensor, info)
+def tensor_bytes(name: str, tensor: str, dtype, shape, offsets) -> tuple[int, int, int, int]:
+    """(begin, end, bytes needed, elements) of one tensor entry's fields, checked as the library
+    checks them."""
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
         raise ModelError(f"{name}: tensor {tensor!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(map(is_usize, shape))
@@ -75,7 +75,7 @@ def check_safetensors(path: Path) -> int:
 
 class SafetensorsHeader(NamedTuple):
     raw: bytes  # the file's first bytes: the 8-byte length and the header
-    tensors: list  # (name, dtype, shape, begin, end) of each tensor, offsets into the data
+    tensors: list  # (name, dtype, shape, begin, end) of each tensor, offsets into the data; or empty
     parameters: int
 
 
@@ -84,8 +84,9 @@ def safetensors_parameters(handle: BinaryIO, name: str) -> int:
     return safetensors_header(handle, name).parameters
 
 
-def safetensors_header(handle: BinaryIO, name: str) -> SafetensorsHeader:
-    """The header of the file open as `handle`, validated against the file as the library does."""
+def safetensors_header(handle: BinaryIO, name: str, with_tensors: bool = False) -> SafetensorsHeader:
+    """The header of the file open as `handle`, validated against the file as the library does;
+    each tensor's fields only `with_tensors` (a check alone would keep a list it never reads)."""
     size = os.fstat(handle.fileno()).st_size
     handle.seek(0)
     prefix = handle.read(8)
@@ -112,8 +113,10 @@ def safetensors_header(handle: BinaryIO, name: str) -> SafetensorsHeader:
     for tensor, info in header.items():
         if tensor == "__metadata__":
             continue
-        begin, end, needed, count = tensor_bytes(name, tensor, info)
-        tensors.append((tensor, *tensor_fields(name, tensor, info)[:2], begin, end))
+        fields = tensor_fields(name, tensor, info)
+        begin, end, needed, count = tensor_bytes(name, tensor, *fields)
+        if with_tensors:
+            tensors.append((tensor, fields[0], fields[1], begin, end))
         if not begin <= end <= data_size:
             raise ModelError(f"{name}: tensor {tensor!r} bytes {begin}-{end} lie outside the file's {data_size} data bytes; the file is truncated or corrupt")
         if end - begin != needed:

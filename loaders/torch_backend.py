@@ -187,7 +187,7 @@ class Placement:
         """One file, open as `handle` (the plan checked its header; `checked` is its identity then)."""
         check_unchanged_before(handle, path, checked)
         size = checked[0]
-        header = safetensors_header(handle, path.name)  # checked again: these are the bytes that place
+        header = safetensors_header(handle, path.name, with_tensors=True)  # checked again: these bytes place
         start = len(header.raw)
         if digest is not None:
             digest.update(header.raw)

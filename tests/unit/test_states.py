@@ -20,7 +20,3 @@ def test_each_machine_lists_only_its_own_states():
 def test_an_unlisted_transition_fails_naming_the_machine(machine, current, new):
     with pytest.raises(AssertionError, match=f"illegal {machine} state transition {current} -> {new}"):
         states.check_transition(current, new, machine)
-
-
-def test_the_loader_machine_keeps_its_old_names():
-    assert states.check_transition(states.STOPPED, states.STARTING) == states.STARTING
