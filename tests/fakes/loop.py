@@ -46,16 +46,19 @@ class FakeProc:
     def alive(self) -> bool:
         return self.wait_status is None
 
-    def exit(self, code: int = 1) -> None:
-        self._end(code << 8)
+    def exit(self, code: int = 1, stderr_held: bool = False) -> None:
+        """`stderr_held`: a child it left behind keeps its stderr open, so only SIGCHLD (or the
+        loop's periodic sweep) can tell the loop it exited."""
+        self._end(code << 8, stderr_held)
 
     def die(self, signum: int = signal.SIGKILL) -> None:
         self._end(signum)
 
-    def _end(self, wait_status: int) -> None:
+    def _end(self, wait_status: int, stderr_held: bool = False) -> None:
         if self.alive:
             self.wait_status = wait_status
-            os.close(self._stderr_w)  # the loop reads EOF, as from a dead child
+            if not stderr_held:
+                os.close(self._stderr_w)  # the loop reads EOF, as from a dead child
 
     def commands(self) -> list[dict]:
         """The command lines the supervisor has written to this loader's stdin since the last call."""

@@ -121,6 +121,23 @@ def test_loads_on_command_and_reports_each_model(segment, store, cleanup):
     assert missing.status == "failed" and "tried:" in missing.error and "org/missing" in missing.error
 
 
+def test_with_its_lines_held_back_a_finished_warm_up_still_wakes_the_supervisor(segment, store, cleanup):
+    """The supervisor's loop wakes on a loader's stderr; at LOG_LEVEL=WARNING the 'warm-up
+    finished' line is held back, so an empty line (which the supervisor drops) must come instead."""
+    args = LoaderArgs(client="c", segment=segment.name, slot=1, store_root=str(store), strict=True,
+                      models=["org/small"])
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.loaders", *encode_args(args)],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "LOG_LEVEL": "WARNING"})
+    cleanup.append(proc)
+    send(proc, 1)
+    wait_for(lambda: settled(segment, 1), what="generation 1")
+    proc.stdin.close()  # EOF: the loader exits, and its stderr ends
+    said = proc.stderr.read()
+    assert proc.wait(10) == 0
+    assert b"warm-up finished" not in said and said.split(b"\n").count(b"") >= 2, said  # an empty line
+
+
 def test_refresh_reloads_ready_models_and_plain_load_does_not(segment, store, cleanup):
     proc = start_loader(segment, store, ["org/small"])
     cleanup.append(proc)

@@ -272,6 +272,29 @@ def test_a_loader_whose_stderr_closes_is_reaped_at_once(loop):
     assert arbiter.loaders["alpha"].state == states.BACKOFF
 
 
+def test_a_loader_that_exits_with_its_stderr_held_open_is_reaped_on_sigchld(loop):
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    spawner.latest("alpha").exit(1, stderr_held=True)
+    arbiter.tick(0)  # no sign of the exit yet: no EOF, no SIGCHLD, no sweep due
+    assert arbiter.loaders["alpha"].state == states.RUNNING
+    arbiter.signals.append(signal.SIGCHLD)  # what the handler queues
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.BACKOFF
+
+
+def test_without_sigchld_the_periodic_sweep_reaps_it(loop):
+    from gpu_orchestrator.supervisor.arbiter import REAP_SWEEP_S
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    spawner.latest("alpha").exit(1, stderr_held=True)
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.RUNNING
+    clock.advance(REAP_SWEEP_S)
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.BACKOFF
+
+
 class StartingMps:
     """An MPS daemon still starting: loaders must wait for it, so the loop has not booted."""
 
