@@ -328,3 +328,18 @@ def test_a_daemon_of_ours_that_never_answered_leaves_another_daemons_pipe(tmp_pa
     finally:
         other.terminate()
         other.wait(10)
+
+
+def test_a_daemon_of_ours_killed_before_it_answered_leaves_no_pipe(tmp_path, mps_dirs):
+    """It made its pipe and wrote its pid file, then died before a probe heard it: the pid file
+    still names it, so that pipe is ours to remove (a client would try to reach it)."""
+    from gpu_orchestrator.supervisor.mps import CONTROL_PIPE, PID_FILE, MpsDaemon
+    from gpu_orchestrator.supervisor.mps_control import MpsSettings
+    pipe = Path(mps_dirs["CUDA_MPS_PIPE_DIRECTORY"])
+    pipe.mkdir()
+    daemon = MpsDaemon(MpsSettings(str(pipe), mps_dirs["CUDA_MPS_LOG_DIRECTORY"]))
+    daemon.proc = subprocess.Popen(["sleep", "60"], process_group=0)  # ours, as spawn() starts it
+    os.mkfifo(pipe / CONTROL_PIPE)
+    (pipe / PID_FILE).write_text(f"{daemon.proc.pid}\n")
+    daemon.kill()
+    assert not (pipe / CONTROL_PIPE).exists() and not (pipe / PID_FILE).exists()
