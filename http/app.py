@@ -1,9 +1,10 @@
 """The Falcon app: `create_app(source)`, as in falcon's tutorial.
 
 `source` answers health(), models_status() (and models_status_json(), the same
-already encoded), request_preload(refresh), gpu_info() and mps_allocation(); the
-supervisor's Arbiter is the real one and tests may pass their own. Every answer,
-errors included, is JSON (`/metrics` aside: Prometheus text).
+already encoded, and models_summary(), the same without its clients),
+request_preload(refresh), gpu_info() and mps_allocation(); the supervisor's
+Answers is the real one and tests may pass their own. Every answer, errors
+included, is JSON (`/metrics` aside: Prometheus text).
 """
 
 import hmac

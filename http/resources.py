@@ -79,13 +79,13 @@ class Ready:
 
     def __init__(self, source):
         self.source = source
-        self.encoded = EncodedOnce(lambda current: {
-            "ready": current["all_ready"], "in_progress": current["in_progress"],
-            "summary": current["summary"], "errors": current["errors"]})
+        self.encoded = EncodedOnce(lambda summary: {
+            "ready": summary["all_ready"], "in_progress": summary["in_progress"],
+            "summary": summary["summary"], "errors": summary["errors"]})
 
     def on_get(self, req, resp):
-        current = self.source.models_status()
-        respond(resp, self.encoded(current), 200 if current["all_ready"] else 503)
+        summary = self.source.models_summary()
+        respond(resp, self.encoded(summary), 200 if summary["all_ready"] else 503)
 
 
 class ModelsStatus:

@@ -7,6 +7,8 @@ request that must change something (POST /models/preload) becomes a `Command` on
 serves; the HTTP thread waits for the loop's answer, at most LOOP_ANSWER_S.
 """
 
+import functools
+import operator
 import os
 import queue
 import threading
@@ -97,8 +99,10 @@ class Answers:
         self.wake, self.mps, self.sampler, self.gpu_count = wake, mps, sampler, gpu_count
         self.commands: queue.Queue[Command] = queue.Queue()
         self.lock = threading.Lock()  # the reader, the cache, and the segment's life (closed)
-        self.cache: tuple | None = None
+        self.cache: tuple | None = None  # (its key, its snapshot, the Composed answer)
         self.parts: dict[str, tuple] = {}  # client -> (inputs, slot words, its ClientPart, slot sequence)
+        self.last_parts: tuple | None = None  # (snapshot, GPU memory, sequences, parts, heartbeats)
+        self.frame: status.Frame | None = None
         self.records: dict[str, tuple] = {}  # the loop's: client -> (its fields, its LoaderRecord)
         self.closed = False
         self.stopping = False  # shutdown began: no command is served any more
@@ -173,14 +177,18 @@ class Answers:
         here, at once, when what the loop published says nothing is to start (a second refresh
         right after one is seen running); the loop decides anew whether to start one."""
         snapshot = self.snapshot
-        answer = preload_answer(self.compose(snapshot)[0], snapshot.warmup.generation, refresh)
+        answer = preload_answer(self.compose(snapshot).current, snapshot.warmup.generation, refresh)
         return answer if answer is not None else self.ask("preload", refresh)
 
     def models_status(self) -> dict:
-        return self.compose()[0]
+        return self.compose().current
 
     def models_status_json(self) -> bytes:
-        return self.compose()[1]
+        return self.compose().encoded
+
+    def models_summary(self) -> dict:
+        """/models/status without its clients (what /ready answers): the same dict while it holds."""
+        return self.compose().top
 
     def health(self) -> dict:
         snapshot = self.snapshot
@@ -239,17 +247,19 @@ class Answers:
         """The sampler's last snapshot (the sampler guards it)."""
         return self.sampler.snapshot()[1] if self.sampler is not None else None
 
-    def compose(self, snapshot: Snapshot | None = None, fresh: bool = False) -> tuple[dict, bytes]:
-        """/models/status as a dict and as JSON: the warm-up, each client, MPS.
+    def compose(self, snapshot: Snapshot | None = None, fresh: bool = False) -> "Composed":
+        """/models/status: the warm-up, each client, MPS.
 
         With more than SCAN_UP_TO loaders, an answer is reused, without looking at any slot, for the
         rest of its STATUS_REUSE_S window while the loop has published nothing new and the MPS state
         and GPU sample are the same: a loader's progress shows at most that late, and a request
-        costs the same with 100 clients or 384 (ages are at most a window old). With fewer, every slot's sequence number is checked (it costs little) and any publish, a
-        heartbeat included, shows at once. Either way a client's part is composed again only when
-        its record, its GPU sample or what its slot says beyond the heartbeat changed, and a slot
-        is decoded only when its sequence number moved (client_parts).
-        The loop asks `fresh`: it acts on what the slots say now, never on a window's answer.
+        costs the same with 100 clients or 384 (ages are at most a window old). With fewer, every
+        slot's sequence number is checked (it costs little) and any publish, a heartbeat included,
+        shows at once. Either way only the slots whose sequence number moved are read, a client's
+        part is composed again only when what it shows changed (client_parts), and the rest of the
+        answer only when a part did (status.Frame): a new answer with nothing but newer ages costs
+        one number per client. The loop asks `fresh`: it acts on what the slots say now, never on a
+        window's answer.
         """
         snapshot = snapshot or self.snapshot
         report = self.mps_report() or status.mps_disabled(snapshot.config)
@@ -261,20 +271,23 @@ class Answers:
                       self.sampler.snapshot()[0] if self.sampler is not None else 0)
             reuse = not fresh and len(snapshot.loaders) > SCAN_UP_TO
             if reuse and self.cache is not None and self.cache[0][:4] == window:
-                return self.cache[2], self.cache[3]
+                return self.cache[2]
             key = (*window, self.sequences(snapshot.loaders))
             # Scanning, a heartbeat is news too (its age shows at once), and when no sequence number
             # moved nothing else can have: the answer is the last one, found without a part looked at.
             if not reuse and self.cache is not None and self.cache[0] == key:
-                return self.cache[2], self.cache[3]
-            # A new window assembles anew even when no part changed: the ages move with the clock.
-            current, encoded = status.assemble(self.client_parts(snapshot, key[-1]), snapshot.warmup, now,
-                                               {"mps": mps})
-            self.cache = (key, snapshot, current, encoded)
-            return current, encoded
+                return self.cache[2]
+            parts, heartbeats = self.client_parts(snapshot, key[-1])
+            frame, extra = self.frame, {"mps": mps}
+            if frame is None or frame.parts is not parts or frame.warmup != snapshot.warmup or frame.extra != extra:
+                frame = self.frame = status.Frame(parts, snapshot.warmup, extra)
+            # A new window answers anew even when no part changed: the ages move with the clock.
+            composed = Composed(frame, heartbeats, now)
+            self.cache = (key, snapshot, composed)
+            return composed
 
     def status_line(self, generation: int, mps_down: bool) -> str:
-        return status.status_line(self.compose(fresh=True)[0], generation, mps_down)
+        return status.status_line(self.compose(fresh=True).current, generation, mps_down)
 
     def sequences(self, loaders: tuple[LoaderRecord, ...]) -> tuple[int, ...]:
         """Each loader's slot sequence number now, in one pass over the mapped words (as
@@ -289,41 +302,64 @@ class Answers:
         return self.reader.read_written_by(loader.slot, loader.pid)
 
     def client_parts(self, snapshot: Snapshot,
-                     sequences: tuple[int, ...]) -> list[tuple[str, status.ClientPart, float | None]]:
-        """Every configured client's part of the status and its heartbeat, those whose loader is not
-        started yet included (while start-up waits for the MPS daemon there are no loaders, and a
-        status without their clients would read as all ready). A part is kept while its inputs are the same:
-        the loader's record, the configuration, the generation, its GPU memory and what its slot
-        says beyond the heartbeat; a slot whose sequence number (`sequences`, one per loader) has
-        not moved is not read at all. Lock held."""
+                     sequences: tuple[int, ...]) -> tuple[tuple[status.ClientPart, ...], list[float | None]]:
+        """Every configured client's part of the status, and its heartbeat: the loaders' in the
+        snapshot's order, then those whose loader is not started yet (while start-up waits for the
+        MPS daemon there are no loaders, and a status without their clients would read as all
+        ready). The parts are the very tuple of the last call when none changed. Lock held.
+
+        Against the snapshot and GPU sample of the last call, only the loaders whose sequence
+        number (`sequences`, one per loader) moved are looked at: nothing else can differ."""
         config, generation = snapshot.config, snapshot.warmup.generation
         telemetry = self.telemetry()
         gpu_memory = telemetry.clients if telemetry is not None and telemetry.nvml_supported else None
-        kept, parts = {}, []
-        for loader, sequence in zip(snapshot.loaders, sequences):
-            key = (loader, config, generation, gpu_memory.get(loader.client, 0) if gpu_memory is not None else None)
-            cached = self.parts.get(loader.client)
-            if cached is None or cached[0] != key or cached[3] != sequence:
-                published = self.published(loader)
-                if cached is None or cached[0] != key or not same_progress(cached[1], published):
-                    cached = (key, published, self.client_part(loader, config, generation, key[3], published),
-                              sequence)
-                else:  # a heartbeat: the same part, its newer heartbeat
-                    cached = (key, published, cached[2], sequence)
-            kept[loader.client] = cached
-            parts.append((loader.client, cached[2], cached[1].heartbeat if cached[1] is not None else None))
-        started = {loader.client for loader in snapshot.loaders}
-        for client in config.clients:
-            if client in started:
-                continue
-            key = (None, config, generation, None)
-            cached = self.parts.get(client)
-            if cached is None or cached[0] != key:
-                cached = (key, None, self.client_part(None, config, generation, None, None, client), None)
-            kept[client] = cached
-            parts.append((client, cached[2], None))
-        self.parts = kept
-        return parts
+        last = self.last_parts
+        if last is not None and last[0] is snapshot and last[1] is gpu_memory:
+            looked = [i for i, (seq, seen) in enumerate(zip(sequences, last[2])) if seq != seen]
+            parts, heartbeats = list(last[3]), list(last[4])
+        else:
+            looked = range(len(snapshot.loaders))
+            parts, heartbeats = [None] * len(snapshot.loaders), [None] * len(snapshot.loaders)
+            started = {loader.client for loader in snapshot.loaders}
+            kept = {}
+            for client in config.clients:
+                if client in started:
+                    continue
+                key = (None, config, generation, None)
+                cached = self.parts.get(client)
+                if cached is None or cached[0] != key:
+                    cached = (key, None, self.client_part(None, config, generation, None, None, client), None)
+                kept[client] = cached
+                parts.append(cached[2])
+                heartbeats.append(None)
+            self.parts = {loader.client: self.parts[loader.client] for loader in snapshot.loaders
+                          if loader.client in self.parts} | kept  # a removed client's is forgotten
+        for i in looked:
+            loader = snapshot.loaders[i]
+            part, heartbeats[i] = self.loader_part(loader, sequences[i], config, generation, gpu_memory)
+            parts[i] = part
+        if last is not None and len(parts) == len(last[3]) and all(map(operator.is_, parts, last[3])):
+            parts = last[3]
+        else:
+            parts = tuple(parts)
+        self.last_parts = (snapshot, gpu_memory, sequences, parts, heartbeats)
+        return parts, heartbeats
+
+    def loader_part(self, loader: LoaderRecord, sequence: int, config: Config, generation: int,
+                    gpu_memory: dict | None) -> tuple[status.ClientPart, float | None]:
+        """A started client's part and heartbeat. The part is kept while its inputs are the same:
+        the loader's record, the configuration, the generation, its GPU memory and what its slot
+        says beyond the heartbeat; a slot whose sequence number has not moved is not read. Lock held."""
+        key = (loader, config, generation, gpu_memory.get(loader.client, 0) if gpu_memory is not None else None)
+        cached = self.parts.get(loader.client)
+        if cached is None or cached[0] != key or cached[3] != sequence:
+            published = self.published(loader)
+            if cached is None or cached[0] != key or not same_progress(cached[1], published):
+                cached = (key, published, self.client_part(loader, config, generation, key[3], published), sequence)
+            else:  # a heartbeat: the same part, its newer heartbeat
+                cached = (key, published, cached[2], sequence)
+            self.parts[loader.client] = cached
+        return cached[2], cached[1].heartbeat if cached[1] is not None else None
 
     @staticmethod
     def client_part(loader: LoaderRecord | None, config: Config, generation: int, gpu_memory: int | None,
@@ -337,6 +373,19 @@ class Answers:
             memory_limit_bytes=config.memory_limit_bytes(client), published=published, gpu_memory_bytes=gpu_memory,
             rss_bytes=loader.rss_bytes if loader is not None and loader.pid is not None else None)
         return status.client_part(view, generation)
+
+
+class Composed:
+    """One /models/status answer: its JSON at once (what the route sends), its dict when asked."""
+
+    def __init__(self, frame: status.Frame, heartbeats: list[float | None], now: float):
+        self.frame, self.heartbeats, self.now = frame, heartbeats, now
+        self.encoded = frame.json(heartbeats, now)
+        self.top = frame.top  # everything but the clients: the same dict while the frame serves
+
+    @functools.cached_property
+    def current(self) -> dict:
+        return self.frame.current(self.heartbeats, self.now)
 
 
 def same_progress(before: LoaderState | None, now: LoaderState | None) -> bool:

@@ -144,7 +144,7 @@ class Arbiter:
         self.publish()
         mps_down = self.mps is not None and not self.mps.healthy
         if self.changed or mps_down != self.last_mps_down:  # composing costs by the clients: only then
-            self.warmups.note_progress(self.answers.compose(fresh=True)[0])
+            self.warmups.note_progress(self.answers.compose(fresh=True).top)
             self.notifier.status(self.status_line())  # publishes what note_progress changed first
             self.changed, self.last_mps_down = False, mps_down
         if self.notifier.watchdog_due(now):
@@ -190,12 +190,12 @@ class Arbiter:
 
     def command_preload(self, refresh: bool) -> tuple[int, dict]:
         """202 when a warm-up starts or runs; 200 if all ready; 503 if the last one failed."""
-        answer = preload_answer(self.answers.compose(fresh=True)[0], self.warmups.generation, refresh)
+        answer = preload_answer(self.answers.compose(fresh=True).current, self.warmups.generation, refresh)
         if answer is not None:
             return answer
         self.start_warmup(refresh)
         self.publish()
-        return 202, {"started": True, **self.answers.compose(fresh=True)[0]}
+        return 202, {"started": True, **self.answers.compose(fresh=True).current}
 
     # ---- loaders -------------------------------------------------------------
 

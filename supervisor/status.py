@@ -85,12 +85,13 @@ def client_progress(models: list[ModelProgress]) -> dict:
 @dataclass(frozen=True)
 class ClientPart:
     """One client's share of /models/status, composed once per change of its view: everything but
-    its heartbeat age (which moves with the clock), as a dict and as JSON around that age."""
+    its heartbeat age (which moves with the clock), as a dict and as the JSON around that age."""
 
+    client: str
     head: dict  # the keys before heartbeat_age_s
     tail: dict  # progress and models, after it
-    head_json: bytes  # JSON of `head` without its closing brace
-    tail_json: bytes  # JSON of `tail` without its opening brace, after a comma
+    entry_head: bytes  # its entry's JSON up to the age: the name, `head` and the age's key
+    entry_tail: bytes  # the rest after the age: `tail` and the closing brace
     counts: tuple[int, int, int, int]  # pending, loading, ready, failed
     errors: list
     settled: bool
@@ -118,55 +119,64 @@ def client_part(view: ClientView, generation: int) -> ClientPart:
         "rss_bytes": view.rss_bytes,
     }
     tail = {"progress": client_progress(models), "models": [model_detail(m) for m in models]}
-    return ClientPart(head, tail, msgspec.json.encode(head)[:-1], b"," + msgspec.json.encode(tail)[1:],
-                      (counts[PENDING], counts[LOADING], counts[READY], counts[FAILED]), errors, settled)
+    encode = msgspec.json.encode
+    return ClientPart(view.client, head, tail, b"%s:%s,\"heartbeat_age_s\":" % (encode(view.client), encode(head)[:-1]),
+                      b"," + encode(tail)[1:], (counts[PENDING], counts[LOADING], counts[READY], counts[FAILED]),
+                      errors, settled)
 
 
 def heartbeat_age(heartbeat: float | None, now: float) -> float | None:
     return round(now - heartbeat, 3) if heartbeat is not None else None
 
 
-def assemble(parts: list[tuple[str, ClientPart, float | None]], warmup: Warmup, now: float,
-             extra: dict | None = None) -> tuple[dict, bytes]:
-    """/models/status as a dict and as JSON from each client's part and its heartbeat (None when
-    nothing from its live loader was read); `extra` keys follow the clients. Only the totals and
-    the heartbeat ages are computed here, so a status costs by the clients that changed."""
-    pending = loading = ready = failed = 0
-    errors, in_progress = [], False
-    for _, part, _ in parts:
-        p, lo, r, f = part.counts
-        pending, loading, ready, failed = pending + p, loading + lo, ready + r, failed + f
-        errors += part.errors
-        in_progress |= not part.settled
-    total = pending + loading + ready + failed
-    top = {
-        "in_progress": in_progress,
-        "all_ready": warmup.generation > 0 and not in_progress and ready == total,
-        "summary": {"total": total, "done": ready, "failed": failed, "loading": loading, "pending": pending},
-        "errors": errors,
-        "generation": warmup.generation,
-        "refresh": warmup.refresh,
-        "started_at": iso(warmup.started_at),
-        "finished_at": iso(warmup.finished_at),
-    }
-    clients, entries = {}, []
-    encode = msgspec.json.encode
-    for client, part, heartbeat in parts:
-        age = heartbeat_age(heartbeat, now)
-        clients[client] = {**part.head, "heartbeat_age_s": age, **part.tail}
-        entries.append(b"%s:%s,\"heartbeat_age_s\":%s%s" % (encode(client), part.head_json, encode(age), part.tail_json))
-    current = {**top, "clients": clients, **(extra or {})}
-    encoded = [encode(top)[:-1], b',"clients":{', b",".join(entries), b"}"]
-    for key, value in (extra or {}).items():
-        encoded += [b",", encode(key), b":", encode(value)]
-    return current, b"".join(encoded) + b"}"
+class Frame:
+    """/models/status but for its heartbeat ages: the totals, the errors and every client's entry,
+    made once per change of a part, the warm-up or `extra` (keys after the clients). The ages move
+    with the clock, so each answer puts them in (`json`, `current`): one number per client, while
+    everything else costs only when something changed."""
+
+    def __init__(self, parts: tuple[ClientPart, ...], warmup: Warmup, extra: dict | None = None):
+        self.parts, self.warmup, self.extra = parts, warmup, extra or {}
+        pending = loading = ready = failed = 0
+        errors, in_progress = [], False
+        for part in parts:
+            p, lo, r, f = part.counts
+            pending, loading, ready, failed = pending + p, loading + lo, ready + r, failed + f
+            errors += part.errors
+            in_progress |= not part.settled
+        total = pending + loading + ready + failed
+        self.top = {  # what /ready answers from; the same dict for as long as this frame serves
+            "in_progress": in_progress,
+            "all_ready": warmup.generation > 0 and not in_progress and ready == total,
+            "summary": {"total": total, "done": ready, "failed": failed, "loading": loading, "pending": pending},
+            "errors": errors,
+            "generation": warmup.generation,
+            "refresh": warmup.refresh,
+            "started_at": iso(warmup.started_at),
+            "finished_at": iso(warmup.finished_at),
+        }
+        encode = msgspec.json.encode
+        self.opening = encode(self.top)[:-1] + b',"clients":{'
+        self.closing = b"}" + b"".join(b",%s:%s" % (encode(k), encode(v)) for k, v in self.extra.items()) + b"}"
+
+    def json(self, heartbeats: list[float | None], now: float) -> bytes:
+        """The whole answer's JSON, with each client's age from its heartbeat (None: none read)."""
+        encode = msgspec.json.encode
+        entries = [part.entry_head + encode(heartbeat_age(heartbeat, now)) + part.entry_tail
+                   for part, heartbeat in zip(self.parts, heartbeats)]
+        return self.opening + b",".join(entries) + self.closing
+
+    def current(self, heartbeats: list[float | None], now: float) -> dict:
+        """The same answer as a dict."""
+        clients = {part.client: {**part.head, "heartbeat_age_s": heartbeat_age(heartbeat, now), **part.tail}
+                   for part, heartbeat in zip(self.parts, heartbeats)}
+        return {**self.top, "clients": clients, **self.extra}
 
 
 def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
     now = time.monotonic() if now is None else now
-    parts = [(view.client, client_part(view, warmup.generation), view.published.heartbeat if view.published else None)
-             for view in views]
-    return assemble(parts, warmup, now)[0]
+    frame = Frame(tuple(client_part(view, warmup.generation) for view in views), warmup)
+    return frame.current([view.published.heartbeat if view.published else None for view in views], now)
 
 
 def status_line(current: dict, generation: int, mps_down: bool) -> str:

@@ -89,8 +89,8 @@ def test_a_client_part_is_composed_again_only_when_its_inputs_change(setup, monk
     answers.models_status()
     assert sorted(composed) == ["a", "b"]
     publish(segment, 0, procs[0], 1, 2.0, **{"org/a1": "loading"})  # a heartbeat only
-    current, encoded = answers.compose()
-    assert sorted(composed) == ["a", "b"] and encoded == msgspec.json.encode(current)
+    composed_now = answers.compose()
+    assert sorted(composed) == ["a", "b"] and composed_now.encoded == msgspec.json.encode(composed_now.current)
     publish(segment, 1, procs[1], 1, 3.0, **{"org/b1": READY})
     assert answers.models_status()["clients"]["b"]["ready"] and composed[2:] == ["b"]
     answers.publish(Snapshot(config, (records[0], LoaderRecord("b", 1, states.RUNNING, procs[1].pid, restarts=1)),
@@ -142,6 +142,37 @@ def test_with_few_loaders_an_answer_nothing_changed_since_is_the_same_bytes_and_
     assert answers.models_status_json() is first and not looked
     publish(segment, 1, procs[1], 1, 2.0, **{"org/b1": READY})  # a heartbeat only
     assert answers.models_status_json() != first and looked == [1]
+
+
+def test_a_new_window_reads_only_the_slots_that_moved_and_makes_the_rest_once(setup, monkeypatch):
+    """Past SCAN_UP_TO every window answers anew, since the heartbeat ages move with the clock; but
+    only the slots whose sequence number moved are read, and the totals and every client's entry
+    are made once per change: /ready's summary stays the very same dict (its bytes are reused)."""
+    from gpu_orchestrator.supervisor import answers as answers_module
+
+    config, segment, spawner = setup
+    answers = Answers(config, segment, wake=lambda: None)
+    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
+    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
+    for slot, proc in enumerate(procs):
+        publish(segment, slot, proc, 1, 1.0, **{f"org/{'ab'[slot]}1": READY})
+    answers.publish(Snapshot(config, records, Warmup(1)))
+    monkeypatch.setattr(answers_module, "SCAN_UP_TO", 1)
+    monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 1e-9)  # every call its own window
+    first = answers.compose()
+    read = []
+    published = answers.published
+    monkeypatch.setattr(answers, "published", lambda loader: read.append(loader.client) or published(loader))
+    second = answers.compose()
+    assert second is not first and not read and second.frame is first.frame and answers.models_summary() is first.top
+    publish(segment, 1, procs[1], 1, 5.0, **{"org/b1": READY})  # a heartbeat of b's alone
+    third = answers.compose()
+    assert read == ["b"] and third.frame is first.frame and third.top["all_ready"]
+    assert third.current["clients"]["b"]["heartbeat_age_s"] == round(third.now - 5.0, 3)
+    publish(segment, 0, procs[0], 1, 6.0, **{"org/a1": "loading"})  # new words in a's slot
+    fourth = answers.compose()
+    assert read == ["b", "a"] and fourth.frame is not first.frame and fourth.top["in_progress"]
+    assert fourth.current["clients"]["a"]["models"][0]["status"] == "loading"
 
 
 def test_gpu_info_is_composed_again_only_when_its_inputs_change_and_its_age_always_moves(setup):

@@ -222,7 +222,7 @@ def test_the_json_is_the_dict_encoded_byte_for_byte():
     encoding the whole dict would give, for every kind of client."""
     import msgspec
 
-    from gpu_orchestrator.supervisor.status import assemble, client_part
+    from gpu_orchestrator.supervisor.status import Frame, client_part
 
     loading = ModelProgress("m2", status=LOADING, bytes_done=3, bytes_total=10, seconds=0.7)
     views = [view("ready", published=LoaderState("ready", 10, 1, IDLE, 12.25, [ModelProgress("m1", status=READY)]),
@@ -232,11 +232,12 @@ def test_the_json_is_the_dict_encoded_byte_for_byte():
              view("failed", published=published(1, IDLE, READY, FAILED)),
              view("unstarted", state=states.STOPPED)]
     warmup = Warmup(generation=1, refresh=True, started_at=1.5)
-    parts = [(v.client, client_part(v, 1), v.published.heartbeat if v.published else None) for v in views]
-    current, encoded = assemble(parts, warmup, 100.0, {"mps": {"enabled": False, "error": "off"}})
+    frame = Frame(tuple(client_part(v, 1) for v in views), warmup, {"mps": {"enabled": False, "error": "off"}})
+    heartbeats = [v.published.heartbeat if v.published else None for v in views]
+    current, encoded = frame.current(heartbeats, 100.0), frame.json(heartbeats, 100.0)
     assert encoded == msgspec.json.encode(current)
     assert current == {**models_status(views, warmup, now=100.0), "mps": {"enabled": False, "error": "off"}}
     assert current["clients"]["ready"]["heartbeat_age_s"] == 87.75
     assert list(current["clients"]["fatal"]).index("heartbeat_age_s") == 10  # in its place, after rss_bytes
-    empty, encoded = assemble([], Warmup(), 0.0)
-    assert encoded == msgspec.json.encode(empty) and empty["clients"] == {}
+    empty = Frame((), Warmup())
+    assert empty.json([], 0.0) == msgspec.json.encode(empty.current([], 0.0)) and empty.current([], 0.0)["clients"] == {}
