@@ -68,7 +68,7 @@ def bench_api(work: Path, seconds: float, clients: int) -> list[tuple]:
     try:
         orch.settled()
         for path in ("/models/status", "/gpu/info", "/ready"):
-            rows += against_ceiling(orch.url, path, seconds, f"{clients} clients")
+            rows += against_ceiling(orch.url, orch.proc.pid, path, seconds, f"{clients} clients")
         rows += bench_propagation(orch, seconds)
     finally:
         orch.stop()
@@ -211,7 +211,7 @@ def bench_scaling(work: Path, sizes: list[int], idle: float, seconds: float) -> 
                       f"of a core (one clock tick: {100 / os.sysconf('SC_CLK_TCK') / idle:.3f} %)", "-",
                       f"RSS {verdict(loader_rss < 15)}, CPU {verdict(loader_cpu < 0.05)}",
                       "< 15 MiB RSS median, < 0.05 % of a core")]
-            rows += against_ceiling(orch.url, "/models/status", seconds, f"{clients} clients")
+            rows += against_ceiling(orch.url, orch.proc.pid, "/models/status", seconds, f"{clients} clients")
         finally:
             orch.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -372,16 +372,16 @@ rows of one run); those for 192 and 384 clients stayed far below 1x in every run
 
 ## What bounds each figure
 
-- Status API: waitress's own work (parsing, the event loop, the send path) under the GIL, some
-  150-250 us of CPU a request, as in the ceiling; the app adds 4-13 us in-process (middleware, and
-  an unchanged answer sent as the bytes encoded for it). With 192 and 384 clients the body is 4-8x
-  larger, and past 64 loaders (whose heartbeats move a slot every second) `/models/status` is
-  composed anew at most every 0.1 s. On 2 cores shared with the load generator, one code's
-  ratios move 2-3x between pairs of turns (the spread shown): the app's own cost, measured
-  in-process (80 -> 20 us for `/models/status` with 48 loaders), is the steadier figure.
-- Start to all_ready: starting one interpreter per loader (exec, never fork) and importing the
-  loader, on the machine's cores. The reference starts as many interpreters at once, which on two
-  cores is slower than the supervisor's starts, spread over its ticks.
+- Status API: waitress's own work (parsing, the event loop, the send path) under the GIL, as in
+  the ceiling; the app adds 4-13 us in-process (middleware, and an unchanged answer sent as the
+  bytes encoded for it). With 192 and 384 clients the body is 4-8x larger, and past 64 loaders
+  (whose heartbeats move a slot every second) `/models/status` is answered anew every 0.1 s with
+  new heartbeat ages, about 1 ms for 384 clients (3-5 ms while every entry was assembled anew).
+  On 2 cores shared with the load generator the rates move 2-3x between pairs of turns (the
+  spread shown): each server's CPU time a request (ours includes the loop) is the steadier figure.
+- Start to all_ready: starting one interpreter per loader (exec: see `Spawner.popen` for why not
+  fork) and importing the loader, some 80 ms of CPU each, on the machine's cores. The reference
+  starts as many interpreters at once, slower on two cores than the supervisor's spread starts.
 - Boot to ready: from start, those interpreters (the models' bytes take a tenth of it); from the
   first preload, copying the page cache as in a warm-up, or with a cold cache the disk, which the
   loaders' parallel reads use better than one `cat`.

@@ -11,7 +11,8 @@ that starting interpreters never falls inside the measured window.
 On a small machine shared with other work, a single turn can be twice as fast or as slow as the
 next for reasons of its own. So the two servers take many short turns, in the order A B, then
 B A, and the ratio is the median of the ratios of each such pair (whatever else runs falls on both
-sides of a pair alike); its spread across pairs is printed with it.
+sides of a pair alike); its spread across pairs is printed with it. Each turn also counts the
+server process's CPU time a request, which a busy neighbour moves far less than the rates.
 """
 
 import http.client
@@ -25,6 +26,8 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 from gpu_orchestrator.supervisor.commands.harness import free_port, wait
 
@@ -123,10 +126,16 @@ def finish_load(workers: list[subprocess.Popen], seconds: float) -> dict:
             "p99": percentile(latencies, 0.99), "errors": sum(r["errors"] for r in results)}
 
 
-def load(generator: str, base: str, path: str, seconds: float) -> dict:
+def load(generator: str, base: str, path: str, seconds: float, pid: int) -> dict:
+    """One turn against the server process `pid` at `base`; with its CPU time a request, in us."""
+    times = psutil.Process(pid).cpu_times()
     if generator == "wrk":
-        return wrk_load(base + path, seconds)
-    return finish_load(start_load(base, [path], seconds, PYTHON_CONNECTIONS), seconds)
+        result = wrk_load(base + path, seconds)
+    else:
+        result = finish_load(start_load(base, [path], seconds, PYTHON_CONNECTIONS), seconds)
+    after = psutil.Process(pid).cpu_times()
+    result["cpu_us"] = (after.user + after.system - times.user - times.system) / max(1, result["requests"]) * 1e6
+    return result
 
 
 # ---- the ceiling ------------------------------------------------------------------------------
@@ -150,29 +159,32 @@ def ceiling_server(port: int, path: str, body_file: str) -> None:
     waitress.serve(app, host="127.0.0.1", port=port, threads=HTTP_THREADS, _quiet=True)
 
 
-def alternate(generator: str, bases: tuple[str, str], path: str, seconds: float) -> tuple[dict, dict, dict]:
-    """Both servers in pairs of turns of ROUND_S, `seconds` each in all, A B then B A: each side's
-    rate and latency the median of its turns (requests and errors summed), and per pair the
-    ratio of the first side's rate and p99 to the second's."""
+def alternate(generator: str, bases: tuple[str, str], path: str, seconds: float,
+              pids: tuple[int, int]) -> tuple[dict, dict, dict]:
+    """Both servers (`pids`, at `bases`) in pairs of turns of ROUND_S, `seconds` each in all, A B
+    then B A: each side's rate, latency and CPU a request the median of its turns (requests and
+    errors summed), and per pair the ratio of the first side's rate, p99 and CPU to the second's."""
     turns: tuple[list, list] = ([], [])
     for pair in range(max(1, round(seconds / ROUND_S))):
         order = (0, 1) if pair % 2 == 0 else (1, 0)
         for side in order:
-            turns[side].append(load(generator, bases[side], path, min(seconds, ROUND_S)))
-    ratios = {key: [a[key] / b[key] for a, b in zip(*turns)] for key in ("rps", "p99")}
+            turns[side].append(load(generator, bases[side], path, min(seconds, ROUND_S), pids[side]))
+    ratios = {key: [a[key] / b[key] for a, b in zip(*turns)] for key in ("rps", "p99", "cpu_us")}
     return (*({key: (sum if key in ("requests", "errors") else statistics.median)([r[key] for r in results])
                for key in results[0]} for results in turns), ratios)
 
 
 def ratio_text(ratios: dict) -> str:
     """The median of the pairs' ratios, and their spread (one pair: no spread to show)."""
-    rps, p99 = ratios["rps"], ratios["p99"]
+    rps, p99, cpu = ratios["rps"], ratios["p99"], ratios["cpu_us"]
     spread = f" ({min(rps):.2f}-{max(rps):.2f} over {len(rps)} pairs)" if len(rps) > 1 else ""
-    return f"{statistics.median(rps):.2f}x throughput{spread}, {statistics.median(p99):.2f}x p99"
+    return (f"{statistics.median(rps):.2f}x throughput{spread}, {statistics.median(p99):.2f}x p99, "
+            f"{statistics.median(cpu):.2f}x CPU a request")
 
 
-def against_ceiling(base: str, path: str, seconds: float, label: str) -> list[tuple]:
-    """One row per generator: `path` on the orchestrator at `base`, then the ceiling with its bytes."""
+def against_ceiling(base: str, pid: int, path: str, seconds: float, label: str) -> list[tuple]:
+    """One row per generator: `path` on the orchestrator (process `pid`) at `base`, then the
+    ceiling with its bytes."""
     body = urllib.request.urlopen(base + path, timeout=10).read()
     port = free_port()
     with tempfile.NamedTemporaryFile(suffix=".json") as saved:
@@ -184,11 +196,13 @@ def against_ceiling(base: str, path: str, seconds: float, label: str) -> list[tu
             wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10), 30, "the ceiling server")
             rows = []
             for generator in generators():
-                ours, bare, ratios = alternate(generator, (base, f"http://127.0.0.1:{port}"), path, seconds)
+                ours, bare, ratios = alternate(generator, (base, f"http://127.0.0.1:{port}"), path, seconds,
+                                               (pid, ceiling.pid))
                 rows.append((f"GET {path} ({len(body)} B body, {label}), {describe(generator)}",
                              f"{ours['rps']:.0f} req/s, p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, "
-                             f"{ours['errors']:.0f} errors",
-                             f"bare Falcon+waitress, same bytes: {bare['rps']:.0f} req/s, p99 {bare['p99']:.2f} ms",
+                             f"{ours['errors']:.0f} errors, {ours['cpu_us']:.0f} us CPU a request",
+                             (f"bare Falcon+waitress, same bytes: {bare['rps']:.0f} req/s, p99 {bare['p99']:.2f} ms, "
+                              f"{bare['cpu_us']:.0f} us CPU a request"),
                              ratio_text(ratios),
                              TARGET))
             return rows
