@@ -46,8 +46,10 @@ def mps_orchestrator(tmp_path, store):
         if hold:
             (tmp_path / "hold").touch()  # the daemon never opens its pipe: MPS configured but down
             env["FAKE_MPS_HOLD"] = str(tmp_path / "hold")
+        # Held, the daemon never answers: 1 s until MPS counts as down. Else the fake daemon (a
+        # Python script) answers once started, which on a loaded machine can take longer than 1 s.
         return Orchestrator(tmp_path, store, model_map, allocation, env=env,
-                            extra_args=("--mps-start-timeout", "1", "--mps-probe-interval", "0.3"))
+                            extra_args=("--mps-start-timeout", "1" if hold else "60", "--mps-probe-interval", "0.3"))
     return start
 
 
