@@ -57,7 +57,10 @@ class Spawner:
     """How loader processes are started, signalled and reaped: the real one here, a fake in tests."""
 
     def popen(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
-        """exec a fresh interpreter (CUDA and NVML are not fork-safe) in its own process group."""
+        """exec a fresh interpreter in its own process group. Never a fork of ours (CUDA, NVML and
+        our threads are not fork-safe), nor of a clean fork server that imported the loader once:
+        a forked loader's /proc/PID/environ would show the server's environment, not its
+        client's MPS limits that mps-diag and an operator check there."""
         return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=env, process_group=0, close_fds=True)
 
