@@ -325,18 +325,20 @@ class MpsDaemon:
 
     def record_probe(self) -> bool:
         """Ask the daemon (and read its pid file) here, so that report() reads only memory.
-        True when it did not answer."""
+        True when it did not answer. Its pid is read after it answered: a probe begun just before
+        the loop spawned a daemon can be answered by that daemon, and must name it."""
         started = time.monotonic()
-        control_pid = self.control_pid()
         try:
             servers = [int(p) for p in query(self.settings, "get_server_list").split() if p.isdigit()]
             percentage = query(self.settings, "get_default_active_thread_percentage")
         except MpsError as exc:
+            control_pid = self.control_pid()
             with self.lock:
                 self.probe.answering, self.probe.error = False, str(exc)
                 self.probe.failures += 1
                 self.probe.probed_at, self.probe.control_pid, self.probe.started = time.time(), control_pid, started
             return True
+        control_pid = self.control_pid()
         with self.lock:
             self.probe = Probe(True, servers, percentage, None, time.time(), 0, control_pid, started)
         return False

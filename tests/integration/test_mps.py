@@ -156,7 +156,7 @@ def test_loop_keeps_supervising_while_a_restarted_daemon_comes_up(tmp_path, stor
         orch.wait_settled()
         report = orch.get("/gpu/info")[1]["mps"]
         first = report["control_pid"]
-        assert first is not None, f"settled, yet no control daemon pid: {report}"  # seen once, cause unknown
+        assert first is not None, f"settled, yet no control daemon pid: {report}"
         hold.touch()
         os.kill(first, signal.SIGKILL)
 

@@ -48,3 +48,22 @@ def test_a_folder_that_cannot_be_made_backs_off_and_retries(tmp_path, monkeypatc
     assert daemon.next_deadline() == 100.5 and "cannot create the MPS folder" in daemon.report()["error"]
     daemon.supervise(100.5)  # due: tried again, refused again
     assert daemon.state == states.MPS_BACKOFF and daemon.restarts == 1 and daemon.next_deadline() > 100.5
+
+
+def test_a_probe_that_began_before_the_spawn_names_the_daemon_that_answered_it(settings, monkeypatch):
+    """The probe thread may start a probe just before the loop spawns the daemon, and the daemon
+    can answer that very probe: the pid it reports is the answering daemon's, read after the
+    answer, never the "no daemon" seen before the spawn (/gpu/info said control_pid null)."""
+    from types import SimpleNamespace
+
+    from gpu_orchestrator.supervisor import mps
+
+    daemon = MpsDaemon(settings)
+
+    def answer_after_a_spawn(settings, command, timeout=None):
+        daemon.proc = SimpleNamespace(pid=4242)  # the loop's spawn, while the query waits
+        return "" if command == "get_server_list" else "100"
+
+    monkeypatch.setattr(mps, "query", answer_after_a_spawn)
+    assert daemon.record_probe() is False
+    assert daemon.report()["control_pid"] == 4242 and daemon.report()["control_process"]
