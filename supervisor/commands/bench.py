@@ -379,9 +379,9 @@ rows of one run); those for 192 and 384 clients stayed far below 1x in every run
   new heartbeat ages, about 1 ms for 384 clients (3-5 ms while every entry was assembled anew).
   On 2 cores shared with the load generator the rates move 2-3x between pairs of turns (the
   spread shown): each server's CPU time a request (ours includes the loop) is the steadier figure.
-- Start to all_ready: starting one interpreter per loader (exec: see `Spawner.popen` for why not
-  fork) and importing the loader, some 80 ms of CPU each, on the machine's cores. The reference
-  starts as many interpreters at once, slower on two cores than the supervisor's spread starts.
+- Start to all_ready: one interpreter per loader (exec: `Spawner.popen` says why not fork), ~80 ms
+  of CPU each here (22 the interpreter, ~45 msgspec and what it imports, ~10 the loader's own): 48
+  are 4 s of CPU on 2 cores. The reference starts them all at once, slower than spread starts.
 - Boot to ready: from start, those interpreters (the models' bytes take a tenth of it); from the
   first preload, copying the page cache as in a warm-up, or with a cold cache the disk, which the
   loaders' parallel reads use better than one `cat`.
