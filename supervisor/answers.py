@@ -53,6 +53,14 @@ class Snapshot:
     warmup: Warmup = Warmup()
     stopping: bool = False
 
+    @functools.cached_property
+    def loader_counts(self) -> dict[str, int]:
+        """Loaders by state, for /health: counted once per snapshot, not on every probe's request."""
+        counts: dict[str, int] = {}
+        for loader in self.loaders:
+            counts[loader.state] = counts.get(loader.state, 0) + 1
+        return counts
+
 
 @dataclass
 class Command:
@@ -192,12 +200,9 @@ class Answers:
 
     def health(self) -> dict:
         snapshot = self.snapshot
-        counts: dict[str, int] = {}
-        for loader in snapshot.loaders:
-            counts[loader.state] = counts.get(loader.state, 0) + 1
         return {"status": "stopping" if snapshot.stopping else "ok", "service": "gpu-orchestrator",
                 "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
-                "clients": len(snapshot.loaders), "loaders": counts}
+                "clients": len(snapshot.loaders), "loaders": snapshot.loader_counts}
 
     def gpu_info(self) -> dict:
         """Composed again only when the configuration, the MPS report or the GPU sample changed;

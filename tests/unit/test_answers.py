@@ -41,6 +41,7 @@ def test_a_published_snapshot_and_the_live_loader_slot_make_the_status(setup):
     answers.publish(Snapshot(config, (LoaderRecord("a", 0, states.RUNNING, proc.pid + 1),), Warmup(1)))
     assert not answers.models_status()["clients"]["a"]["ready"]
     assert answers.health()["loaders"] == {states.RUNNING: 1}
+    assert answers.health()["loaders"] is answers.snapshot.loader_counts  # counted once per snapshot
     assert b'"generation":1' in answers.models_status_json()
 
 
