@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import struct
 import subprocess
 import urllib.error
 import urllib.request
@@ -20,6 +21,25 @@ def add_model(store: Path, model_id: str, shape=SMALL, seed: int = 0, manifest: 
     path = store / model_id
     write_snapshot(path, shape, seed, manifest)
     return path
+
+
+def safetensors_bytes(header: dict | bytes, data: bytes = b"") -> bytes:
+    """A safetensors file as written by hand: the header's length, the header (a dict is
+    JSON-encoded, bytes are taken as they are: broken headers too) and `data`."""
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+def write_sparse_model(directory: Path, size: int, fill: bytes = b"") -> None:
+    """A model of one U8 tensor of `size` bytes, sparse past `fill` (no disk used), with its
+    config.json; written beside and renamed, so a loader never sees it half-written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    temporary = directory / ".model.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(safetensors_bytes({"w": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}}, fill))
+        handle.truncate(handle.tell() - len(fill) + size)
+    os.replace(temporary, directory / "model.safetensors")
 
 
 def write_config(tmp: Path, clients: dict, allocations: dict | None = None) -> tuple[Path, Path | None]:

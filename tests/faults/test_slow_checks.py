@@ -13,11 +13,10 @@ killer would) is failed with the reason, and the client's other models stay read
 import json
 import os
 import signal
-import struct
 import time
 from pathlib import Path
 
-from support import Orchestrator, add_model, wait_for, write_config
+from support import Orchestrator, add_model, safetensors_bytes, wait_for, write_config
 
 from gpu_orchestrator.supervisor.mps import process_alive
 
@@ -28,11 +27,8 @@ def add_slow_model(store: Path, model_id: str) -> None:
     path = store / model_id
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-                         for i in range(TENSORS)}).encode()
-    with open(path / "model.safetensors", "wb") as out:
-        out.write(struct.pack("<Q", len(header)) + header)
-        out.write(b"\0" * (4 * TENSORS))
+    header = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(TENSORS)}
+    (path / "model.safetensors").write_bytes(safetensors_bytes(header, bytes(4 * TENSORS)))
 
 
 def model_state(orch: Orchestrator, client: str, model: str) -> tuple[dict, dict]:

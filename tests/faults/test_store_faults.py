@@ -5,27 +5,18 @@ The orchestrator runs without CAP_DAC_OVERRIDE (setpriv), so a file mode of 000 
 even root, as it would deny the service's own user.
 """
 
-import json
 import os
 import shutil
 import signal
-import struct
 
-from support import Orchestrator, add_model, wait_for, write_config
+from support import Orchestrator, add_model, wait_for, write_config, write_sparse_model
 
 NO_DAC = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
 BIG = 2 * 1024**3  # sparse
 
 
 def write_big(directory, fill: bytes = b"") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text("{}")
-    header = json.dumps({"w": {"dtype": "U8", "shape": [BIG], "data_offsets": [0, BIG]}}).encode()
-    temporary = directory / ".model.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)) + header + fill)
-        handle.truncate(8 + len(header) + BIG)
-    os.replace(temporary, directory / "model.safetensors")
+    write_sparse_model(directory, BIG, fill)
 
 
 def test_truncated_replaced_unreadable_and_removed(tmp_path, record):

@@ -1,16 +1,14 @@
 """The loader as a real process: commands on stdin, state in its slot, prompt exits."""
 
-import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import uuid
 
 import msgspec
 import pytest
-from support import add_model, wait_for
+from support import add_model, wait_for, write_sparse_model
 
 from gpu_orchestrator.loaders.channel import Segment, SlotReader
 from gpu_orchestrator.loaders.wire import LoadCommand, LoaderArgs, LoaderState, encode_args, encode_command
@@ -29,13 +27,7 @@ def segment():
 def store(tmp_path):
     root = tmp_path / "store"
     add_model(root, "org/small", manifest=True)
-    big = root / "org" / "big"
-    big.mkdir(parents=True)
-    (big / "config.json").write_text("{}")
-    header = json.dumps({"w": {"dtype": "U8", "shape": [BIG], "data_offsets": [0, BIG]}}).encode()
-    with open(big / "model.safetensors", "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)) + header)
-        handle.truncate(8 + len(header) + BIG)
+    write_sparse_model(root / "org" / "big", BIG)
     return root
 
 

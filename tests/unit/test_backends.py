@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import add_model
+from support import add_model, safetensors_bytes
 
 from gpu_orchestrator.loaders.backends import (CHUNK, PROGRESS_BYTES, ModelError, check_fits, plan, snapshot_checksum,
                                                warm)
@@ -25,8 +25,7 @@ def snapshot_of(path):
 
 
 def write_raw_safetensors(path, header: dict, data_len: int):
-    encoded = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(data_len))
+    path.write_bytes(safetensors_bytes(header, bytes(data_len)))
 
 
 def test_demo_style_snapshot_passes_and_counts_parameters(tmp_path):
@@ -332,8 +331,7 @@ def test_a_file_that_changes_while_it_is_read_fails_the_model(tmp_path):
 
 
 def raw_safetensors(header, data_len: int) -> bytes:
-    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(encoded)) + encoded + bytes(data_len)
+    return safetensors_bytes(header, bytes(data_len))
 
 
 def tensor(dtype="F32", shape=(1,), offsets=(0, 4)):
