@@ -252,7 +252,7 @@ class Answers:
         """The sampler's last snapshot (the sampler guards it)."""
         return self.sampler.snapshot()[1] if self.sampler is not None else None
 
-    def compose(self, snapshot: Snapshot | None = None, fresh: bool = False) -> "Composed":
+    def compose(self, snapshot: Snapshot | None = None, fresh: bool = False) -> status.Composed:
         """/models/status: the warm-up, each client, MPS.
 
         With more than SCAN_UP_TO loaders, an answer is reused, without looking at any slot, for the
@@ -287,7 +287,7 @@ class Answers:
             if frame is None or frame.parts is not parts or frame.warmup != snapshot.warmup or frame.extra != extra:
                 frame = self.frame = status.Frame(parts, snapshot.warmup, extra)
             # A new window answers anew even when no part changed: the ages move with the clock.
-            composed = Composed(frame, heartbeats, now)
+            composed = status.Composed(frame, heartbeats, now)
             self.cache = (key, snapshot, composed)
             return composed
 
@@ -378,19 +378,6 @@ class Answers:
             memory_limit_bytes=config.memory_limit_bytes(client), published=published, gpu_memory_bytes=gpu_memory,
             rss_bytes=loader.rss_bytes if loader is not None and loader.pid is not None else None)
         return status.client_part(view, generation)
-
-
-class Composed:
-    """One /models/status answer: its JSON at once (what the route sends), its dict when asked."""
-
-    def __init__(self, frame: status.Frame, heartbeats: list[float | None], now: float):
-        self.frame, self.heartbeats, self.now = frame, heartbeats, now
-        self.encoded = frame.json(heartbeats, now)
-        self.top = frame.top  # everything but the clients: the same dict while the frame serves
-
-    @functools.cached_property
-    def current(self) -> dict:
-        return self.frame.current(self.heartbeats, self.now)
 
 
 def same_progress(before: LoaderState | None, now: LoaderState | None) -> bool:

@@ -6,6 +6,7 @@ loader process that is alive now: a dead loader's last words never make a model
 look ready.
 """
 
+import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -171,6 +172,19 @@ class Frame:
         clients = {part.client: {**part.head, "heartbeat_age_s": heartbeat_age(heartbeat, now), **part.tail}
                    for part, heartbeat in zip(self.parts, heartbeats)}
         return {**self.top, "clients": clients, **self.extra}
+
+
+class Composed:
+    """One /models/status answer: its JSON at once (what the route sends), its dict when asked."""
+
+    def __init__(self, frame: Frame, heartbeats: list[float | None], now: float):
+        self.frame, self.heartbeats, self.now = frame, heartbeats, now
+        self.encoded = frame.json(heartbeats, now)
+        self.top = frame.top  # everything but the clients: the same dict while the frame serves
+
+    @functools.cached_property
+    def current(self) -> dict:
+        return self.frame.current(self.heartbeats, self.now)
 
 
 def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
