@@ -96,6 +96,9 @@ class WarmingHost:
     def models_status_json(self):
         return json.dumps(self.models_status()).encode()
 
+    def models_summary(self):
+        return self.models_status()
+
     def request_preload(self, refresh):
         self.preloads.append(refresh)
         return 202, {"started": False, **self.models_status()}

@@ -72,3 +72,14 @@ def test_client_view_shows_errors_in_full_and_refuses_an_unknown_client(url):
     assert as_json["models_status"]["progress"]["eta_s"] == 20.8 and as_json["gpu_info"]["gpus"] == {"0": 9 * 1024**3}
     unknown = status(url, "nobody")
     assert unknown.returncode == 67 and "no client 'nobody'" in unknown.stderr and unknown.stdout == ""
+
+
+def test_the_warming_host_answers_ready_as_a_source_must(url):
+    """The host stands in for the orchestrator's Answers: /ready (from models_summary) says not
+    yet, mid-warm-up, rather than failing on a method the host lacks."""
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(url + "/ready", timeout=10)
+    assert answer.value.code == 503 and json.loads(answer.value.read())["ready"] is False
