@@ -37,6 +37,8 @@ def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: Mps
     channel cannot be made (no loader, no MPS daemon, no segment left behind)."""
     for warning in config.warnings:
         log.warning(warning)
+    if not server.keep_heap_for_answers():
+        log.debug("malloc keeps its defaults (not glibc): large answers cost page faults")
     try:
         sockets = open_sockets(config, metrics_listen)
         try:

@@ -126,15 +126,23 @@ def finish_load(workers: list[subprocess.Popen], seconds: float) -> dict:
             "p99": percentile(latencies, 0.99), "errors": sum(r["errors"] for r in results)}
 
 
+def minor_faults(pid: int) -> int:
+    """Page faults the process took without reading a disk: /proc/PID/stat's tenth field."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])
+
+
 def load(generator: str, base: str, path: str, seconds: float, pid: int) -> dict:
-    """One turn against the server process `pid` at `base`; with its CPU time a request, in us."""
-    times = psutil.Process(pid).cpu_times()
+    """One turn against the server process `pid` at `base`; with its CPU time (us) and page
+    faults a request."""
+    times, faults = psutil.Process(pid).cpu_times(), minor_faults(pid)
     if generator == "wrk":
         result = wrk_load(base + path, seconds)
     else:
         result = finish_load(start_load(base, [path], seconds, PYTHON_CONNECTIONS), seconds)
-    after = psutil.Process(pid).cpu_times()
-    result["cpu_us"] = (after.user + after.system - times.user - times.system) / max(1, result["requests"]) * 1e6
+    after, requests = psutil.Process(pid).cpu_times(), max(1, result["requests"])
+    result["cpu_us"] = (after.user + after.system - times.user - times.system) / requests * 1e6
+    result["faults"] = (minor_faults(pid) - faults) / requests
     return result
 
 
@@ -200,9 +208,10 @@ def against_ceiling(base: str, pid: int, path: str, seconds: float, label: str) 
                                                (pid, ceiling.pid))
                 rows.append((f"GET {path} ({len(body)} B body, {label}), {describe(generator)}",
                              f"{ours['rps']:.0f} req/s, p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, "
-                             f"{ours['errors']:.0f} errors, {ours['cpu_us']:.0f} us CPU a request",
+                             f"{ours['errors']:.0f} errors, {ours['cpu_us']:.0f} us CPU and {ours['faults']:.1f} "
+                             "page faults a request",
                              (f"bare Falcon+waitress, same bytes: {bare['rps']:.0f} req/s, p99 {bare['p99']:.2f} ms, "
-                              f"{bare['cpu_us']:.0f} us CPU a request"),
+                              f"{bare['cpu_us']:.0f} us CPU and {bare['faults']:.1f} page faults a request"),
                              ratio_text(ratios),
                              TARGET))
             return rows

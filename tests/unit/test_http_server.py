@@ -67,3 +67,12 @@ def test_a_descriptor_past_fd_setsize_is_waited_on_with_poll():
         assert "poll" in used and "select" not in used
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_glibc_takes_the_heap_settings_for_large_answers():
+    """mallopt answers 0 to a parameter it does not know: 1 from both means glibc took them
+    (the bench shows their effect: page faults a request)."""
+    import platform
+
+    took = server.keep_heap_for_answers()
+    assert took is (platform.libc_ver()[0] == "glibc")
