@@ -207,9 +207,9 @@ def against_ceiling(base: str, pid: int, path: str, seconds: float, label: str) 
                 ours, bare, ratios = alternate(generator, (base, f"http://127.0.0.1:{port}"), path, seconds,
                                                (pid, ceiling.pid))
                 rows.append((f"GET {path} ({len(body)} B body, {label}), {describe(generator)}",
-                             f"{ours['rps']:.0f} req/s, p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, "
-                             f"{ours['errors']:.0f} errors, {ours['cpu_us']:.0f} us CPU and {ours['faults']:.1f} "
-                             "page faults a request",
+                             (f"{ours['rps']:.0f} req/s, p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, "
+                              f"{ours['errors']:.0f} errors, {ours['cpu_us']:.0f} us CPU and {ours['faults']:.1f} "
+                              "page faults a request"),
                              (f"bare Falcon+waitress, same bytes: {bare['rps']:.0f} req/s, p99 {bare['p99']:.2f} ms, "
                               f"{bare['cpu_us']:.0f} us CPU and {bare['faults']:.1f} page faults a request"),
                              ratio_text(ratios),
