@@ -368,17 +368,16 @@ spread. The load comes from wrk (`-t1 -c8`) when it is installed and always from
 Python generator (4 processes, one keep-alive connection each, starting together).
 Compare ratios, not absolute figures, across machines. On a 2-core machine shared with other work
 the 48-client API ratios of one code moved between 0.4x and 1.8x from run to run (and between two
-rows of one run); those for 192 and 384 clients stayed far below 1x in every run.
+rows of one run); quieter runs of wrk against both servers alone gave the same rate and CPU.
 
 ## What bounds each figure
 
 - Status API: waitress's own work (parsing, the event loop, the send path) under the GIL, as in
-  the ceiling; the app adds 4-13 us in-process (middleware, and an unchanged answer sent as the
-  bytes encoded for it). With 192 and 384 clients the body is 4-8x larger, and past 64 loaders
-  (whose heartbeats move a slot every second) `/models/status` is answered anew every 0.1 s with
-  new heartbeat ages, about 1 ms for 384 clients (3-5 ms while every entry was assembled anew).
-  On 2 cores shared with the load generator the rates move 2-3x between pairs of turns (the
-  spread shown): each server's CPU time a request (ours includes the loop) is the steadier figure.
+  the ceiling; the app adds 4-13 us in-process (middleware, an unchanged answer sent as the bytes
+  encoded for it). Past 64 loaders `/models/status` is answered anew every 0.1 s with new heartbeat
+  ages (0.6 ms for 384 clients). waitress copies each 200-420 KB body into a buffer: glibc's
+  defaults fault those pages in anew (the ceiling's page faults), which the supervisor's malloc
+  settings avoid (`keep_heap_for_answers`). CPU and faults a request say where a gap comes from.
 - Start to all_ready: one interpreter per loader (exec: `Spawner.popen` says why not fork), ~80 ms
   of CPU each here (22 the interpreter, ~45 msgspec and what it imports, ~10 the loader's own): 48
   are 4 s of CPU on 2 cores. The reference starts them all at once, slower than spread starts.
