@@ -22,6 +22,20 @@ def setup(tmp_path):
     segment.close()
 
 
+def running_a_and_b(setup, a: str | None, b: str | None):
+    """Answers over RUNNING loaders of clients a and b, whose slots say their model is `a` and `b`
+    (None: nothing published), heartbeat 1.0: (answers, their procs, their records)."""
+    config, segment, spawner = setup
+    answers = Answers(config, segment, wake=lambda: None)
+    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
+    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
+    for slot, (client, said) in enumerate(zip("ab", (a, b))):
+        if said is not None:
+            publish(segment, slot, procs[slot], 1, 1.0, **{f"org/{client}1": said})
+    answers.publish(Snapshot(config, records, Warmup(1)))
+    return answers, procs, records
+
+
 def test_clients_without_a_loader_yet_are_listed_and_not_ready(setup):
     config, segment, _ = setup
     answers = Answers(config, segment, wake=lambda: None)
@@ -76,13 +90,8 @@ def test_a_client_part_is_composed_again_only_when_its_inputs_change(setup, monk
     from gpu_orchestrator.supervisor import answers as answers_module
     from gpu_orchestrator.supervisor import status
 
-    config, segment, spawner = setup
-    answers = Answers(config, segment, wake=lambda: None)
-    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
-    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
-    for slot, (model, proc) in enumerate(zip(("org/a1", "org/b1"), procs)):
-        publish(segment, slot, proc, 1, 1.0, **{model: "loading"})
-    answers.publish(Snapshot(config, records, Warmup(1)))
+    config, segment, _ = setup
+    answers, procs, records = running_a_and_b(setup, "loading", "loading")
     composed, client_part = [], status.client_part
     monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 1e-9)  # every call its own window: the parts' logic
     monkeypatch.setattr(answers_module.status, "client_part",
@@ -106,12 +115,8 @@ def test_what_a_slot_says_shows_at_once_with_few_loaders_and_within_a_window_pas
     clients as for 100) until the loop publishes a new snapshot."""
     from gpu_orchestrator.supervisor import answers as answers_module
 
-    config, segment, spawner = setup
-    answers = Answers(config, segment, wake=lambda: None)
-    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
-    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
-    publish(segment, 0, procs[0], 1, 1.0, **{"org/a1": "loading"})
-    answers.publish(Snapshot(config, records, Warmup(1)))
+    config, segment, _ = setup
+    answers, procs, records = running_a_and_b(setup, "loading", None)
     monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 3600.0)  # one window for the whole test
     monkeypatch.setattr(answers_module, "SCAN_UP_TO", 1 if many else 64)
     before = answers.models_status()["clients"]["a"]
@@ -128,13 +133,8 @@ def test_with_few_loaders_an_answer_nothing_changed_since_is_the_same_bytes_and_
     answered last without looking at any part; one heartbeat makes a new answer at once."""
     from gpu_orchestrator.supervisor import answers as answers_module
 
-    config, segment, spawner = setup
-    answers = Answers(config, segment, wake=lambda: None)
-    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
-    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
-    for slot, proc in enumerate(procs):
-        publish(segment, slot, proc, 1, 1.0, **{f"org/{'ab'[slot]}1": READY})
-    answers.publish(Snapshot(config, records, Warmup(1)))
+    segment = setup[1]
+    answers, procs, _ = running_a_and_b(setup, READY, READY)
     monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 3600.0)  # one window for the whole test
     first = answers.models_status_json()
     looked = []
@@ -151,13 +151,8 @@ def test_a_new_window_reads_only_the_slots_that_moved_and_makes_the_rest_once(se
     are made once per change: /ready's summary stays the very same dict (its bytes are reused)."""
     from gpu_orchestrator.supervisor import answers as answers_module
 
-    config, segment, spawner = setup
-    answers = Answers(config, segment, wake=lambda: None)
-    procs = [spawner.popen([], {"GPU_ORCHESTRATOR_CLIENT": c}) for c in ("a", "b")]
-    records = tuple(LoaderRecord(c, slot, states.RUNNING, p.pid) for slot, (c, p) in enumerate(zip("ab", procs)))
-    for slot, proc in enumerate(procs):
-        publish(segment, slot, proc, 1, 1.0, **{f"org/{'ab'[slot]}1": READY})
-    answers.publish(Snapshot(config, records, Warmup(1)))
+    segment = setup[1]
+    answers, procs, _ = running_a_and_b(setup, READY, READY)
     monkeypatch.setattr(answers_module, "SCAN_UP_TO", 1)
     monkeypatch.setattr(answers_module, "STATUS_REUSE_S", 1e-9)  # every call its own window
     first = answers.compose()
