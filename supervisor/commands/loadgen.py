@@ -12,7 +12,7 @@ On a small machine shared with other work, a single turn can be twice as fast or
 next for reasons of its own. So the two servers take many short turns, in the order A B, then
 B A, and the ratio is the median of the ratios of each such pair (whatever else runs falls on both
 sides of a pair alike); its spread across pairs is printed with it. Each turn also counts the
-server process's CPU time a request, which a busy neighbour moves far less than the rates.
+server process's CPU time and page faults a request: where a gap in the rates comes from.
 """
 
 import http.client
