@@ -93,7 +93,7 @@ def load_torch(snapshot: Snapshot, model_plan: Plan, used_bytes: int, limit_byte
     placement = None
     try:
         largest = max(model_plan.identities[path][0] for path in weights)
-        placement = Placement(torch, device, None if device == "cpu" else staging_buffers(torch, largest, pinned=True))
+        placement = Placement(torch, device, staging_buffers(torch, largest, pinned=device != "cpu"))
         verified = warm(snapshot, model_plan, progress, placement.place)
         taken = (torch.cuda.memory_allocated(0) - before) if device != "cpu" else \
             sum(t.numel() * t.element_size() for t in placement.tensors.values())
@@ -162,7 +162,8 @@ def embed(snapshot: Snapshot, device: str, result: TorchResult) -> None:
 
 def staging_buffers(torch, largest: int, pinned: bool, size: int = STAGING_BYTES, slots: int = STAGING_SLOTS) -> list:
     """The host buffers a load reads into, `slots` of them taken in turn: pinned (page-locked) for a
-    GPU, whose copies from pinned memory run asynchronously at the link's full rate; one set per load."""
+    GPU, whose copies from pinned memory run asynchronously at the link's full rate; ordinary for the
+    CPU, where they let several threads read at once; one set per load."""
     chunk = max(1, min(size, largest))
     slots = max(2, min(slots, -(-largest // chunk)))  # no more than the largest file fills, two for overlap
     try:
@@ -179,8 +180,8 @@ class Placement:
     from the store into one buffer on the device as they are read (checked, hashed and counted as
     read_file does), and its tensors are views of that buffer."""
 
-    def __init__(self, torch, device: str, staging: list | None):
-        self.torch, self.device, self.staging = torch, device, staging  # staging None: read straight in (CPU)
+    def __init__(self, torch, device: str, staging: list):
+        self.torch, self.device, self.staging = torch, device, staging
         self.tensors = {}
 
     def place(self, handle: BinaryIO, path: Path, checked: tuple, digest, progress: Progress) -> int:
@@ -193,15 +194,7 @@ class Placement:
             digest.update(header.raw)
         data = self.torch.empty(size - start, dtype=self.torch.uint8, device=self.device)
         os.posix_fadvise(handle.fileno(), start, data.numel(), os.POSIX_FADV_SEQUENTIAL)
-        if self.staging is None:  # in chunks all the same: progress, and a SIGTERM, between them
-            for offset in range(0, data.numel(), STAGING_BYTES):
-                part = data[offset:offset + STAGING_BYTES]
-                read_exactly(handle, start + offset, part, part.numel())
-                if digest is not None:
-                    digest.update(host_view(part, part.numel()))
-                progress(start + offset + part.numel())
-        else:
-            copy_through(self.torch, handle, start, data, self.staging, digest, lambda n: progress(start + n))
+        copy_through(self.torch, handle, start, data, self.staging, digest, lambda n: progress(start + n))
         check_unchanged_after(handle, path, checked, size)
         for name, dtype, shape, begin, end in header.tensors:
             self.tensors[name] = tensor_view(self.torch, data, name, dtype, shape, begin, end)
@@ -212,8 +205,9 @@ def copy_through(torch, handle, start: int, data, staging: list, digest, progres
     """Read the file from `start` into `data` through the staging buffers: up to READERS threads
     read chunks into free buffers at once (one thread copies the page cache at a fraction of the
     link's rate), and each chunk, in file order, is hashed into `digest` (if any), counted, and
-    copied to the device asynchronously. A buffer is read into again only once the copy out of it
-    has finished (its event)."""
+    copied to the device asynchronously (on the CPU, at once). A buffer is read into again only
+    once the copy out of it has finished (its event). Progress, and with it a loader's look at
+    SIGTERM, comes between chunks."""
     on_gpu = data.device.type == "cuda"
     size, chunk, slots = data.numel(), staging[0].numel(), len(staging)
     offsets = range(0, size, chunk)

@@ -19,8 +19,9 @@ from gpu_orchestrator.loaders.torch_backend import Placement, staging_buffers
 
 
 def load_safetensors(torch, path: str, device: str, staging=None, digest=None, progress=lambda n: None) -> dict:
-    """One file placed as warm() places it on the torch backend: its tensors."""
-    placement = Placement(torch, device, staging)
+    """One file placed as warm() places it on the torch backend (`staging` None: as load_torch
+    stages it): its tensors."""
+    placement = Placement(torch, device, staging or staging_buffers(torch, os.path.getsize(path), pinned=False))
     with open(path, "rb") as handle:
         assert placement.place(handle, Path(path), identity(handle), digest, progress) == os.path.getsize(path)
     return placement.tensors
@@ -88,14 +89,13 @@ def test_a_file_that_shrinks_while_it_loads_fails_saying_so(tmp_path):
         load_safetensors(torch, str(path), "cpu", staging, progress=cut_short)
 
 
-def test_every_byte_is_hashed_in_order_and_counted(tmp_path, monkeypatch):
+def test_every_byte_is_hashed_in_order_and_counted(tmp_path):
     """The manifest's digest sees the file as read_file would feed it: every byte, in order; and
     progress comes per chunk on the CPU too (a loader stops between chunks on SIGTERM)."""
-    from gpu_orchestrator.loaders import torch_backend
-    monkeypatch.setattr(torch_backend, "STAGING_BYTES", 1000)
     path = tmp_path / "model.safetensors"
     safetensors_torch.save_file(sample_tensors(), str(path))
-    for staging in (None, staging_buffers(torch, path.stat().st_size, pinned=False, size=1000, slots=3)):
+    for staging in (staging_buffers(torch, path.stat().st_size, pinned=False, size=1000, slots=1),
+                    staging_buffers(torch, path.stat().st_size, pinned=False, size=1000, slots=3)):
         digest, seen = hashlib.sha256(), []
         load_safetensors(torch, str(path), "cpu", staging, digest, seen.append)
         assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -196,22 +196,20 @@ def test_a_load_failing_mid_file_lets_go_of_the_file_buffer_while_the_error_is_h
     from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 
     buffers = []
-    real_read = torch_backend.read_exactly
+    real_copy = torch_backend.copy_through
 
-    def read_then_fail(handle, position, buffer, count):
-        buffers.append(weakref.ref(buffer if buffer._base is None else buffer._base))
-        if len(buffers) == 2:
-            raise ModelError("model.safetensors: ended 1 bytes early while loading")
-        real_read(handle, position, buffer, count)
+    def copy_then_fail(torch, handle, start, data, staging, digest, progress):
+        buffers[:] = [weakref.ref(data), *(weakref.ref(buffer) for buffer in staging)]
+        real_copy(torch, handle, start, data, staging, digest, progress)
+        raise ModelError("model.safetensors: ended 1 bytes early while loading")
 
-    monkeypatch.setattr(torch_backend, "read_exactly", read_then_fail)
-    monkeypatch.setattr(torch_backend, "STAGING_BYTES", 4096)
+    monkeypatch.setattr(torch_backend, "copy_through", copy_then_fail)
     root = tmp_path / "org" / "m"
     write_snapshot(root, (64, 1, 100), seed=1, manifest=False)
     snapshot = Snapshot(root, root, "test")
     with pytest.raises(ModelError, match="ended 1 bytes early") as raised:
         torch_backend.load_torch(snapshot, plan(snapshot), 0, None, warmup=False)
-    assert len(buffers) == 2 and all(ref() is None for ref in buffers), "the failed load's buffer is still alive"
+    assert len(buffers) >= 3 and all(ref() is None for ref in buffers), "the failed load's buffers are still alive"
     assert raised.traceback  # the error, and its traceback, are still held here
 
 
@@ -241,7 +239,7 @@ def test_a_header_changed_in_place_since_the_check_is_checked_again(tmp_path):
     stat = path.stat()
     path.write_bytes(bytes(whole[:8]) + text + bytes(whole[8 + header_len:]))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    placement = Placement(torch, "cpu", None)
+    placement = Placement(torch, "cpu", staging_buffers(torch, path.stat().st_size, pinned=False))
     with open(path, "rb") as handle, pytest.raises(ModelError, match="model.safetensors: "):
         placement.place(handle, path, checked, None, lambda n: None)
 
