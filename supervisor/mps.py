@@ -331,17 +331,18 @@ class MpsDaemon:
         try:
             servers = [int(p) for p in query(self.settings, "get_server_list").split() if p.isdigit()]
             percentage = query(self.settings, "get_default_active_thread_percentage")
+            failure = None
         except MpsError as exc:
-            control_pid = self.control_pid()
-            with self.lock:
-                self.probe.answering, self.probe.error = False, str(exc)
-                self.probe.failures += 1
-                self.probe.probed_at, self.probe.control_pid, self.probe.started = time.time(), control_pid, started
-            return True
+            failure = str(exc)
         control_pid = self.control_pid()
         with self.lock:
-            self.probe = Probe(True, servers, percentage, None, time.time(), 0, control_pid, started)
-        return False
+            if failure is None:
+                self.probe = Probe(True, servers, percentage, None, time.time(), 0, control_pid, started)
+                return False
+            self.probe.answering, self.probe.error = False, failure
+            self.probe.failures += 1
+            self.probe.probed_at, self.probe.control_pid, self.probe.started = time.time(), control_pid, started
+        return True
 
     # ---- what /gpu/info serves ---------------------------------------------------
 

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 from gpu_orchestrator.loaders.store import StoreError, check_client_name
-from gpu_orchestrator.supervisor.commands.api import ModelsStatus
-from gpu_orchestrator.supervisor.commands.api import BadAnswer, Unreachable, UsageError, call, error_of
+from gpu_orchestrator.supervisor.commands.api import BadAnswer, ModelsStatus, Unreachable, UsageError, call, error_of
 
 ORCHESTRATOR_NAMES = {"gpu_orchestrator", "gpu-orchestrator"}
 MAX_POLL = 8.0

@@ -2,10 +2,11 @@
 
 It prints what it saw, in two parts. First the pieces: the GPUs through NVML, a
 real nvidia-cuda-mps-control started on private pipe and log folders (the host's
-own daemon is not touched), what a bare CUDA context takes of a client's pinned limit,
-one CUDA client allocating under its pinned MPS limit and one allocating past it, and, where torch imports, the torch backend loading a
-generated snapshot (or --model-dir, a real one such as all-MiniLM-L6-v2) onto the
-GPU under a pinned limit that fits and one that does not. Then the product: a
+own daemon is not touched), what a bare CUDA context takes of a client's pinned
+limit, one CUDA client allocating under its pinned MPS limit and one allocating
+past it, and, where torch imports, the torch backend loading a generated snapshot
+(or --model-dir, a real one such as all-MiniLM-L6-v2) onto the GPU under a pinned
+limit that fits and one that does not. Then the product: a
 real `gpu-orchestrator serve` with ENABLE_NVML and ENABLE_MPS on its own folders
 and a free loopback port, warming a client up under its limit, its answers read
 over HTTP, and a SIGTERM that must leave nothing behind.
@@ -205,7 +206,8 @@ def check_mps_clients(module, folder: Path, torch_dir: str | None) -> int:
         if torch_dir:
             weights = weight_mib(torch_dir)
             # Fits: the context, the weights and the warm-up's own copy. Refused: half the weights short.
-            for limit, should_work in ((max(1024, context + 2 * weights + UNDER_MIB), True), (context + weights // 2, False)):
+            fits, short = max(1024, context + 2 * weights + UNDER_MIB), context + weights // 2
+            for limit, should_work in ((fits, True), (short, False)):
                 outcome = run_client(settings, limit, "--torch-load", torch_dir, str(limit))
                 # On the GPU, and refused by the limit rather than by anything else.
                 worked = outcome["ok"] if should_work else outcome.get("over_limit", False)

@@ -12,8 +12,7 @@ import sys
 import textwrap
 import time
 
-from gpu_orchestrator.supervisor.commands.api import GpuInfo, ModelsStatus
-from gpu_orchestrator.supervisor.commands.api import BadAnswer, Unreachable, call, error_of
+from gpu_orchestrator.supervisor.commands.api import BadAnswer, GpuInfo, ModelsStatus, Unreachable, call, error_of
 
 MiB = 1024**2
 GiB = 1024**3
