@@ -76,3 +76,17 @@ def test_glibc_takes_the_heap_settings_for_large_answers():
 
     took = server.keep_heap_for_answers()
     assert took is (platform.libc_ver()[0] == "glibc")
+
+
+def test_the_daemon_asks_for_the_heap_settings_before_it_listens(tmp_path, monkeypatch):
+    """serve() sets them first, whatever follows: here a taken port stops it before anything runs."""
+    from gpu_orchestrator.supervisor import daemon
+    from gpu_orchestrator.supervisor.config import Config
+
+    asked = []
+    monkeypatch.setattr(server, "keep_heap_for_answers", lambda: asked.append(1) or True)
+    with server.listen("127.0.0.1", 0) as taken:
+        config = Config(model_store_root=str(tmp_path), model_map_path="m", allocation_path="",
+                        clients={"a": ["org/a1"]}, host="127.0.0.1", port=taken.getsockname()[1])
+        assert daemon.serve(config) != 0
+    assert asked == [1]
