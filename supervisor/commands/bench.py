@@ -27,7 +27,7 @@ from gpu_orchestrator.loaders.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.loaders.store import Snapshot
 from gpu_orchestrator.loaders.wire import LoaderState, ModelProgress
 from gpu_orchestrator.supervisor.commands import helptext
-from gpu_orchestrator.supervisor.commands.benchfile import gpu_section
+from gpu_orchestrator.supervisor.commands.benchfile import NOTES, gpu_section
 from gpu_orchestrator.supervisor.commands.demo import write_snapshot
 from gpu_orchestrator.supervisor.commands.harness import Orchestrator, wait
 from gpu_orchestrator.supervisor.commands.loadgen import against_ceiling, percentile
@@ -56,6 +56,16 @@ def files_of(store: Path) -> list[str]:
 def timed(command: list[str]) -> float:
     started = time.monotonic()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def interpreters_at_once(count: int, code: str) -> float:
+    """Seconds for `count` interpreters running `code`, all started together: what one process
+    per client costs before it does anything of its own."""
+    started = time.monotonic()
+    processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+    if any(p.wait() for p in processes):
+        raise RuntimeError(f"{sys.executable} -c {code!r} failed; run it by hand to see why")
     return time.monotonic() - started
 
 
@@ -181,12 +191,7 @@ def bench_scaling(work: Path, sizes: list[int], idle: float, seconds: float) -> 
     for clients in sizes:
         root = work / f"scale-{clients}"
         model_map = make_store(root, clients, 2, (32, 1, 256), manifests=False)
-        started = time.monotonic()
-        imports = [subprocess.Popen([sys.executable, "-c", "import gpu_orchestrator.loaders.__main__"])
-                   for _ in range(clients)]
-        if any(p.wait() for p in imports):
-            raise RuntimeError("importing the loader failed; run it by hand to see why")
-        interpreters = time.monotonic() - started
+        interpreters = interpreters_at_once(clients, "import gpu_orchestrator.loaders.__main__")
         orch = Orchestrator(root / "store", model_map)
         try:
             status = all_ready(orch)
@@ -250,6 +255,7 @@ def bench_boot(work: Path, total_mb: int, clients: int, cold: bool) -> list[tupl
             break
         prepare()
         cat = timed(["cat", *files])
+        bare = interpreters_at_once(clients, "pass")
         prepare()
         orch = Orchestrator(store, model_map)
         try:
@@ -270,8 +276,9 @@ def bench_boot(work: Path, total_mb: int, clients: int, cold: bool) -> list[tupl
             first = time.monotonic() - started
         finally:
             orch.stop()
-        rows += [(f"boot to ready, {label}, {cache} cache: start -> all_ready", f"{from_start:.2f} s", f"cat {cat:.2f} s",
-                  f"{from_start / cat:.2f}x cat", "<= 1.2x cat"),
+        rows += [(f"boot to ready, {label}, {cache} cache: start -> all_ready", f"{from_start:.2f} s",
+                  f"cat {cat:.2f} s; {clients} bare interpreters started at once, the floor of a process per "
+                  f"client: {bare:.2f} s ({bare / cat:.2f}x cat)", f"{from_start / cat:.2f}x cat", "<= 1.2x cat"),
                  (f"boot to ready, {label}, {cache} cache: first POST /models/preload -> all_ready", f"{first:.2f} s",
                   f"cat {cat:.2f} s", f"{first / cat:.2f}x cat", "<= 1.2x cat")]
     return rows
@@ -356,43 +363,6 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{gpu}{NOTES}\n")  # a GPU host's figures: this run cannot remake them
         print(f"\nwritten to {args.output}")
     return 0
-
-
-NOTES = """## How to reproduce
-
-`make test` installs the package; then `scripts/bench` (or `.venv/bin/gpu-orchestrator bench`;
-`--quick` for a short run, `--clients 48,192,384` for the sizes of the scaling curve) prints this
-table and rewrites this file. Every comparison runs side by side in the same run on the same
-machine: the orchestrator and the ceiling take 1 s turns under the same load generator, in
-pairs that alternate who goes first; each ratio is the median of the pairs' ratios, with their
-spread. The load comes from wrk (`-t1 -c8`) when it is installed and always from the project's
-Python generator (4 processes, one keep-alive connection each, starting together).
-Compare ratios, not absolute figures, across machines. On a 2-core machine shared with other work
-the 48-client API ratios of one code moved between 0.4x and 1.8x from run to run (and between two
-rows of one run); quieter runs of wrk against both servers alone gave the same rate and CPU.
-
-## What bounds each figure
-
-- Status API: waitress's own work (parsing, the event loop, the send path) under the GIL, as in
-  the ceiling; the app adds 4-13 us in-process (middleware, an unchanged answer sent as the bytes
-  encoded for it). While clients are ready `/models/status` is answered anew once a 0.1 s window,
-  with new heartbeat ages (0.6 ms for 384 clients), not once a heartbeat. waitress copies each 200-420 KB body into a buffer: glibc's
-  defaults fault those pages in anew (the ceiling's page faults), which the supervisor's malloc
-  settings avoid (`keep_heap_for_answers`). CPU and faults a request say where a gap comes from.
-- Start to all_ready: one interpreter per loader (exec: `Spawner.popen` says why not fork), ~80 ms
-  of CPU each here (22 the interpreter, ~45 msgspec and what it imports, ~10 the loader's own): 48
-  are 4 s of CPU on 2 cores. The reference starts them all at once, slower than spread starts.
-- Boot to ready: from start, those interpreters (the models' bytes take a tenth of it); from the
-  first preload, copying the page cache as in a warm-up, or with a cold cache the disk, which the
-  loaders' parallel reads use better than one `cat`.
-- Warm-up: memory bandwidth of copying the page cache; the loaders read in parallel. With
-  verification, sha256 throughput (OpenSSL's, through hashlib) split across the loaders.
-- Idle: the supervisor's tick (a seqlock check per slot, each loader's RSS, the status composition
-  when something changed), so it grows with the clients; each loader's once-a-second heartbeat,
-  below one clock tick (the resolution of the CPU figure) in 30 s for most loaders. A loader's RSS
-  is mostly the interpreter and msgspec; "unique" is what it alone holds.
-- Recovery: the 0.5 s restart delay after a healthy run, plus a fresh interpreter importing the
-  loader. Start to listening: importing falcon, waitress, msgspec and psutil."""
 
 
 if __name__ == "__main__":
