@@ -3,7 +3,8 @@
 Run as ExecStartPre= of the services that use the GPU. Exit 0 when ready; exit 1,
 with one `agent=... model=... error=...` line per failed model and the summary,
 when the warm-up failed, on timeout, when nothing answers, or when what answers is
-not the orchestrator's API. The whole run, every request included, ends within
+not the orchestrator's API; exit 67 when the instance is not one of its clients. A
+warm-up under way (the boot's) is waited for; one is asked for only when none is. The whole run, every request included, ends within
 --timeout. Every run leaves its result in
 $XDG_CACHE_HOME/gpu-orchestrator/preflight/summary_<instance>.json when it can
 (a read-only cache only costs a warning: the verdict is what the unit waits for).
@@ -21,6 +22,11 @@ from gpu_orchestrator.supervisor.commands.api import BadAnswer, ModelsStatus, Un
 
 ORCHESTRATOR_NAMES = {"gpu_orchestrator", "gpu-orchestrator"}
 MAX_POLL = 8.0
+NO_SUCH_CLIENT = 67  # EX_NOUSER, as `env`, `exec` and `status` answer for a name the model map lacks
+
+
+class NoSuchClient(Exception):
+    """The instance is not a client of this orchestrator: a typo must not leave a service ungated."""
 
 
 def check_instance(instance: str) -> None:
@@ -116,16 +122,23 @@ class Gate:
         self.wait_until_serving()
         status = self.status()
         if self.instance is not None and self.instance not in status["clients"]:
-            return "ready", [], f"{self.instance} has no models in the orchestrator's model map; nothing to wait for"
+            raise NoSuchClient(f"{self.instance} is not a client in the orchestrator's model map (its clients: "
+                               f"{', '.join(sorted(status['clients'])) or 'none'}); a unit's instance name must be "
+                               "its client's name")
         result, failures = verdict(status, self.instance)
-        if result == "ready":
-            return result, failures, "ready"
-        code, body = call(self.url + "/models/preload", self.deadline, method="POST", body=b'{"refresh": false}',
-                          token=self.token)
-        if code == 401:
-            return "failed", [], "the orchestrator refused the preload request (401): set GPU_ORCHESTRATOR_TOKEN"
-        if code not in (200, 202, 503):
-            raise BadAnswer(f"{self.url}/models/preload answered {error_of(code, body)}")
+        if result is not None:
+            return result, failures, result
+        if not status["in_progress"]:
+            # Nothing under way (started with --no-preload): ask for the warm-up. One under way, such
+            # as the boot's own, is only waited for: asking again changes nothing, and where POST
+            # needs a token this unit may not hold, asking would fail a gate that only has to wait.
+            code, body = call(self.url + "/models/preload", self.deadline, method="POST",
+                              body=b'{"refresh": false}', token=self.token)
+            if code == 401:
+                return "failed", [], ("no warm-up is under way and the orchestrator refused to start one (401): "
+                                      "give the unit GPU_ORCHESTRATOR_TOKEN, or let the orchestrator preload at start")
+            if code not in (200, 202, 503):
+                raise BadAnswer(f"{self.url}/models/preload answered {error_of(code, body)}")
         delay = 0.5
         while True:
             result, failures = verdict(self.status(), self.instance)
@@ -152,7 +165,9 @@ def run_gate(instance: str | None, url: str, timeout: float, token: str | None) 
         result, failures, message = "unreachable", [], str(exc)
     except BadAnswer as exc:
         result, failures, message = "bad answer", [], f"{exc}; is {url} a gpu-orchestrator?"
-    code = 0 if result == "ready" else 1
+    except NoSuchClient as exc:
+        result, failures, message = "no such client", [], str(exc)
+    code = {"ready": 0, "no such client": NO_SUCH_CLIENT}.get(result, 1)
     summary = (gate.last_status or {}).get("summary")
     for failure in failures:
         print(f"agent={failure['agent']} model={failure['model']} error={failure['error']}", file=sys.stderr)

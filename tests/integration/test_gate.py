@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,49 @@ def test_timeout_when_a_warmup_never_finishes(tmp_path, store):
         assert result.returncode == 1
         assert "models not ready after 2 s" in result.stderr
         assert summary_file(tmp_path, "alpha")["result"] == "timeout"
+
+
+def requests_counted(orch, method: str, route: str) -> float:
+    """Requests of `method` to `route` the orchestrator has counted, whatever their answer."""
+    metrics = urllib.request.urlopen(orch.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("gpu_orchestrator_http_requests_total{")
+               and f'route="{route}"' in line and f'method="{method}"' in line)
+
+
+def test_a_warmup_under_way_is_waited_for_not_asked_for_again(tmp_path, store):
+    """The boot's warm-up (here a refresh) is under way: the gate waits for it. Asking for
+    another would be refused where POST needs a token the GPU service's unit does not hold."""
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    with Orchestrator(tmp_path, store, model_map, env={"GPU_ORCHESTRATOR_TOKEN": "s3cret"}) as orch:
+        orch.wait_settled()
+        frozen = orch.loader_pid("alpha")
+        os.kill(frozen, signal.SIGSTOP)  # the refresh below stays under way until SIGCONT
+        try:
+            assert orch.post("/models/preload", {"refresh": True}, {"Authorization": "Bearer s3cret"})[0] == 202
+            asked, looked = requests_counted(orch, "POST", "/models/preload"), requests_counted(orch, "GET", "/models/status")
+            waiting = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "gate",
+                                        "alpha", "--url", orch.url, "--timeout", "120"],
+                                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # After its first look it used to ask, be refused (401) and give up; a second look means it waits.
+            wait_for(lambda: waiting.poll() is not None or requests_counted(orch, "GET", "/models/status") >= looked + 2,
+                     timeout=60, what="the gate's second look at the status")
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        _, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err
+        assert requests_counted(orch, "POST", "/models/preload") == asked, "asked for a warm-up while one was under way"
+        assert summary_file(tmp_path, "alpha")["result"] == "ready"
+
+
+def test_an_instance_the_model_map_lacks_is_refused_not_waved_through(tmp_path, orchestrator):
+    """A typo in a unit's instance name must not leave the service ungated: 67, as `env` answers."""
+    result = gate(tmp_path, "alhpa", "--url", orchestrator.url, "--timeout", "60")
+    error = one_line_error(result, 67)
+    assert "alhpa is not a client in the orchestrator's model map (its clients: alpha, beta" in error
+    assert summary_file(tmp_path, "alhpa")["result"] == "no such client"
+    assert summary_file(tmp_path, "alhpa")["exit_code"] == 67
 
 
 def test_nothing_listening_and_the_orchestrator_itself(tmp_path):
