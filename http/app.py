@@ -98,13 +98,14 @@ class BearerToken:
     """With a token configured, POST routes need `Authorization: Bearer <token>`; GETs stay open."""
 
     def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     def process_request(self, req, resp):
         if req.method != "POST":
             return
-        given = (req.get_header("Authorization") or "").encode()
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, given = (req.get_header("Authorization") or "").strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110 11.1): "bearer" is as good as "Bearer".
+        if not (hmac.compare_digest(given.strip().encode(), self.expected) and scheme.lower() == "bearer"):
             raise falcon.HTTPUnauthorized(
                 title="Unauthorized",
                 description="POST routes need 'Authorization: Bearer <GPU_ORCHESTRATOR_TOKEN>'",

@@ -81,6 +81,23 @@ def parse_port(name: str, value: str | int) -> int:
     return port
 
 
+def parse_token(token: str | None) -> str | None:
+    if token is not None and (problem := token_problem(token)):
+        raise ConfigError(problem)
+    return token
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` could never match an Authorization header, or None. HTTP drops a value's
+    leading and trailing whitespace and forbids control characters, so a token with them (a
+    secret file's trailing newline) would refuse every POST. The token itself is never shown."""
+    if all("!" <= c <= "~" for c in token):
+        return None
+    return (f"GPU_ORCHESTRATOR_TOKEN: only visible ASCII, without spaces, tabs or newlines, can travel in an "
+            f"Authorization header; this one ({len(token)} characters) has others (a trailing newline from a "
+            "secret file?)")
+
+
 def load_model_map(path: str) -> dict[str, list[str]]:
     document = read_json(path, "the model map")
     if not isinstance(document, dict):
@@ -170,7 +187,7 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         allocation_path=allocation_path,
         mps_pipe_dir=mps_folders(env)[0],
         mps_log_dir=mps_folders(env)[1],
-        token=env.get("GPU_ORCHESTRATOR_TOKEN") or None,
+        token=parse_token(env.get("GPU_ORCHESTRATOR_TOKEN") or None),
         backend=backend,
         preload=not overrides.get("no_preload", False),
         service_pattern=service_pattern,

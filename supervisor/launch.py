@@ -23,13 +23,14 @@ def count_gpus() -> int:
         return 0
 
 
-# NOTIFY_SOCKET: only the supervisor talks to systemd.
-INHERITED_LIMITS = {"NOTIFY_SOCKET", *CLIENT_MPS}
+# NOTIFY_SOCKET: only the supervisor talks to systemd. GPU_ORCHESTRATOR_TOKEN: a secret a loader
+# never uses, which /proc/PID/environ would show to anyone allowed to read the loader's.
+WITHHELD_FROM_LOADERS = {"NOTIFY_SOCKET", "GPU_ORCHESTRATOR_TOKEN", *CLIENT_MPS}
 
 
 def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:
     """The loader's environment: ours, less what is not its business, plus its client's."""
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_LIMITS}
+    env = {k: v for k, v in os.environ.items() if k not in WITHHELD_FROM_LOADERS}
     return env | client_env(config, client, mps, gpu_count)
 
 

@@ -23,6 +23,7 @@ from gpu_orchestrator.supervisor.config import (
     ConfigError,
     load_config,
     metrics_listen_address,
+    token_problem,
 )
 from gpu_orchestrator.supervisor.daemon import serve
 from gpu_orchestrator.supervisor.mps_control import MpsSettings, mps_folders
@@ -169,8 +170,8 @@ def run_gate_command(args: argparse.Namespace) -> int:
     timeout = seconds(args.timeout, "--timeout") if args.timeout is not None else \
         seconds(env.get("GATE_TIMEOUT", "180"), "GATE_TIMEOUT")
     token = env.get("GPU_ORCHESTRATOR_TOKEN") or None
-    if token is not None and not (token.isascii() and token.isprintable()):
-        raise UsageError("GPU_ORCHESTRATOR_TOKEN: only printable ASCII can travel in an Authorization header")
+    if token is not None and (problem := token_problem(token)):
+        raise UsageError(problem)
     return run_gate(args.instance, client_url(args), timeout, token)
 
 

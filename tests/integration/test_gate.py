@@ -178,7 +178,8 @@ def test_a_read_only_cache_costs_a_warning_not_the_verdict(tmp_path, store):
     (("--url", "127.0.0.1:8014"), {}, "--url: expected http://HOST:PORT"),
     (("--url", "http://[::1:8014"), {}, "--url: 'http://[::1:8014' is not a usable URL"),
     ((), {"GPU_ORCHESTRATOR_PORT": "eighty"}, "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT: 'http://127.0.0.1:eighty'"),
-    ((), {"GPU_ORCHESTRATOR_TOKEN": "s3cret\nX-Injected: 1"}, "GPU_ORCHESTRATOR_TOKEN: only printable ASCII"),
+    ((), {"GPU_ORCHESTRATOR_TOKEN": "s3cret\nX-Injected: 1"}, "GPU_ORCHESTRATOR_TOKEN: only visible ASCII"),
+    ((), {"GPU_ORCHESTRATOR_TOKEN": "s3cret "}, "this one (7 characters) has others"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, env, named):
     url = () if "--url" in args or env.get("GPU_ORCHESTRATOR_PORT") else ("--url", f"http://127.0.0.1:{free_port()}")

@@ -103,6 +103,17 @@ def test_bad_boolean_and_port(tmp_path, store):
         load_config({**env, "GPU_ORCHESTRATOR_PORT": "70000"})
 
 
+@pytest.mark.parametrize("token", ["s3cret\n", " s3cret", "s3 cret", "s3cr\x00t", "s3crét"])
+def test_a_token_no_header_could_carry_is_refused_at_start_without_being_shown(tmp_path, store, token):
+    """HTTP drops a header value's outer whitespace and forbids control characters: such a token
+    (a secret file's trailing newline) would have refused every POST of a running orchestrator."""
+    env = config_for(tmp_path, store, {"a": ["x/y"]})
+    with pytest.raises(ConfigError, match="GPU_ORCHESTRATOR_TOKEN: only visible ASCII") as caught:
+        load_config({**env, "GPU_ORCHESTRATOR_TOKEN": token})
+    assert "s3" not in str(caught.value)
+    assert load_config({**env, "GPU_ORCHESTRATOR_TOKEN": "s3cret-+/=~._"}).token == "s3cret-+/=~._"
+
+
 def test_client_without_allocation_is_a_warning_not_an_error(tmp_path, store):
     env = config_for(tmp_path, store, {"a": ["x/y"], "b": ["x/z"]}, allocation(a={"mps_memory_limit_gb": 2.5}))
     config = load_config(env)

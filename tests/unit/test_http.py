@@ -132,8 +132,15 @@ def test_token_guards_posts_only(source):
     bad = client.simulate_post("/models/preload", body=b"{}", headers={"Authorization": "Bearer wrong", **JSON})
     assert bad.status_code == 401 and "Bearer" in bad.headers["www-authenticate"]
     assert source.preloads == []
+    for refused in ("s3cret", "Bearer", "Bearer s3cre", "Basic s3cret", "Bearers3cret", "Bearer s3cret x"):
+        assert client.simulate_post("/models/preload", body=b"{}",
+                                    headers={"Authorization": refused, **JSON}).status_code == 401, refused
+    assert source.preloads == []
     good = client.simulate_post("/models/preload", body=b"{}", headers={"Authorization": "Bearer s3cret", **JSON})
     assert good.status_code == 202
+    # The scheme is case-insensitive (RFC 9110 11.1).
+    assert client.simulate_post("/models/preload", body=b"{}",
+                                headers={"Authorization": "bearer s3cret", **JSON}).status_code == 202
     assert client.simulate_get("/models/status").status_code == 200
 
 

@@ -18,12 +18,14 @@ def test_unpinned_client_gets_a_limit_per_visible_gpu_and_never_our_own(monkeypa
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     monkeypatch.setenv("CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "0=1M")
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("GPU_ORCHESTRATOR_TOKEN", "s3cret")  # /proc/PID/environ would show it
     config = Config(model_store_root="/s", model_map_path="m", allocation_path="a", clients={"a": [], "b": []},
                     allocations={"a": AgentAllocation(mps_memory_limit_gb=1.5),
                                  "b": AgentAllocation(mps_memory_limit_gb=0.5, devices=[1])})
     mps = MpsSettings("/p", "/l")
     env = loader_env(config, "a", mps, count_gpus())
     assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=1536M,1=1536M" and "NOTIFY_SOCKET" not in env
+    assert "GPU_ORCHESTRATOR_TOKEN" not in env
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5"  # unpinned: it sees what we see
     pinned = loader_env(config, "b", mps, count_gpus())
     assert pinned["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=512M" and pinned["CUDA_VISIBLE_DEVICES"] == "1"
