@@ -205,8 +205,9 @@ def snapshot_checksum(root: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
+    root = root.resolve()  # the files are listed resolved: a relative root, or one through a symlink, too
     with read_buffer() as view:
-        for path in list_files(Snapshot(root.resolve(), root.resolve(), "local")):
+        for path in list_files(Snapshot(root, root, "local")):
             relative = path.relative_to(root).as_posix()
             if relative != MANIFEST:
                 add_path_to_digest(digest, relative)

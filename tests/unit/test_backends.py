@@ -126,6 +126,15 @@ def test_manifest_checksum_covers_paths_not_only_bytes(tmp_path):
     assert snapshot_checksum(a) != before
 
 
+def test_manifest_checksum_is_the_same_through_a_symlink_or_a_relative_path(tmp_path, monkeypatch):
+    """`make demo` writes its store under TMPDIR, which may be a symlink, or under a relative --dir."""
+    a = add_model(tmp_path / "real", "org/a")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "real")
+    assert snapshot_checksum(tmp_path / "link" / "org" / "a") == snapshot_checksum(a)
+    assert snapshot_checksum(Path("org/a")) == snapshot_checksum(a)
+
+
 def test_file_changed_between_plan_and_read_is_caught(tmp_path):
     path = add_model(tmp_path, "org/m")
     model_plan = plan(snapshot_of(path))
