@@ -41,12 +41,14 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def effective_models(view: ClientView) -> list[ModelProgress]:
-    """What is true of each model now, whatever the loader managed to publish."""
+def effective_models(view: ClientView, generation: int) -> list[ModelProgress]:
+    """What is true of each model in the current warm-up, whatever the loader managed to publish.
+    Until the loader has taken up this warm-up its models are pending: what it said of an earlier
+    one (all ready, before a refresh) would count as done while the client is not ready."""
     if view.state == states.FATAL:
         error = f"loader for client {view.client} is FATAL: {view.fatal_reason}"
         return [ModelProgress(model, status=FAILED, error=error) for model in view.models]
-    if view.published is None:
+    if view.published is None or view.published.generation < generation:
         return [ModelProgress(model) for model in view.models]
     return view.published.models
 
@@ -99,7 +101,7 @@ class ClientPart:
 
 
 def client_part(view: ClientView, generation: int) -> ClientPart:
-    models = effective_models(view)
+    models = effective_models(view, generation)
     counts = {PENDING: 0, LOADING: 0, READY: 0, FAILED: 0}
     errors = []
     for model in models:

@@ -44,6 +44,10 @@ def test_all_ready_needs_the_current_generation_finished():
     # Same models ready from an older generation while a refresh is pending: not settled.
     stale = models_status([view(published=ready)], Warmup(generation=2))
     assert stale["in_progress"] and not stale["all_ready"]
+    # ...and what the loader said of the older one counts for nothing in this one: a summary of
+    # 2/2 done beside all_ready false, or a model "ready" in a client not ready, reads as a lie.
+    assert stale["summary"] == {"total": 2, "done": 0, "failed": 0, "loading": 0, "pending": 2}
+    assert [m["status"] for m in stale["clients"]["a"]["models"]] == [PENDING, PENDING]
     working = models_status([view(published=published(1, WARMING_UP, READY, "loading"))], Warmup(generation=1))
     assert working["in_progress"] and working["summary"]["loading"] == 1
 
