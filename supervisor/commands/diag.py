@@ -125,13 +125,56 @@ def daemon_processes() -> list[psutil.Process]:
     return found
 
 
-def check_daemon_process() -> Check:
+def same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def served_folder(process: psutil.Process) -> str | None:
+    """The pipe directory a control daemon serves: its CUDA_MPS_PIPE_DIRECTORY, NVIDIA's default
+    when unset; None when its environment cannot be read (another user's process)."""
+    try:
+        return mps_control.mps_folders(process.environ())[0]
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return None
+
+
+def check_daemon_process(settings: mps_control.MpsSettings) -> list[Check]:
+    """Each control daemon, judged by the pipe directory it serves: only this one's is ok here."""
     processes = daemon_processes()
     if not processes:
-        return Check("daemon process", "problem", "no nvidia-cuda-mps-control daemon is running",
-                     "start it: nvidia-cuda-mps-control -d, or restart gpu-orchestrator with ENABLE_MPS=true")
-    return Check("daemon process", "ok", ", ".join(f"pid {p.pid} ({' '.join(p.info['cmdline'] or [])})"
-                                                    for p in processes))
+        return [Check("daemon process", "problem", "no nvidia-cuda-mps-control daemon is running",
+                      "start it: nvidia-cuda-mps-control -d, or restart gpu-orchestrator with ENABLE_MPS=true")]
+    try:  # the pid file names this folder's daemon even when its environment cannot be read
+        listed = read_pid(Path(settings.pipe_dir) / mps.PID_FILE)
+    except (OSError, NotAFile, ValueError):  # check_control_files says why
+        listed = None
+    found, unknown = [], []
+    for process in processes:
+        shown = f"pid {process.pid} ({' '.join(process.info['cmdline'] or [])})"
+        folder = served_folder(process)
+        if folder is None and process.pid == listed:
+            folder = settings.pipe_dir
+        if folder is None:
+            unknown.append(process.pid)
+            found.append(Check("daemon process", "warning", f"{shown}: which pipe directory it serves is unknown: "
+                               "its environment cannot be read (another user's process)",
+                               "run mps-diag as root or as that process's user"))
+        elif same_folder(folder, settings.pipe_dir):
+            found.append(Check("daemon process", "ok", f"{shown}, serving {settings.pipe_dir}"))
+        else:
+            found.append(Check("daemon process", "warning", f"{shown} serves another pipe directory, {folder}",
+                               f"to check that one: gpu-orchestrator mps-diag --pipe-dir {folder} "
+                               "(or with CUDA_MPS_PIPE_DIRECTORY set to it)"))
+    if not any(check.status == "ok" for check in found):
+        if unknown:  # one of those may serve this folder: only root can tell
+            found.append(Check("daemon process", "error", f"no daemon is known to serve {settings.pipe_dir}; "
+                               f"pid {', '.join(map(str, unknown))} may", "run mps-diag as root"))
+        else:
+            found.append(Check("daemon process", "problem", f"no nvidia-cuda-mps-control daemon serves {settings.pipe_dir}",
+                               f"start one for it: CUDA_MPS_PIPE_DIRECTORY={settings.pipe_dir} nvidia-cuda-mps-control "
+                               "-d, or restart gpu-orchestrator with ENABLE_MPS=true; or, if a daemon above is the "
+                               "one meant, run mps-diag with --pipe-dir set to its folder"))
+    return found
 
 
 def check_answers(settings: mps_control.MpsSettings) -> Check:
@@ -162,7 +205,9 @@ def check_log(name: str, path: Path) -> Check:
                  "read the whole log; a server that cannot start usually says why there")
 
 
-def check_loader_limits() -> list[Check]:
+def check_loader_limits(settings: mps_control.MpsSettings, served: bool) -> list[Check]:
+    """Each loader's MPS variables: pointed at this pipe directory, or, when its daemon runs
+    (`served`) and MPS is therefore expected, a problem; without a daemon, a warning."""
     found = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         if "gpu_orchestrator.loaders" not in (process.info["cmdline"] or []):
@@ -174,9 +219,22 @@ def check_loader_limits() -> list[Check]:
                                "run as root or as the orchestrator's user"))
             continue
         limits = {k: v for k, v in env.items() if k.startswith("CUDA_MPS_") or k == "CUDA_VISIBLE_DEVICES"}
-        client = env.get("GPU_ORCHESTRATOR_CLIENT", "?")
         shown = " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "no MPS variables"
-        found.append(Check("loader limits", "ok", f"client {client} (pid {process.pid}): {shown}"))
+        detail = f"client {env.get('GPU_ORCHESTRATOR_CLIENT', '?')} (pid {process.pid}): {shown}"
+        folder = env.get("CUDA_MPS_PIPE_DIRECTORY")
+        if folder is None:
+            # How the orchestrator starts a loader when MPS is off or its daemon did not answer.
+            found.append(Check("loader limits", "problem" if served else "warning",
+                               detail + ": it runs without MPS and without a memory limit",
+                               "it was started with MPS off or its daemon not answering: with the daemon answering, "
+                               f"restart gpu-orchestrator (ENABLE_MPS=true, CUDA_MPS_PIPE_DIRECTORY={settings.pipe_dir})"))
+        elif not same_folder(folder, settings.pipe_dir):
+            found.append(Check("loader limits", "problem", detail + f": its pipe directory is not {settings.pipe_dir}, "
+                               "so its limits are not this daemon's to enforce",
+                               f"restart gpu-orchestrator with CUDA_MPS_PIPE_DIRECTORY={settings.pipe_dir}; or, "
+                               f"if {folder} is the one meant, check it: gpu-orchestrator mps-diag --pipe-dir {folder}"))
+        else:
+            found.append(Check("loader limits", "ok", detail))
     return found or [Check("loader limits", "skipped", "no loader is running")]
 
 
@@ -210,12 +268,13 @@ def run_checks(settings: mps_control.MpsSettings) -> list[Check]:
     checks += check_folder("pipe directory", settings.pipe_dir)
     checks += check_folder("log directory", settings.log_dir)
     checks += check_control_files(settings)
-    checks.append(check_daemon_process())
+    daemons = check_daemon_process(settings)
+    checks += daemons
     if checks[0].status == "ok":
         checks.append(check_answers(settings))
     checks.append(check_log("control.log", Path(settings.log_dir) / "control.log"))
     checks.append(check_log("server.log", Path(settings.log_dir) / "server.log"))
-    checks += check_loader_limits()
+    checks += check_loader_limits(settings, any(check.status == "ok" for check in daemons))
     checks += check_compute_mode()
     return checks
 

@@ -11,7 +11,8 @@ real `gpu-orchestrator serve` with ENABLE_NVML and ENABLE_MPS on its own folders
 and a free loopback port, warming a client up under its limit, its answers read
 over HTTP, and a SIGTERM that must leave nothing behind.
 
-Without a GPU it says "no GPU" and exits 0. Exit 1 when a step that should work did not.
+Without a GPU (no NVIDIA driver or library, or none NVML sees) it says "no GPU" and exits 0.
+Exit 1 when a step that should work did not, NVML's start on a broken driver included.
 """
 
 import ctypes
@@ -145,12 +146,42 @@ def show_processes(module) -> None:
             say(f"  GPU {index} NVML process pid {process.pid}: {'n/a' if used is None else used // 2**20} MiB")
 
 
-def check(model_dir: str | None = None) -> int:
-    """`model_dir`: a real safetensors snapshot (e.g. all-MiniLM-L6-v2) to load as well."""
+# What to do about the usual ways a driver that is there is broken (nvml.NO_GPU_ERRORS: none there).
+INIT_FIXES = {
+    "NVML_ERROR_LIB_RM_VERSION_MISMATCH": "the loaded nvidia kernel module is not the version of the installed "
+    "driver libraries, as after a driver upgrade: reboot, or stop what uses the GPU and reload the module "
+    "(cat /proc/driver/nvidia/version shows the loaded one)",
+    "NVML_ERROR_NO_PERMISSION": "this user may not open /dev/nvidiactl and /dev/nvidia*: check their permissions "
+    "(ls -l /dev/nvidia*) and, in a container, its device access (--gpus, the device cgroup)",
+    "ImportError": "reinstall gpu-orchestrator into its venv (nvidia-ml-py is one of its dependencies)",
+}
+INIT_FIX_OTHER = "run nvidia-smi, and read what the kernel logged (dmesg | grep -i nvrm)"
+
+
+def open_nvml():
+    """(pynvml initialised, 0), or (None, the exit status) after saying why: 0 for a host without
+    a GPU, 1 for a driver that is there but broken."""
     module, error = nvml.nvml()
     if module is None:
-        say(f"no GPU: {error}")
-        return 0
+        failure = nvml.init_failure()
+        if failure in nvml.NO_GPU_ERRORS:
+            say(f"no GPU: {error}")
+            return None, 0
+        say(f"NVML: UNEXPECTED: NVML does not start ({failure or 'no error code'}: {error}): "
+            f"{INIT_FIXES.get(failure, INIT_FIX_OTHER)}")
+        say("gpu-check: the GPU is not checked: its driver does not work")
+        return None, 1
+    if module.nvmlDeviceGetCount() == 0:
+        say(f"no GPU: NVML sees none (driver {nvml.text(module.nvmlSystemGetDriverVersion())})")
+        return None, 0
+    return module, 0
+
+
+def check(model_dir: str | None = None) -> int:
+    """`model_dir`: a real safetensors snapshot (e.g. all-MiniLM-L6-v2) to load as well."""
+    module, code = open_nvml()
+    if module is None:
+        return code
     show_gpus(module)
     use_torch = importlib.util.find_spec("torch") is not None
     if not use_torch:

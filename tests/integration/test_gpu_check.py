@@ -19,6 +19,53 @@ def test_gpu_check_without_a_gpu_says_so_and_succeeds():
     assert result.stdout.startswith("no GPU: ")
 
 
+# The real pynvml, with an nvmlInit that fails as NVML_INIT_ERROR names: a driver as a host may have it.
+FAILING_PYNVML = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("real_pynvml", os.environ["REAL_PYNVML"])
+real = sys.modules["real_pynvml"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(real)
+globals().update({name: value for name, value in vars(real).items() if not name.startswith("__")})
+
+def nvmlInit():
+    raise NVMLError(getattr(real, os.environ["NVML_INIT_ERROR"]))
+"""
+
+
+@pytest.mark.parametrize("error, code, says", [
+    ("NVML_ERROR_LIBRARY_NOT_FOUND", 0, "no GPU: NVML library not found"),
+    ("NVML_ERROR_DRIVER_NOT_LOADED", 0, "no GPU: NVIDIA driver not loaded"),
+    ("NVML_ERROR_LIB_RM_VERSION_MISMATCH", 1, "as after a driver upgrade: reboot"),
+    ("NVML_ERROR_NO_PERMISSION", 1, "may not open /dev/nvidiactl"),
+    ("NVML_ERROR_UNKNOWN", 1, "dmesg"),
+])
+def test_only_a_missing_driver_is_no_gpu_a_broken_one_fails(tmp_path, error, code, says):
+    """A driver upgraded without a reboot, or devices this user may not open, is not a host without
+    a GPU: gpu-check must fail there saying what to do, not pass as if there were nothing to check."""
+    (tmp_path / "pynvml.py").write_text(FAILING_PYNVML)
+    real = importlib.util.find_spec("pynvml").origin
+    assert "fakes" not in real
+    bin_dir = str(Path(sys.executable).parent)
+    result = subprocess.run([str(REPO / "scripts" / "gpu-check")], capture_output=True, text=True, timeout=60,
+                            env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(tmp_path),
+                                 "REAL_PYNVML": real, "NVML_INIT_ERROR": error})
+    assert result.returncode == code, result.stdout + result.stderr
+    assert says in result.stdout
+    if code:
+        assert result.stdout.startswith(f"NVML: UNEXPECTED: NVML does not start ({error}: ")
+        assert "no GPU" not in result.stdout
+
+
+def test_a_driver_that_sees_no_gpu_is_no_gpu(tmp_path):
+    import nvml_hosts
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**nvml_hosts.env(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    nvml_hosts.write(Path(env["FAKE_NVML_CONFIG"]), gpus=())
+    result = subprocess.run([str(REPO / "scripts" / "gpu-check")], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert (result.returncode, result.stdout) == (0, "no GPU: NVML sees none (driver 550.54.15)\n"), result.stderr
+
+
 def test_gpu_check_drives_the_product_on_fake_nvml_and_mps(tmp_path):
     """Everything gpu-check does beside CUDA itself, on the fake NVML host (3 GPUs, one lost) and
     the fake control daemon: the CUDA steps must fail saying why, never pass for the wrong reason."""

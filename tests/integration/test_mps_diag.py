@@ -9,10 +9,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 from support import Orchestrator, wait_for, write_config, write_figures
 
+from gpu_orchestrator.supervisor.commands import diag as mps_diag
 from gpu_orchestrator.supervisor.mps import process_alive
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 
@@ -43,14 +46,42 @@ def checks(dirs) -> tuple[int, dict]:
     return code, by_name
 
 
-@pytest.fixture
-def daemon(dirs):
+def foreign_problems(found, ours=()) -> bool:
+    """Loaders of other runs on this machine, which mps-diag rightly flags: not pointed at our pipe folder."""
+    return any(c["status"] == "problem" and not any(f"(pid {pid})" in c["detail"] for pid in ours)
+               for c in found.get("loader limits", []))
+
+
+def start_daemon(dirs) -> int:
     subprocess.run([str(FAKES / "nvidia-cuda-mps-control"), "-d"], env={**os.environ, **dirs}, check=True)
-    pid = int((Path(dirs["CUDA_MPS_PIPE_DIRECTORY"]) / "nvidia-cuda-mps-control.pid").read_text())
-    yield pid
+    return int((Path(dirs["CUDA_MPS_PIPE_DIRECTORY"]) / "nvidia-cuda-mps-control.pid").read_text())
+
+
+def stop(pid):
     if process_alive(pid):
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not process_alive(pid), what="fake daemon gone")
+        wait_for(lambda: not process_alive(pid), what=f"process {pid} gone")
+
+
+@pytest.fixture
+def daemon(dirs):
+    pid = start_daemon(dirs)
+    yield pid
+    stop(pid)
+
+
+@pytest.fixture
+def other_dirs(dirs):
+    """Another pipe and log folder, as a second orchestrator (or gpu-check) on the host uses."""
+    base = Path(dirs["CUDA_MPS_PIPE_DIRECTORY"]).parent
+    return {**dirs, "CUDA_MPS_PIPE_DIRECTORY": str(base / "other-pipe"), "CUDA_MPS_LOG_DIRECTORY": str(base / "other-log")}
+
+
+@pytest.fixture
+def other_daemon(other_dirs):
+    pid = start_daemon(other_dirs)
+    yield pid
+    stop(pid)
 
 
 def test_healthy_setup_with_a_running_orchestrator(tmp_path, store, dirs):
@@ -58,7 +89,8 @@ def test_healthy_setup_with_a_running_orchestrator(tmp_path, store, dirs):
     with Orchestrator(tmp_path, store, model_map, allocation, env={**dirs, "ENABLE_MPS": "true"}) as orch:
         orch.wait_settled()
         code, found = checks(dirs)
-        assert code == 0, found
+        foreign = foreign_problems(found, [orch.loader_pid("alpha")])
+        assert code == (1 if foreign else 0), found
         assert found["control answers"][0]["status"] == "ok"
         # Only our loader: other runs on this machine may have loaders of their own named alpha.
         ours = f"client alpha (pid {orch.loader_pid('alpha')})"
@@ -66,7 +98,8 @@ def test_healthy_setup_with_a_running_orchestrator(tmp_path, store, dirs):
         assert limits and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=2048M" in limits[0]
         assert found["compute mode"][0]["status"] == "skipped"
         code, human = diag(dirs)
-        assert code == 0 and "No problems found." in human and "ok       control answers" in human
+        assert "ok       control answers" in human and "Traceback" not in human
+        assert foreign or (code == 0 and "No problems found." in human)
 
 
 def test_missing_folders(dirs):
@@ -112,7 +145,7 @@ def test_errors_in_the_logs_are_shown(dirs, daemon):
     with open(Path(dirs["CUDA_MPS_LOG_DIRECTORY"]) / "server.log", "w") as log:
         log.write("[INFO] fine\n[ERROR] Failed to allocate device memory for client 4242\n")
     code, found = checks(dirs)
-    assert code == 0
+    assert code == (1 if foreign_problems(found) else 0), found
     assert found["server.log"][0]["status"] == "warning"
     assert "Failed to allocate device memory" in found["server.log"][0]["detail"]
 
@@ -195,3 +228,81 @@ def test_bad_arguments_are_one_line_and_exit_2(dirs):
     assert result.returncode == 2
     assert result.stderr == ("gpu-orchestrator mps-diag: error: --timeout: "
                              "expected a positive number of seconds up to 604800, got 'nan'\n")
+
+
+def daemon_checks(found, pid) -> list[dict]:
+    return [c for c in found["daemon process"] if c["detail"].startswith(f"pid {pid} (")]
+
+
+def test_a_daemon_serving_another_pipe_directory_is_not_this_ones(dirs, other_dirs, other_daemon):
+    """Seen on a host: 'control pipe ... is missing' next to 'ok daemon process' for a daemon elsewhere."""
+    pipe, other = dirs["CUDA_MPS_PIPE_DIRECTORY"], other_dirs["CUDA_MPS_PIPE_DIRECTORY"]
+    code, found = checks(dirs)
+    assert code == 1
+    [seen] = daemon_checks(found, other_daemon)
+    assert seen["status"] == "warning" and seen["detail"].endswith(f"serves another pipe directory, {other}")
+    assert f"mps-diag --pipe-dir {other}" in seen["fix"]
+    assert [c["status"] for c in found["daemon process"] if c["status"] in ("ok", "problem")] == ["problem"]
+    assert f"no nvidia-cuda-mps-control daemon serves {pipe}" in found["daemon process"][-1]["detail"]
+    code, found = checks(other_dirs)  # pointed at its folder, mps-diag finds it well
+    assert daemon_checks(found, other_daemon)[0]["status"] == "ok"
+    assert daemon_checks(found, other_daemon)[0]["detail"].endswith(f"serving {other}")
+
+
+def test_beside_this_folders_daemon_another_is_a_warning(dirs, daemon, other_daemon):
+    code, found = checks(dirs)
+    assert code == (1 if foreign_problems(found) else 0), found
+    assert daemon_checks(found, daemon)[0]["status"] == "ok"
+    assert daemon_checks(found, other_daemon)[0]["status"] == "warning"
+
+
+def test_a_daemon_whose_environment_cannot_be_read(monkeypatch, dirs, other_dirs, daemon, other_daemon):
+    """Another user's daemon: its pid file tells where it serves, else mps-diag says it cannot tell."""
+    def denied(process):
+        raise psutil.AccessDenied(process.pid)
+
+    monkeypatch.setattr(psutil.Process, "environ", denied)
+    settings = MpsSettings(dirs["CUDA_MPS_PIPE_DIRECTORY"], dirs["CUDA_MPS_LOG_DIRECTORY"])
+    found = {"daemon process": [vars(c) for c in mps_diag.check_daemon_process(settings)]}
+    assert daemon_checks(found, daemon)[0]["status"] == "ok"  # named by this folder's pid file
+    [unknown] = daemon_checks(found, other_daemon)
+    assert unknown["status"] == "warning" and "its environment cannot be read" in unknown["detail"]
+    stop(daemon)
+    found = {"daemon process": [vars(c) for c in mps_diag.check_daemon_process(settings)]}
+    assert not [c for c in found["daemon process"] if c["status"] in ("ok", "problem")]
+    assert found["daemon process"][-1]["status"] == "error" and f"pid {other_daemon}" in found["daemon process"][-1]["detail"]
+
+
+def fake_loader(variables) -> subprocess.Popen:
+    """A process mps-diag takes for a loader (its command line names gpu_orchestrator.loaders), with these variables."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gpu_orchestrator.loaders"],
+                            env={"PATH": os.environ["PATH"], "GPU_ORCHESTRATOR_CLIENT": "stray", **variables})
+
+
+def loader_check(dirs, variables) -> tuple[int, dict]:
+    loader = fake_loader(variables)
+    try:
+        code, found = checks(dirs)
+    finally:
+        loader.kill()
+        loader.wait()
+    [seen] = [c for c in found["loader limits"] if f"client stray (pid {loader.pid})" in c["detail"]]
+    return code, seen
+
+
+@pytest.mark.parametrize("variables, says, fix", [
+    ({"CUDA_MPS_PIPE_DIRECTORY": "/elsewhere/pipe", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1024M"},
+     "its pipe directory is not", "check it: gpu-orchestrator mps-diag --pipe-dir /elsewhere/pipe"),
+    ({}, "no MPS variables: it runs without MPS and without a memory limit", "with the daemon answering"),
+])
+def test_a_loader_not_pointed_at_this_pipe_directory_is_a_problem(dirs, daemon, variables, says, fix):
+    code, seen = loader_check(dirs, variables)
+    assert code == 1 and seen["status"] == "problem", seen
+    assert says in seen["detail"] and fix in seen["fix"]
+    assert f"CUDA_MPS_PIPE_DIRECTORY={dirs['CUDA_MPS_PIPE_DIRECTORY']}" in seen["fix"]
+
+
+def test_a_loader_without_mps_where_no_daemon_serves_is_a_warning(dirs):
+    code, seen = loader_check(dirs, {})
+    assert code == 1  # the missing daemon
+    assert seen["status"] == "warning" and "runs without MPS" in seen["detail"]

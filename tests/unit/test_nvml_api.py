@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 SUPERVISOR = Path(__file__).resolve().parents[2] / "supervisor"
-NAME = re.compile(r"\b(nvml[A-Z]\w+|NVML_[A-Z0-9_]+)\b")
+NAME = re.compile(r"\b(nvml[A-Z]\w+|NVML_[A-Z0-9_]*[A-Z0-9])\b")  # not the prefix "NVML_ERROR_" itself
 # Importing pynvml loads no library (nvmlInit does): this runs on any machine.
 MISSING = "import pynvml, sys; print(pynvml.__file__); print(' '.join(n for n in sys.argv[1:] if not hasattr(pynvml, n)))"
 
