@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Thin wrapper for units written against the operations doc:
-#   ExecStartPre=deploy/systemd/preflight.sh --gate-only <instance>
+# Thin wrapper for units written against the operations doc, by its absolute path, e.g. copied
+# with lib.sh to /usr/local/lib/gpu-orchestrator/:
+#   ExecStartPre=/usr/local/lib/gpu-orchestrator/preflight.sh --gate-only <instance>
+# The doc's relative form (deploy/systemd/preflight.sh) must be made absolute: systemd rejects
+# a relative command path.
 # It only runs the gate; GATE_TIMEOUT, GPU_ORCHESTRATOR_HOST/PORT and
 # GPU_ORCHESTRATOR_TOKEN are honoured as by `gpu-orchestrator gate`.
 set -euo pipefail
@@ -9,4 +12,12 @@ if [ "${1:-}" != "--gate-only" ]; then
   exit 2
 fi
 shift
-exec "${GPU_ORCHESTRATOR_BIN:-gpu-orchestrator}" gate "$@"
+# lib.sh beside this script (symlinks resolved) finds gpu-orchestrator: $GPU_ORCHESTRATOR_BIN, PATH,
+# this checkout's .venv, /opt/gpu-orchestrator; exit 127 saying what it tried when none is there.
+lib="$(dirname -- "$(readlink -f -- "$0")")/lib.sh"
+if [ ! -r "$lib" ]; then
+  echo "$(basename -- "$0"): $lib is missing; copy scripts/lib.sh beside this script (it finds gpu-orchestrator)" >&2
+  exit 127
+fi
+. "$lib"
+run_gpu_orchestrator gate "$@"

@@ -162,11 +162,17 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
     units = REPO / "scripts" / "systemd"
     service = tmp_path / "gpu-orchestrator.service"
     service.write_text((units / "gpu-orchestrator.service").read_text().replace("/opt/gpu-orchestrator/bin/gpu-orchestrator", binary))
+    # The commented example that points the client units at another port is verified set, too.
+    example = "#   Environment=GPU_ORCHESTRATOR_HOST="
     dropin = tmp_path / "demo-agent@.service.d"
     dropin.mkdir()
-    (dropin / "gpu-gate.conf").write_text((units / "gpu-gate.conf").read_text().replace("/opt/gpu-orchestrator/bin/gpu-orchestrator", binary))
+    gate_conf = (units / "gpu-gate.conf").read_text().replace("/opt/gpu-orchestrator/bin/gpu-orchestrator", binary)
+    assert example in gate_conf
+    (dropin / "gpu-gate.conf").write_text(gate_conf.replace(example, example.removeprefix("#   ")))
     (tmp_path / "demo-agent@.service").write_text("[Unit]\nDescription=a GPU service\n[Service]\nExecStart=/bin/true\n")
     client_unit = (units / "gpu-client@.service").read_text().replace("/opt/gpu-orchestrator/bin/gpu-orchestrator", binary)
+    assert example in client_unit
+    client_unit = client_unit.replace(example, example.removeprefix("#   "))
     (tmp_path / "gpu-client@.service").write_text(client_unit.replace("/usr/bin/env python3 -m your_service", "/bin/true"))
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"}
     for unit in (str(service), str(tmp_path / "demo-agent@x.service"), str(tmp_path / "gpu-client@alpha.service")):
