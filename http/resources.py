@@ -71,7 +71,8 @@ class Health:
         self.warnings = list(warnings)
 
     def on_get(self, req, resp):
-        respond(resp, {**self.source.health(), "warnings": self.warnings})
+        health = self.source.health()  # its warnings (telemetry) after those of the start (the bind)
+        respond(resp, {**health, "warnings": self.warnings + health.get("warnings", [])})
 
 
 class Ready:

@@ -113,8 +113,7 @@ class Answers:
         self.last_parts: tuple | None = None  # (snapshot, GPU memory, sequences, parts, heartbeats)
         self.frame: status.Frame | None = None
         self.records: dict[str, tuple] = {}  # the loop's: client -> (its fields, its LoaderRecord)
-        self.closed = False
-        self.stopping = False  # shutdown began: no command is served any more
+        self.closed, self.stopping = False, False  # stopping: shutdown began, no command is served any more
         self.started = time.time()
 
     # ---- the loop's side ---------------------------------------------------
@@ -200,10 +199,13 @@ class Answers:
         return self.compose().top
 
     def health(self) -> dict:
-        snapshot = self.snapshot
+        snapshot, telemetry = self.snapshot, self.telemetry()
+        # NVML asked for but not sampling (it cannot start, or its samples fail): limits go unwatched.
+        lost = snapshot.config.enable_nvml and telemetry is not None and not telemetry.nvml_supported
         return {"status": "stopping" if snapshot.stopping else "ok", "service": "gpu-orchestrator",
                 "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
-                "clients": len(snapshot.loaders), "loaders": snapshot.loader_counts}
+                "clients": len(snapshot.loaders), "loaders": snapshot.loader_counts,
+                "warnings": [f"GPU telemetry: {telemetry.nvml_init_error}"] if lost else []}
 
     def gpu_info(self) -> dict:
         """Composed again only when the configuration, the MPS report or the GPU sample changed;

@@ -4,7 +4,9 @@ channel). Requests only ever read that snapshot.
 
 A field a GPU does not support becomes None and is named, with the reason, in the
 GPU's `unsupported` list; a GPU that fails as a whole carries its `error` while the
-others are still reported; NVML that cannot start gives nvml_supported=False.
+others are still reported; NVML that cannot start gives nvml_supported=False, and so
+does a sample that fails as a whole (any exception: the sampler thread must outlive it),
+with the error, until a sample succeeds again.
 
 Each GPU process is attributed to a client: its loader and the loader's children;
 the client's own service, found by its systemd unit (from /proc/PID/cgroup, matched
@@ -219,7 +221,7 @@ def attribute(owners: Owners) -> Callable[[int], tuple[str | None, str | None]]:
         try:
             for child in psutil.Process(pid).children(recursive=True):
                 known[child.pid] = (client, "loader-child")
-        except psutil.Error:
+        except psutil.Error:  # the loader exited (a zombie until the loop reaps it) or is not ours to read
             pass
 
     def owner(pid: int) -> tuple[str | None, str | None]:
@@ -253,12 +255,11 @@ def take_sample(owners: Owners) -> Telemetry:
     now, mono = time.time(), time.monotonic()
     if module is None:
         return Telemetry(False, error, now, mono)
-    try:
-        count = module.nvmlDeviceGetCount()
-        driver = nvml.text(module.nvmlSystemGetDriverVersion())
-        cuda = module.nvmlSystemGetCudaDriverVersion()
-    except module.NVMLError as exc:
-        return Telemetry(False, nvml.describe(exc), now, mono)
+    # NVML started: anything that fails from here on fails this sample only (Sampler.run), and
+    # the next one tries again; only NVML that cannot start ends sampling.
+    count = module.nvmlDeviceGetCount()
+    driver = nvml.text(module.nvmlSystemGetDriverVersion())
+    cuda = module.nvmlSystemGetCudaDriverVersion()
     owner = attribute(owners)
     gpus = [sample_gpu(module, index, owner) for index in range(count)]
     by_gpu = client_gpu_memory(gpus)
@@ -268,7 +269,7 @@ def take_sample(owners: Owners) -> Telemetry:
 
 
 class Sampler:
-    """Samples every `interval` seconds in its own thread; stops when NVML cannot start.
+    """Samples every `interval` seconds in its own thread; stops only when NVML cannot start.
 
     The snapshot stays in this process, behind a lock: only what crosses processes goes
     through the shared-memory channel (and a large host's snapshot has no slot to outgrow)."""
@@ -277,6 +278,8 @@ class Sampler:
         self.interval = interval
         self.owners = owners
         self.over: set[tuple[str, int]] = set()  # (client, GPU) over its limit in the last sample
+        self.failures = 0  # samples failed in a row
+        self.failure_kinds: set[str] = set()  # exception types logged with their traceback in this run of failures
         self.lock = threading.Lock()
         self.latest: Telemetry | None = None
         self.samples = 0  # how many snapshots were taken: tells a reader whether it changed
@@ -293,16 +296,40 @@ class Sampler:
 
     def run(self) -> None:
         while True:
-            owners = self.owners()
-            snapshot = take_sample(owners)
-            self.warn_over_limit(snapshot, owners)
+            try:
+                owners = self.owners()
+                snapshot = take_sample(owners)
+                self.warn_over_limit(snapshot, owners)
+                self.recovered()
+                ended = not snapshot.nvml_supported  # NVML could not start, and nvml() never tries again
+            except Exception as exc:  # one bad sample must not end telemetry: this thread is its only source
+                snapshot, ended = self.failed(exc), False
             with self.lock:
                 self.latest, self.samples = snapshot, self.samples + 1
-            if not snapshot.nvml_supported:
+            if ended:
                 log.warning(kv("NVML unavailable: no GPU telemetry", reason=snapshot.nvml_init_error))
                 return
             if self.stopping.wait(self.interval):
                 return
+
+    def failed(self, exc: Exception) -> Telemetry:
+        """A failed sample, published the way NVML that cannot start is (nvml_supported=False, so
+        /gpu/info shows why and nvml_up is 0) instead of the last good one going stale unnoticed.
+        Its traceback is logged once per kind of exception until a sample succeeds, not every interval."""
+        self.failures += 1
+        error = f"{type(exc).__name__}: {nvml.describe(exc)}"
+        if type(exc).__name__ not in self.failure_kinds:
+            self.failure_kinds.add(type(exc).__name__)
+            log.error(kv("NVML sample failed; GPU telemetry is not refreshed until a sample succeeds, "
+                         "sampling goes on", error=error, interval_s=self.interval), exc_info=exc)
+        return Telemetry(False, f"NVML sample failed: {error} ({self.failures} samples in a row); sampling "
+                                f"goes on every {self.interval:g} s and this clears when one succeeds; the "
+                                "supervisor's log has the traceback", time.time(), time.monotonic())
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.info(kv("NVML samples succeed again", failed_samples=self.failures))
+        self.failures, self.failure_kinds = 0, set()
 
     def warn_over_limit(self, snapshot: Telemetry, owners: Owners) -> None:
         """Once per episode: when a client's processes pass its limit on a GPU, and when they are back under."""

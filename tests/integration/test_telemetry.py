@@ -192,3 +192,28 @@ def test_status_watch_refreshes_until_ctrl_c(telemetry_orch, tmp_path):
             watch.send_signal(signal.SIGINT)
             assert watch.wait(30) == 0
     assert "\033[H" not in out.read_text()  # no screen clearing when stdout is not a terminal
+
+
+def test_a_failing_sample_is_shown_and_sampling_recovers(tmp_path, store):
+    """An exception NVML's caller did not expect (the fake's process list reading a pid file that
+    holds garbage) fails samples, visibly, until the cause is gone; the sampler thread lives on."""
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    pids = tmp_path / "gpu-pids"
+    pids.write_text("")
+    gpu = {**nvml_hosts.HEALTHY_H100, "pid_file": str(pids), "pid_file_bytes": 1}
+    env = nvml_env(tmp_path, FAKE_NVML_CONFIG=str(nvml_hosts.write(tmp_path / "one-gpu.json", gpus=[gpu])))
+    with Orchestrator(tmp_path, store, model_map, env=env, extra_args=("--telemetry-interval", "0.2")) as orch:
+        assert wait_for_sample(orch)["nvml_supported"]
+        pids.write_text("not-a-pid")
+        info = wait_for(lambda: not (i := orch.get("/gpu/info")[1])["nvml_supported"] and i, what="a failed sample")
+        assert "NVML sample failed: ValueError" in info["nvml_init_error"] and info["gpus"] == []
+        assert samples(metrics(orch)["gpu_orchestrator_nvml_up"])[()] == 0
+        assert any(w.startswith("GPU telemetry: NVML sample failed: ValueError") for w in orch.get("/health")[1]["warnings"])
+        pids.write_text("")
+        info = wait_for(lambda: (i := orch.get("/gpu/info")[1])["nvml_supported"] and i, what="sampling recovered")
+        assert info["nvml_init_error"] is None and info["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
+        assert samples(metrics(orch)["gpu_orchestrator_nvml_up"])[()] == 1
+        assert wait_for(lambda: orch.get("/health")[1]["warnings"] == [], what="/health clear again")
+        output = orch.output()
+    assert output.count("NVML sample failed") == 1 and "Traceback" in output  # once, not every 0.2 s
+    assert "NVML samples succeed again" in output and "uncaught" not in output

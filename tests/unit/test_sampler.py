@@ -179,3 +179,72 @@ def test_two_processes_of_a_client_over_its_limit_together_are_flagged_once(fake
     assert sum("more than its MPS memory limit" in m for m in messages) == 1
     assert any("roles=loader,service" in m and "used_bytes=1363148800" in m for m in messages)
     assert sum("back under its MPS memory limit" in m for m in messages) == 1
+
+
+def test_one_bad_sample_never_ends_telemetry(fake_nvml, monkeypatch, caplog):
+    """Unexpected exceptions from a sample (here from NVML's process list: a RuntimeError twice, then
+    psutil's ZombieProcess, as the fake once raised for a loader that had exited) fail that sample only:
+    the error is in the snapshot, the traceback is logged once per kind, and the next good sample clears it."""
+    nvml_hosts.write(fake_nvml, gpus=[nvml_hosts.NO_POWER_OR_ECC])
+    module = sys.modules["pynvml"]
+    listed = module.nvmlDeviceGetComputeRunningProcesses
+    faults = [RuntimeError("boom"), RuntimeError("boom"), psutil.ZombieProcess(4242)]
+    seen = []  # the snapshot published before each sample: what a request saw between samples
+
+    def flaky(handle):
+        seen.append(sampler.snapshot())
+        if faults:
+            raise faults.pop(0)
+        return listed(handle)
+    monkeypatch.setattr(module, "nvmlDeviceGetComputeRunningProcesses", flaky)
+    sampler = telemetry.Sampler(0.01, telemetry.Owners)
+    with caplog.at_level(logging.INFO, logger="telemetry"):
+        sampler.start()
+        try:
+            count, good = wait_for(lambda: (s := sampler.snapshot())[0] >= 4 and s, what="a good sample after 3 bad")
+            assert sampler.thread.is_alive()
+        finally:
+            sampler.stop()
+    failed = [snapshot for _, snapshot in seen[1:4]]
+    assert [s.nvml_supported for s in failed] == [False, False, False]
+    assert "RuntimeError: boom" in failed[0].nvml_init_error and "2 samples in a row" in failed[1].nvml_init_error
+    assert "ZombieProcess" in failed[2].nvml_init_error and failed[2].gpus == []
+    assert good.nvml_supported and good.nvml_init_error is None and good.gpus[0].name == "NVIDIA GeForce RTX 3090"
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert [r.exc_info[0] for r in tracebacks] == [RuntimeError, psutil.ZombieProcess]  # once per kind, not per sample
+    assert sum("NVML samples succeed again" in r.getMessage() and "failed_samples=3" in r.getMessage()
+               for r in caplog.records) == 1
+
+
+def test_an_nvml_error_after_init_fails_one_sample_only(fake_nvml, monkeypatch):
+    """Only NVML that cannot start stops the sampler (nvml() never retries init); an NVML call that
+    fails later, such as the GPU count, is one failed sample."""
+    nvml_hosts.write(fake_nvml)
+    module = sys.modules["pynvml"]
+    counted = module.nvmlDeviceGetCount
+    faults = [module.NVMLError(999)]
+    seen = []
+
+    def flaky():
+        seen.append(sampler.snapshot()[1])
+        if faults:
+            raise faults.pop(0)
+        return counted()
+    monkeypatch.setattr(module, "nvmlDeviceGetCount", flaky)
+    sampler = telemetry.Sampler(0.01, telemetry.Owners)
+    sampler.start()
+    try:
+        good = wait_for(lambda: (s := sampler.snapshot())[0] >= 2 and s[1], what="a sample after the failed one")
+        assert sampler.thread.is_alive()
+    finally:
+        sampler.stop()
+    assert seen[1].nvml_supported is False and "NVMLError: Unknown Error 999" in seen[1].nvml_init_error
+    assert good.nvml_supported and len(good.gpus) == 3
+
+
+def test_nvml_that_cannot_start_stops_the_sampler(fake_nvml):
+    nvml_hosts.write(fake_nvml, init_error="LibraryNotFound")
+    sampler = telemetry.Sampler(0.01, telemetry.Owners)
+    sampler.start()
+    sampler.thread.join(timeout=10)
+    assert not sampler.thread.is_alive() and sampler.snapshot()[0] == 1

@@ -192,7 +192,10 @@ def nvmlDeviceGetComputeRunningProcesses(handle):
         with open(gpu["pid_file"]) as listed:
             found += [SimpleNamespace(pid=int(pid), usedGpuMemory=gpu["pid_file_bytes"]) for pid in listed.read().split()]
     if gpu.get("children_bytes"):
-        found += [SimpleNamespace(pid=child.pid, usedGpuMemory=gpu["children_bytes"])
-                  for child in psutil.Process().children(recursive=True)
-                  if "gpu_orchestrator.loaders" in " ".join(child.cmdline())]
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if "gpu_orchestrator.loaders" in " ".join(child.cmdline()):
+                    found.append(SimpleNamespace(pid=child.pid, usedGpuMemory=gpu["children_bytes"]))
+            except psutil.Error:  # exited (a zombie until reaped) or gone: real NVML would not list it
+                pass
     return found
