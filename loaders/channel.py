@@ -59,7 +59,10 @@ def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-_NAME = re.compile(re.escape(NAME_PREFIX) + r"(\d+)(?:-[0-9a-f]{16})?$")
+# A pid as Linux makes them (pid_max is at most 2**22): ASCII digits, at most 7. Anyone can make a
+# file in /dev/shm: a name of 2147483648 or of Unicode digits must not reach psutil as a pid
+# (OverflowError stopped the start), and is not ours.
+_NAME = re.compile(re.escape(NAME_PREFIX) + r"([0-9]{1,7})(?:-[0-9a-f]{16})?$", re.ASCII)
 
 
 def segments_of(pid: int) -> list[str]:

@@ -49,11 +49,16 @@ def read_tail(path: str | os.PathLike, limit: int) -> str:
     return text if whole else text.partition("\n")[2]
 
 
+PID_MAX_LIMIT = 2**22  # the kernel's limit on /proc/sys/kernel/pid_max
+
+
 def read_pid(path: str | os.PathLike) -> int:
     """The pid a daemon's pid file names; OSError when it cannot be read, ValueError when it names
     no process (garbage, 0, -1: psutil and kill() give -1 a meaning of their own)."""
     text = read_tail(path, 64).strip()
-    pid = int(text) if text.isdigit() else 0
-    if pid <= 0:
+    # ASCII digits only ('١' and '²' are digits to str.isdigit), and no more than Linux's largest
+    # pid_max (2**22): a bigger number overflows psutil's and kill()'s C int.
+    pid = int(text) if text.isascii() and text.isdigit() and len(text) <= 7 else 0
+    if not 0 < pid <= PID_MAX_LIMIT:
         raise ValueError(f"{os.fspath(path)} holds {text[:40]!r}, not a process id")
     return pid

@@ -171,6 +171,17 @@ def test_foreign_files_with_our_name_are_left_alone_with_a_warning(shm_litter, t
         assert sum(f"{channel.segment_path(name)} alone" in m for m in warned) == 1, warned
 
 
+@pytest.mark.parametrize("number", ["2147483648", "99999999999999999999999", "\u0661\u0662"])
+def test_a_name_whose_number_is_no_pid_is_not_ours_and_never_stops_a_start(shm_litter, number):
+    """Seen: an empty /dev/shm/gpu-orchestrator-2147483648, made by any local user, crashed the
+    start with OverflowError (psutil asked whether that pid exists)."""
+    name = f"{channel.NAME_PREFIX}{number}"
+    Path(channel.segment_path(name)).write_bytes(b"")
+    shm_litter.append(name)
+    assert channel.remove_stale_segments() == [] and channel.segments_of(2147483648) == []
+    assert os.path.lexists(channel.segment_path(name))
+
+
 def test_a_taken_name_is_never_opened_and_another_is_tried(monkeypatch, shm_litter):
     taken = f"{channel.NAME_PREFIX}{os.getpid()}-{'a' * 16}"
     Path(channel.segment_path(taken)).write_bytes(b"planted")

@@ -37,7 +37,8 @@ def test_anything_but_a_regular_file_is_refused_without_blocking(tmp_path, kind)
     assert str(caught.value).endswith(f"is {caught.value.kind}, not a regular file")
 
 
-@pytest.mark.parametrize("content", ["", "abc", "0", "-1", "12x"])
+# '\u0661' (Arabic one) read as pid 1, "ok, running"; '\u00b2' raised int()'s message without the file.
+@pytest.mark.parametrize("content", ["", "abc", "0", "-1", "12x", "\u0661", "\u00b2", "4194305", "9" * 30])
 def test_a_pid_file_that_names_no_process_is_refused(tmp_path, content):
     path = tmp_path / "pid"
     path.write_text(content)
