@@ -31,6 +31,13 @@ class AgentAllocation(msgspec.Struct):
     backend: str | None = None  # "default" or "torch"; unset: GPU_ORCHESTRATOR_BACKEND
     warmup: bool = False  # torch backend: embed one sentence when the snapshot is sentence-transformers
 
+    @property
+    def limit_mib(self) -> int:
+        """The limit as MPS is given it, in the whole MiB of CUDA_MPS_PINNED_DEVICE_MEM_LIMIT: every
+        check and figure uses what MPS enforces (2.3 GB is 2,469,396,480 bytes there, not the
+        2,469,606,195 of the GB figure, which would let a loader plan a model MPS then refuses)."""
+        return int(self.mps_memory_limit_gb * 1024)
+
 
 class GpuMemory(msgspec.Struct):
     """The memory the allocation file says clients share, and which of its keys said so.

@@ -53,7 +53,7 @@ class Config(msgspec.Struct, kw_only=True):
 
     def memory_limit_bytes(self, client: str) -> int | None:
         allocation = self.allocations.get(client)
-        return int(allocation.mps_memory_limit_gb * GiB) if allocation else None
+        return allocation.limit_mib * 2**20 if allocation else None
 
 
 _TRUE = {"1", "true", "yes", "on"}

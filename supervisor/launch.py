@@ -50,8 +50,7 @@ def client_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: 
     if allocation is not None:
         # Ordinals as the client sees them: CUDA_VISIBLE_DEVICES renumbers from 0.
         ordinals = range(len(allocation.devices)) if allocation.devices else range(max(gpu_count, 1))
-        mib = int(allocation.mps_memory_limit_gb * 1024)
-        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{o}={mib}M" for o in ordinals)
+        env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = ",".join(f"{o}={allocation.limit_mib}M" for o in ordinals)
         if allocation.active_thread_percentage is not None:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(allocation.active_thread_percentage)
     return env

@@ -30,3 +30,13 @@ def test_unpinned_client_gets_a_limit_per_visible_gpu_and_never_our_own(monkeypa
     pinned = loader_env(config, "b", mps, count_gpus())
     assert pinned["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=512M" and pinned["CUDA_VISIBLE_DEVICES"] == "1"
     assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in loader_env(config, "a", None, count_gpus())
+
+
+def test_the_limit_a_loader_checks_against_is_the_one_mps_enforces():
+    """2.3 GB reaches MPS as 2355M: the bytes a loader plans against must not be the GB figure's
+    2,469,606,195, which would let it start a model MPS then refuses."""
+    config = Config(model_store_root="/s", model_map_path="m", allocation_path="a", clients={"a": []},
+                    allocations={"a": AgentAllocation(mps_memory_limit_gb=2.3, devices=[0])})
+    env = loader_env(config, "a", MpsSettings("/p", "/l"), 1)
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=2355M"
+    assert config.memory_limit_bytes("a") == 2355 * 2**20
