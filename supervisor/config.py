@@ -81,6 +81,15 @@ def parse_port(name: str, value: str | int) -> int:
     return port
 
 
+def parse_host(host: str) -> str:
+    """An empty host would bind every interface (as 0.0.0.0 does): an easy slip in an env file
+    (GPU_ORCHESTRATOR_HOST=) that must not open the API to the network unasked."""
+    if not host.strip():
+        raise ConfigError("GPU_ORCHESTRATOR_HOST/--host: empty; leave it unset for 127.0.0.1, or name the address "
+                          "to listen on (0.0.0.0 for every interface)")
+    return host
+
+
 def parse_token(token: str | None) -> str | None:
     if token is not None and (problem := token_problem(token)):
         raise ConfigError(problem)
@@ -175,7 +184,7 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
                           f"(e.g. '*@{{client}}.service' or 'inference-{{client}}.service'), got {service_pattern!r}")
     hf_hub = None if strict else loader_path("HF_HUB_CACHE / HF_HOME", os.path.abspath(hf_hub_dir(env)))
     return Config(
-        host=_setting("GPU_ORCHESTRATOR_HOST", overrides, env, DEFAULT_HOST),
+        host=parse_host(_setting("GPU_ORCHESTRATOR_HOST", overrides, env, DEFAULT_HOST)),
         port=parse_port("GPU_ORCHESTRATOR_PORT", _setting("GPU_ORCHESTRATOR_PORT", overrides, env, DEFAULT_PORT)),
         model_store_root=loader_path("MODEL_STORE_ROOT", os.path.abspath(root)),
         base_model_dir=base_model_dir,

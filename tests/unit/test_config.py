@@ -101,6 +101,9 @@ def test_bad_boolean_and_port(tmp_path, store):
         load_config({**env, "ENABLE_NVML": "maybe"})
     with pytest.raises(ConfigError, match="GPU_ORCHESTRATOR_PORT: port 70000 is outside"):
         load_config({**env, "GPU_ORCHESTRATOR_PORT": "70000"})
+    # Empty would bind every interface: refused, never taken for 0.0.0.0.
+    with pytest.raises(ConfigError, match="GPU_ORCHESTRATOR_HOST/--host: empty; leave it unset for 127.0.0.1"):
+        load_config({**env, "GPU_ORCHESTRATOR_HOST": ""})
 
 
 @pytest.mark.parametrize("token", ["s3cret\n", " s3cret", "s3 cret", "s3cr\x00t", "s3crét"])
