@@ -134,7 +134,9 @@ class InternalError(falcon.HTTPInternalServerError):
 def serialize_error(req, resp, exception: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
     extra = {"request_id": exception.request_id} if isinstance(exception, InternalError) else {}
-    resp.data = error_body(exception.title, int(exception.status_code), exception.description, **extra)
+    # Falcon's own 404 and 405 carry no description; every error says what was asked, as README promises.
+    description = exception.description or f"{req.method} {req.path}: {exception.title}"
+    resp.data = error_body(exception.title, int(exception.status_code), description, **extra)
 
 
 def unexpected_error(req, resp, exc, params):
@@ -164,18 +166,26 @@ def create_app(source, token: str | None = None, unavailable_errors: tuple = (),
     app.add_error_handler(Exception, unexpected_error)
     for error in unavailable_errors:
         app.add_error_handler(error, unavailable)
-    app.add_route("/health", resources.Health(source, warnings))
-    app.add_route("/ready", resources.Ready(source))
-    app.add_route("/metrics", Metrics(source, requests))
+    add_route(app, "/health", resources.Health(source, warnings))
+    add_route(app, "/ready", resources.Ready(source))
+    add_route(app, "/metrics", Metrics(source, requests))
     if scrape_only:
         return app
-    app.add_route("/", Page(token_required=bool(token)))
-    app.add_route("/models/status", resources.ModelsStatus(source))
-    app.add_route("/models/preload", resources.ModelsPreload(source))
-    app.add_route("/gpu/info", resources.GpuInfo(source))
-    app.add_route("/mps/allocation", resources.MpsAllocation(source))
-    app.add_route("/clients/{client}/environment", resources.ClientEnvironment(source))
+    add_route(app, "/", Page(token_required=bool(token)))
+    add_route(app, "/models/status", resources.ModelsStatus(source))
+    add_route(app, "/models/preload", resources.ModelsPreload(source))
+    add_route(app, "/gpu/info", resources.GpuInfo(source))
+    add_route(app, "/mps/allocation", resources.MpsAllocation(source))
+    add_route(app, "/clients/{client}/environment", resources.ClientEnvironment(source))
     return app
+
+
+def add_route(app: falcon.App, path: str, resource) -> None:
+    """HEAD wherever GET answers (RFC 9110 9.3.2; `curl -I`): Falcon sends no body for it and
+    keeps the Content-Length the GET would have."""
+    if hasattr(resource, "on_get") and not hasattr(resource, "on_head"):
+        resource.on_head = resource.on_get
+    app.add_route(path, resource)
 
 
 def url_host(host: str) -> str:

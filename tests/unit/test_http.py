@@ -122,7 +122,9 @@ def test_oversized_body_gets_413(client, source):
 def test_unknown_route_and_wrong_method_are_json(client):
     missing = client.simulate_get("/nope")
     assert missing.status_code == 404 and missing.json["status"] == 404
+    assert missing.json["description"] == "GET /nope: 404 Not Found"  # every error has all three keys
     wrong = client.simulate_delete("/models/status")
+    assert wrong.json["description"] == "DELETE /models/status: 405 Method Not Allowed"
     assert wrong.status_code == 405 and wrong.headers["content-type"].startswith("application/json")
 
 
@@ -251,3 +253,12 @@ def test_requests_counted_from_many_threads_are_all_counted(source):
     for thread in threads:
         thread.join()
     assert requests.snapshot() == {("/ready", "GET", "503"): 2000, ("unmatched", "GET", "404"): 2000}
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/", "/models/status", "/gpu/info",
+                                  "/mps/allocation", "/clients/a/environment"])
+def test_head_answers_wherever_get_does_without_a_body(client, path):
+    """RFC 9110 wants HEAD wherever GET works; `curl -I` got 405."""
+    get, head = client.simulate_get(path), client.simulate_head(path)
+    assert head.status_code == get.status_code and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
