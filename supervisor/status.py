@@ -35,6 +35,14 @@ class ClientView:
     rss_bytes: int | None = None
 
 
+def percentage(answer: str | None) -> float | None:
+    """The daemon's answer to get_default_active_thread_percentage ("100.0") as a number."""
+    try:
+        return float(answer) if answer is not None else None
+    except ValueError:
+        return None
+
+
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -228,7 +236,7 @@ def allocation_summary(config: Config, gpu_memory: dict[int, int] | None = None)
     """
     allocations = config.allocations
     limits = [a.mps_memory_limit_gb for a in allocations.values()]
-    allocated = sum(limits)
+    allocated = sum(limits, 0.0)  # floats even with no allocation: 0.0, never the integer 0
     calculated = sum(a.calculated_requirement_gb or 0.0 for a in allocations.values())
     summary = {
         "total_agents": len(allocations),
@@ -360,8 +368,11 @@ def gpu_info(config: Config, mps: dict | None, telemetry: Telemetry | None, now:
         "age_s": None,
         "mps_configured": config.enable_mps,
         "mps_enabled": mps["enabled"],
-        "mps": {**mps, "allocation_overcommitted":
-                allocation_summary(config, gpu_memory_present(telemetry))["overcommitted"] is True},
+        # The types of the rest of the answer: an ISO time, a number, and null where there is
+        # nothing to judge (as /mps/allocation says), never false for "unknown".
+        "mps": {**mps, "probed_at": iso(mps["probed_at"]),
+                "default_active_thread_percentage": percentage(mps["default_active_thread_percentage"]),
+                "allocation_overcommitted": allocation_summary(config, gpu_memory_present(telemetry))["overcommitted"]},
     }
     if not config.enable_nvml:
         return info

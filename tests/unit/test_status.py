@@ -191,6 +191,20 @@ def test_the_fields_24_3_gb_on_23_5_available_is_overcommitted_with_a_warning(tm
     assert gpu_info(config, None, None)["mps"]["allocation_overcommitted"] is True
 
 
+def test_gpu_info_mps_fields_have_the_answers_types_and_null_for_unknown(tmp_path):
+    """probed_at an ISO time like sampled_at, the percentage a number, and no allocation file:
+    nothing to judge (null, as /mps/allocation says), not 'not over-committed'."""
+    from gpu_orchestrator.supervisor.config import Config
+    from gpu_orchestrator.supervisor.status import allocation_summary, gpu_info, mps_disabled
+    config = Config(model_store_root=str(tmp_path), model_map_path="m", allocation_path="", clients={"a": []})
+    report = {**mps_disabled(config), "probed_at": 1795871623.01, "default_active_thread_percentage": "100.0"}
+    mps = gpu_info(config, report, None)["mps"]
+    assert mps["probed_at"] == "2026-11-28T13:13:43.010+00:00" and mps["default_active_thread_percentage"] == 100.0
+    assert mps["allocation_overcommitted"] is None
+    assert allocation_summary(config)["total_allocated_memory_gb"] == 0.0
+    assert isinstance(allocation_summary(config)["total_allocated_memory_gb"], float)
+
+
 @pytest.mark.parametrize("given,measure,source", [
     ({"available_memory_gb": 23.5, "total_gpu_memory_gb": 24.0, "mps_overhead_gb": 0.5}, 23.5, "available_memory_gb"),
     ({"total_gpu_memory_gb": 24.0, "mps_overhead_gb": 0.5}, 23.5, "total_gpu_memory_gb - mps_overhead_gb"),
