@@ -6,9 +6,10 @@ fits the client's memory limit, matches its manifest when it has one, and every
 byte of it has been read once, so the page cache is hot when the client starts.
 Files are read through one buffer per model: the loader never holds a model copy.
 
-Each file is opened once, by plan(): its checks and warm()'s read go through that
-one descriptor, whose size, inode and mtime must not change from the check to the
-end of the read, so the bytes read are the bytes checked.
+plan() records each file's identity (size, inode, mtime) as it checks it, and warm() reads it
+through a descriptor whose identity must still be that one, before and after the read, so the
+bytes read are the bytes checked. No file stays open between the two: a snapshot of thousands
+of files must not need thousands of descriptors (systemd's soft limit is 1024).
 
 A loader keeps what it imports for good: hashlib (OpenSSL) is imported only to verify a manifest,
 zipfile only for a zip checkpoint; the read buffer is unmapped after each model (a freed heap
@@ -18,7 +19,6 @@ block would stay resident).
 import json
 import mmap
 import os
-import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -42,8 +42,7 @@ MANIFEST = "manifest.json"
 class Plan(msgspec.Struct):
     """What a model is made of, learned from its headers before any weight byte is read.
 
-    `handles` holds each file open as it was checked; warm() reads through them and closes
-    them, and close() does when the model is given up before (they close with the Plan too).
+    `identities` holds each file's identity() as it was checked; warm() reads only those files.
     """
 
     files: list[Path]
@@ -53,12 +52,10 @@ class Plan(msgspec.Struct):
     format: str
     manifest: dict | None = None
     sizes: dict = {}
-    handles: dict[Path, BinaryIO] = {}
     identities: dict[Path, tuple] = {}
 
     def close(self) -> None:
-        for handle in self.handles.values():
-            handle.close()
+        """Nothing to release: a plan holds no descriptor (callers that give a plan up call this)."""
 
 
 def identity(handle: BinaryIO) -> tuple:
@@ -71,31 +68,54 @@ def list_files(snapshot: Snapshot) -> list[Path]:
     """Every regular file of the snapshot, sorted by relative path (the manifest's order),
     each proven to lie inside its confinement.
 
-    Only a symbolic link is resolved: the walk never follows one, so every other name's real
-    path is the snapshot's real path joined with its relative path. One lstat per name instead of
-    one per component of its path (a fifth of a warm-up's checks with 48 loaders x 2 models)."""
-    files = []
-    real_root = Path(os.path.realpath(snapshot.path))
-    for directory, _, names in os.walk(snapshot.path, followlinks=False):
-        real_directory = real_root / os.path.relpath(directory, snapshot.path)
-        for name in names:
-            path = Path(directory) / name
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                continue  # gone since the walk listed it: not part of the snapshot
-            link = stat.S_ISLNK(mode)
-            real = path.resolve() if link else real_directory / name
-            if not is_inside(real, snapshot.confined_to):
-                raise ModelError(f"{path} resolves to {real}, outside {snapshot.confined_to}; refused")
-            if real.is_file() if link else stat.S_ISREG(mode):
-                files.append(path)
-    return sorted(files, key=lambda f: f.relative_to(snapshot.path).as_posix())
+    A link to a folder is followed when it stays inside the confinement, as the client that opens
+    the model follows it, so its files are checked, read and hashed like any other; one that leads
+    outside, or back into a folder it is in (a loop), is refused. Only a link is resolved: every
+    other name's real path is its folder's real path joined with its name (one lstat per name,
+    from the directory entry, instead of one per component of its path)."""
+    files: list[Path] = []
+    walk(Path(snapshot.path), Path(os.path.realpath(snapshot.path)), snapshot.confined_to, files, ())
+    return sorted(files, key=lambda f: os.fsencode(f.relative_to(snapshot.path).as_posix()))
+
+
+def walk(directory: Path, real_directory: Path, confined_to: Path, files: list, above: tuple) -> None:
+    """Add the files below `directory` (whose real path is `real_directory`) to `files`; `above`
+    holds the real paths of the folders the walk came through, to catch a link back into one."""
+    above = (*above, real_directory)
+    try:
+        with os.scandir(directory) as listing:
+            entries = list(listing)  # closed before going deeper: one descriptor per level at most
+    except FileNotFoundError:
+        return  # gone since its parent listed it: not part of the snapshot
+    for entry in entries:
+        path = directory / entry.name
+        link = entry.is_symlink()
+        real = path.resolve() if link else real_directory / entry.name
+        if link and not is_inside(real, confined_to):
+            raise ModelError(f"{escaped(path)} links to {escaped(real)}, outside {confined_to}; refused: "
+                             "copy what it names into the store instead")
+        if entry.is_dir(follow_symlinks=link):
+            if link and any(is_inside(folder, real) for folder in above):
+                raise ModelError(f"{escaped(path)} links to {escaped(real)}, a folder it is in: a loop; "
+                                 "remove the link")
+            walk(path, real, confined_to, files, above)
+        elif entry.is_file(follow_symlinks=link):
+            files.append(path)
+
+
+def escaped(path: Path) -> str:
+    """A path for a message: a name that is not UTF-8 shows its bytes escaped, as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# The snapshot's JSON files that plan() reads to check the others.
+CHECKED_JSON = ("config.json", "tokenizer_config.json", "modules.json",
+                "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def plan(snapshot: Snapshot) -> Plan:
-    """Check completeness and headers; nothing is read beyond headers yet. Every file stays open
-    in the plan, so warm() reads what was checked here."""
+    """Check completeness and headers; nothing is read beyond headers yet. Each file is opened,
+    checked and closed in turn (one open at a time), and its identity kept for warm()."""
     root = snapshot.path
     everything = list_files(snapshot)
     files = [f for f in everything if f != root / MANIFEST]
@@ -105,19 +125,20 @@ def plan(snapshot: Snapshot) -> Plan:
     weights = [f for f in files if f.suffix in WEIGHT_SUFFIXES]
     if not weights:
         raise ModelError(f"{root}: no weight file ({', '.join(WEIGHT_SUFFIXES)}); the snapshot is incomplete")
-    handles = {}
-    try:
-        for path in files:
-            handles[path] = open(path, "rb", buffering=0)
-        identities = {path: identity(handle) for path, handle in handles.items()}
-        check_shard_index(handles, root, relative)
-        check_configs(handles, root, relative)
-        counts = [c for c in (check_weight(handles[f], f.name) for f in weights) if c is not None]
-        manifest = read_manifest(root) if len(everything) > len(files) else None
-    except BaseException:
-        for handle in handles.values():
-            handle.close()
-        raise
+    identities, texts, counts = {}, {}, []
+    for path in files:
+        name = path.relative_to(root).as_posix()
+        with open(path, "rb", buffering=0) as handle:
+            identities[path] = identity(handle)
+            if name in CHECKED_JSON:
+                texts[name] = handle.read()
+    check_shard_index(texts, relative)
+    check_configs(texts, root, relative)
+    for path in weights:  # checked after the configs: a broken config is the first thing to fix
+        with open_checked(path, identities[path]) as handle:
+            if (count := check_weight(handle, path.name)) is not None:
+                counts.append(count)
+    manifest = read_manifest(root) if len(everything) > len(files) else None
     sizes = {path: info[0] for path, info in identities.items()}
     return Plan(
         files=files,
@@ -127,17 +148,27 @@ def plan(snapshot: Snapshot) -> Plan:
         format="+".join(sorted({f.suffix.lstrip(".") for f in weights})),
         manifest=manifest,
         sizes=sizes,
-        handles=handles,
         identities=identities,
     )
 
 
-def check_shard_index(handles: dict, root: Path, relative: set[str]) -> None:
+def open_checked(path: Path, checked: tuple) -> BinaryIO:
+    """`path` open for reading, refused unless it is still the file whose identity() was `checked`."""
+    handle = open(path, "rb", buffering=0)
+    try:
+        check_unchanged_before(handle, path, checked)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def check_shard_index(texts: dict, relative: set[str]) -> None:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index_name not in relative:
             continue
         try:
-            weight_map = read_json(handles, root, index_name)["weight_map"]
+            weight_map = read_json(texts, index_name)["weight_map"]
             shards = set(weight_map.values())
         except (ModelError, KeyError, TypeError, AttributeError):
             raise ModelError(f"{index_name}: not a valid shard index") from None
@@ -150,29 +181,27 @@ def check_shard_index(handles: dict, root: Path, relative: set[str]) -> None:
 PARAMETERLESS_MODULES = {"sentence_transformers.models.Normalize"}
 
 
-def read_json(handles: dict, root: Path, name: str):
-    """A snapshot file as JSON, read through the descriptor the plan holds for it."""
-    handle = handles[root / name]
-    handle.seek(0)
+def read_json(texts: dict, name: str):
+    """A snapshot file as JSON, from the bytes plan() read through the descriptor it checked."""
     try:
-        return json.loads(handle.read().decode("utf-8"))
+        return json.loads(texts[name].decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ModelError(f"{name}: not valid JSON ({exc})") from None
 
 
-def check_configs(handles: dict, root: Path, relative: set[str]) -> None:
+def check_configs(texts: dict, root: Path, relative: set[str]) -> None:
     """config.json parses; tokenizer files it names exist; sentence-transformers modules have their folders."""
-    if not isinstance(read_json(handles, root, "config.json"), dict):
+    if not isinstance(read_json(texts, "config.json"), dict):
         raise ModelError("config.json: not a JSON object")
     if "tokenizer_config.json" in relative:
-        tokenizer = read_json(handles, root, "tokenizer_config.json")
+        tokenizer = read_json(texts, "tokenizer_config.json")
         named = [v for k, v in tokenizer.items() if k.endswith("_file") and isinstance(v, str)] \
             if isinstance(tokenizer, dict) else []
         missing = sorted(n for n in named if not os.path.isabs(n) and n not in relative)
         if missing:
             raise ModelError(f"tokenizer_config.json names files that are missing: {', '.join(missing)}")
     if "modules.json" in relative:
-        modules = read_json(handles, root, "modules.json")
+        modules = read_json(texts, "modules.json")
         if not isinstance(modules, list):
             raise ModelError("modules.json: not a list of modules")
         for module in modules:
@@ -197,17 +226,19 @@ def read_manifest(root: Path) -> dict:
 
 def add_path_to_digest(digest, relative_path: str) -> None:
     """Each file contributes its relative path, a NUL, then its bytes (README, "The model store")."""
-    digest.update(relative_path.encode() + b"\0")
+    # The name's bytes as the file system holds them: a name that is not UTF-8 has no other.
+    digest.update(os.fsencode(relative_path) + b"\0")
 
 
-def snapshot_checksum(root: Path) -> str:
-    """The manifest checksum of a directory, for whoever writes a manifest."""
+def snapshot_checksum(root: Path, store: Path | None = None) -> str:
+    """The manifest checksum of a directory, for whoever writes a manifest; links in it may lead
+    anywhere inside `store` (by default, only inside the directory)."""
     import hashlib
 
     digest = hashlib.sha256()
     root = root.resolve()  # the files are listed resolved: a relative root, or one through a symlink, too
     with read_buffer() as view:
-        for path in list_files(Snapshot(root, root, "local")):
+        for path in list_files(Snapshot(root, root if store is None else store.resolve(), "local")):
             relative = path.relative_to(root).as_posix()
             if relative != MANIFEST:
                 add_path_to_digest(digest, relative)
@@ -253,12 +284,13 @@ def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress, place: Place 
                 relative = path.relative_to(snapshot.path).as_posix()
                 if digest is not None:
                     add_path_to_digest(digest, relative)
-                handle, checked = model_plan.handles[path], model_plan.identities[path]
+                checked = model_plan.identities[path]
                 step = lambda n: progress(done + n)  # noqa: E731  (done: the files before this one)
-                if place is not None and path.suffix == ".safetensors":
-                    done += place(handle, path, checked, digest, step)
-                else:
-                    done += read_file(handle, path, checked, view, digest, step)
+                with open_checked(path, checked) as handle:
+                    if place is not None and path.suffix == ".safetensors":
+                        done += place(handle, path, checked, digest, step)
+                    else:
+                        done += read_file(handle, path, checked, view, digest, step)
     finally:
         model_plan.close()
     if digest is not None:
@@ -271,16 +303,14 @@ def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress, place: Place 
 def changes(checked: tuple, now: tuple, path: Path) -> str:
     """What differs between the identity() checked and the descriptor's `now`, in words; also
     whether the path still names that file (the client will open the path)."""
+    current = os.stat(path)
+    if now[1:3] != checked[1:3] or (current.st_dev, current.st_ino) != checked[1:3]:
+        return "the path now names another file"  # its size and mtime say nothing then
     said = []
     if now[0] != checked[0]:
         said.append(f"size changed from {checked[0]} to {now[0]} bytes")
-    if now[1:3] != checked[1:3]:
-        said.append("it is another file (inode)")
     if now[3] != checked[3]:
         said.append("its mtime changed")
-    current = os.stat(path)
-    if (current.st_dev, current.st_ino) != checked[1:3]:
-        said.append("the path now names another file")
     return ", ".join(said)
 
 

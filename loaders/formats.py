@@ -2,11 +2,16 @@
 itself validates it, PyTorch zip checkpoints, GGUF and ONNX by how they start. No ML framework.
 """
 
+import gc
 import json
+import math
 import os
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
+
+import msgspec
 
 # The safetensors format's own limit (MAX_HEADER_SIZE in the library's src/tensor.rs):
 # a larger length is refused before a byte of the header is read.
@@ -33,23 +38,92 @@ def is_usize(value) -> bool:
     return type(value) is int and 0 <= value < USIZE_LIMIT  # bool is an int to Python, not to JSON
 
 
+TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+class Repeated(dict):
+    """A JSON object that gave a key more than once. It reads as the library's maps do (the last
+    value wins), and keeps every pair, because the library judges each value given and refuses
+    a struct's field (a tensor's dtype, shape or data_offsets, the header's __metadata__) twice."""
+
+    __slots__ = ("pairs",)
+
+
+def json_object(pairs: list) -> dict:
+    found = dict(pairs)
+    if len(found) == len(pairs):
+        return found
+    repeated = Repeated(found)
+    repeated.pairs = pairs
+    return repeated
+
+
+def given_twice(found: dict, keys) -> str | None:
+    """The first of `keys` that the JSON object `found` gave more than once, if any."""
+    if type(found) is Repeated:
+        names = [key for key, _ in found.pairs]
+        return next((key for key in keys if names.count(key) > 1), None)
+    return None
+
+
+def json_integer(text: str):
+    """serde_json reads -0 as a float, which no size, shape or offset may be."""
+    return -0.0 if text == "-0" else int(text)
+
+
+def json_float(text: str) -> float:
+    number = float(text)
+    if number in (math.inf, -math.inf):
+        raise ValueError(f"number {text} out of range")  # serde_json refuses it, wherever it is
+    return number
+
+
+def parse_header(text: bytes):
+    """The header's JSON, parsed as strictly as the library's serde_json parses it."""
+    if b"\\u" in text:  # an escape: one that names half a UTF-16 pair is refused, as serde_json does
+        msgspec.json.decode(text)  # which refuses lone surrogates anywhere; json.loads keeps them
+    # parse_float and parse_int cost nothing in a header as the library writes it (no float, no -0).
+    return json.loads(text.decode("utf-8"), object_pairs_hook=json_object, parse_constant=_no_constant,
+                      parse_float=json_float, parse_int=json_integer if b"-0" in text else None)
+
+
+@contextmanager
+def no_cycle_collection():
+    """A header's check makes trees, never a cycle, so the cyclic collector, run again and again as
+    a large header's objects appear, would find nothing: a fifth of a 46 MB header's check."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def tensor_fields(name: str, tensor: str, info) -> tuple:
     """(dtype, shape, data_offsets) of one tensor entry, whichever form the library accepts."""
-    if isinstance(info, list) and len(info) == 3:
+    if type(info) is list and len(info) == 3:
         return tuple(info)  # serde also reads a struct from a JSON array, in field order
     if isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys():
+        if field := given_twice(info, TENSOR_FIELDS):
+            raise ModelError(f"{name}: tensor {tensor!r} gives {field} twice")
         return info["dtype"], info["shape"], info["data_offsets"]
     raise ModelError(f"{name}: tensor {tensor!r} lacks dtype, shape or data_offsets")
+
+
+def check_field_types(name: str, tensor: str, dtype, shape, offsets) -> None:
+    """What serde checks as it reads a tensor entry: a known dtype, sizes that are 64-bit unsigned."""
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
+        raise ModelError(f"{name}: tensor {tensor!r} has unknown dtype {dtype!r}")
+    if not (type(shape) is list and all(map(is_usize, shape))
+            and type(offsets) is list and len(offsets) == 2 and all(map(is_usize, offsets))):
+        raise ModelError(f"{name}: tensor {tensor!r} has a malformed shape or offsets")
 
 
 def tensor_bytes(name: str, tensor: str, dtype, shape, offsets) -> tuple[int, int, int, int]:
     """(begin, end, bytes needed, elements) of one tensor entry's fields, checked as the library
     checks them."""
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
-        raise ModelError(f"{name}: tensor {tensor!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(map(is_usize, shape))
-            and isinstance(offsets, list) and len(offsets) == 2 and all(map(is_usize, offsets))):
-        raise ModelError(f"{name}: tensor {tensor!r} has a malformed shape or offsets")
+    check_field_types(name, tensor, dtype, shape, offsets)
     count = 1
     for dimension in shape:  # overflowing 64 bits on the way is refused, as the library does
         count *= dimension
@@ -61,6 +135,11 @@ def tensor_bytes(name: str, tensor: str, dtype, shape, offsets) -> tuple[int, in
     if bits % 8:
         raise ModelError(f"{name}: tensor {tensor!r} {dtype}{shape} is {bits} bits, which does not end on a byte boundary")
     return offsets[0], offsets[1], bits // 8, count
+
+
+def pairs(found: dict) -> list:
+    """Every (key, value) the JSON object gave, a repeated key's earlier values too."""
+    return found.pairs if type(found) is Repeated else list(found.items())
 
 
 def _no_constant(name: str):
@@ -99,16 +178,26 @@ def safetensors_header(handle: BinaryIO, name: str, with_tensors: bool = False) 
     if 8 + header_len > size:
         raise ModelError(f"{name}: safetensors header length {header_len} does not fit the {size}-byte file")
     text = handle.read(header_len)
+    with no_cycle_collection():
+        return judge_header(name, prefix, text, size - 8 - header_len, with_tensors)
+
+
+def judge_header(name: str, prefix: bytes, text: bytes, data_size: int, with_tensors: bool) -> SafetensorsHeader:
+    """The header `text`, parsed and checked against the `data_size` bytes that follow it."""
     try:
-        header = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        header = parse_header(text)
+    except (ValueError, RecursionError, msgspec.DecodeError) as exc:  # UnicodeDecodeError is a ValueError
         raise ModelError(f"{name}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ModelError(f"{name}: safetensors header is not a JSON object")
+    if given_twice(header, ["__metadata__"]):
+        raise ModelError(f"{name}: safetensors header gives __metadata__ twice")
     metadata = header.get("__metadata__")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for _, v in pairs(metadata))):
         raise ModelError(f"{name}: safetensors __metadata__ must map names to strings")
-    data_size = size - 8 - header_len
+    for tensor, info in pairs(header) if type(header) is Repeated else ():
+        if tensor != "__metadata__" and info is not header[tensor]:  # a tensor given twice: the last one
+            check_field_types(name, tensor, *tensor_fields(name, tensor, info))  # counts, but each is read
     ranges, parameters, tensors = [], 0, []
     for tensor, info in header.items():
         if tensor == "__metadata__":
