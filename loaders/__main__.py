@@ -20,6 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # run as a loader (not imported), before the slower imports below
+    # `pkill -HUP -f gpu-orchestrator`, the usual way to ask the supervisor to reload, matches every
+    # loader too (their command lines name the segment), and SIGHUP's default is to exit. A loader
+    # has nothing to reload; ignored, not handled, so it holds through exec'd helpers too.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 
 def import_msgspec_without_typing_extensions():
     """msgspec takes typing_extensions when it is installed, for get_type_hints features that

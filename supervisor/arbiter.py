@@ -13,17 +13,18 @@ import time
 
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.channel import Segment, SlotReader
-from gpu_orchestrator.loaders.logs import kv, relay_line
+from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.loaders.wire import LoaderState
 from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.answers import Answers
-from gpu_orchestrator.supervisor.clients import PROCESSES, LoaderProcess, Policy, Spawner, Streams
+from gpu_orchestrator.supervisor.clients import LoaderProcess, Policy
 from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.launch import count_gpus, loader_argv, loader_env
 from gpu_orchestrator.supervisor.mps import MpsDaemon
 from gpu_orchestrator.supervisor.mps_control import MpsSettings
 from gpu_orchestrator.supervisor.reload import Reloads, plan
 from gpu_orchestrator.supervisor.slots import FreeSlots
+from gpu_orchestrator.supervisor.processes import PROCESSES, Spawner, Streams
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import Sampler
 from gpu_orchestrator.supervisor.warmup import Warmups, finished, preload_answer
@@ -36,6 +37,7 @@ RSS_REFRESH_S = 10.0  # rss_bytes in /models/status is at most this old (also ta
 HEARTBEAT_CHECKS = 6  # per heartbeat_timeout: a silent loader is killed within 7/6 of the timeout
 REAP_SWEEP_S = 5.0  # waitpid for every loader; SIGCHLD or a loader's stderr closing reaps at once
 KILL_WAIT_S = 5.0  # at shutdown, past stop_grace: how long KILLed loaders may take to be reaped
+QUEUED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # held from start-up until the loop queues them
 
 
 class Arbiter:
@@ -52,7 +54,6 @@ class Arbiter:
         self.wake = self.streams.wake
         self.readable: list[LoaderProcess] = []  # loaders whose stderr has something, from the last wait
         self.mps = MpsDaemon(mps, self.wake) if mps is not None else None
-        self.loaders_follow_mps = False  # a daemon came back: replace every loader once slots allow
         self.overcommit_checked = False  # per configuration, once the GPU memory is known
         self.gpu_count = count_gpus()
         self.reader = SlotReader(segment, LoaderState)
@@ -73,9 +74,10 @@ class Arbiter:
     # ---- the loop ----------------------------------------------------------
 
     def run(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for signum in (*QUEUED_SIGNALS, signal.SIGCHLD):
             signal.signal(signum, self.queue_signal)
         signal.set_wakeup_fd(self.streams.wake_w)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, QUEUED_SIGNALS)  # what came while starting (daemon.serve)
         if self.server is not None:
             threading.Thread(target=self.server.run, name="http", daemon=True).start()
         if self.mps is not None:
@@ -93,14 +95,9 @@ class Arbiter:
     def next_timeout(self) -> float:
         now = self.clock()
         deadlines = [now + TICK, self.mps and self.mps.next_deadline(), self.reloads.deadline(),
-                     *self.next_due.values()]
+                     *self.next_due.values(), *(loader.deadline() for loader in self.loaders.values())]
         if self.notifier.watchdog_interval is not None:
             deadlines.append(self.notifier.next_watchdog)
-        for loader in self.loaders.values():
-            if loader.state == states.BACKOFF:
-                deadlines.append(loader.restart_at)
-            elif loader.state == states.STARTING:
-                deadlines.append(loader.started_at + self.policy.startsecs)
         return max(0.0, min(d for d in deadlines if d is not None) - now)
 
     def all_loaders(self) -> list[LoaderProcess]:
@@ -165,12 +162,9 @@ class Arbiter:
         """Only the loaders the last wait found something from; a closed stderr means an exit to reap."""
         readable, self.readable = self.readable, []
         for loader in readable:
-            if loader.state in states.ALIVE:
-                for line in loader.read_stderr():
-                    relay_line(loader_log, line)
-                if loader.stderr_eof:
-                    self.streams.unwatch(loader)  # else the loop would wake for it until it is reaped
-                    self.reap_due = True
+            if loader.state in states.ALIVE and loader.relay_stderr(loader_log):  # at its end
+                self.streams.unwatch(loader)  # else the loop would wake for it until it is reaped
+                self.reap_due = True
 
     def publish(self) -> None:
         """Hand HTTP threads what they may read, as one reference swap (only when it changed)."""
@@ -214,17 +208,26 @@ class Arbiter:
 
     def new_loader(self, client: str) -> LoaderProcess:
         slot = self.free_slots.take()
-        return LoaderProcess(client, slot, loader_argv(self.config, client, self.segment.name, slot, self.policy),
-                             loader_env(self.config, client, self.mps and self.mps.settings_in_force(), self.gpu_count),
-                             self.policy, spawner=self.spawner)
+        return LoaderProcess(client, slot, *self.launch(client, slot), self.policy, spawner=self.spawner)
+
+    def launch(self, client: str, slot: int) -> tuple[list[str], dict[str, str]]:
+        """A loader's arguments and environment, under the configuration and MPS daemon in force now."""
+        return (loader_argv(self.config, client, self.segment.name, slot, self.policy),
+                loader_env(self.config, client, self.mps and self.mps.settings_in_force(), self.gpu_count))
 
     def spawn_loaders(self, loaders: list[LoaderProcess], now: float, reason: str | None = None) -> None:
         """Start these loaders, none waiting on another's start (Spawner.popen_all)."""
         for loader, proc in zip(loaders, self.spawner.popen_all([(l.command(), l.env) for l in loaders])):
             self.loaders[loader.client] = loader
             loader.begin(proc, now)
-            self.streams.watch(loader)
-            log.info(kv("loader started", client=loader.client, pid=loader.pid, **({"reason": reason} if reason else {})))
+            self.began(loader, now, "loader started", **({"reason": reason} if reason else {}))
+
+    def began(self, loader: LoaderProcess, now: float, message: str, **fields) -> None:
+        """Watch a run that started; one that could not start is a failed start (LoaderProcess.begin)."""
+        if loader.state != states.STARTING:
+            return loader.log_end("loader could not be started", None, now)
+        self.streams.watch(loader)
+        log.info(kv(message, client=loader.client, pid=loader.pid, **fields))
 
     def reap_loaders(self, now: float) -> None:
         for loader in self.all_loaders():
@@ -236,52 +239,46 @@ class Arbiter:
 
     def judge_exit(self, loader: LoaderProcess, wait_status: int, now: float) -> None:
         self.streams.unwatch(loader)
-        for line in loader.read_stderr():
-            relay_line(loader_log, line)
+        loader.relay_stderr(loader_log)
         pid, loading = loader.pid, []
         if loader.state != states.STOPPING:
             self.observe(loader, now)  # what it achieved before dying decides how it is judged
             loading = loader.models_loading(self.reader)
         loader.exited(wait_status, now)
         self.warmups.count_kills(loader.client, loading, loader.last_exit, loader.last_exit_at)
-        level = logging.INFO if loader.state == states.STOPPED else logging.ERROR
-        log.log(level, kv("loader exited", client=loader.client, pid=pid, how=loader.last_exit, next=loader.state,
-                          restart_in_s=round(max(0.0, loader.restart_at - now), 2)
-                          if loader.state == states.BACKOFF else "-", reason=loader.fatal_reason or "-"))
+        loader.log_end("loader exited", pid, now)
 
     def supervise_mps(self, now: float) -> None:
         """Restart a dead or hung daemon with backoff; loaders follow it (their MPS clients die with it)."""
-        if self.mps is None:
-            return
-        if self.mps.supervise(now) and self.booted:
-            self.loaders_follow_mps = True
-        # Replacing every loader needs a free slot for each; retiring ones free theirs within stop_grace.
-        if self.loaders_follow_mps and len(self.free_slots) >= len(self.loaders):
-            self.loaders_follow_mps = False
+        if self.mps is not None and self.mps.supervise(now) and self.booted:
+            log.warning(kv("replacing every loader under the new MPS control daemon", loaders=len(self.loaders)))
             self.replace_loaders(list(self.loaders), now, "the MPS control daemon restarted")
 
     def replace_loaders(self, clients: list[str], now: float, reason: str) -> None:
-        """Stop these clients' loaders and start fresh ones (new environment, new slot)."""
+        """Stop these clients' loaders and start fresh ones (new arguments and environment): beside the
+        old run in a free slot, so neither waits on the other; in its own slot once it exits when none is."""
         fresh = []
-        for client in clients:  # each takes a slot right after its predecessor's is given back, if it is
-            self.retire(self.loaders.pop(client), now)
-            fresh.append(self.new_loader(client))
+        for client in clients:
+            loader = self.loaders[client]
+            if loader.state in states.ALIVE and not self.free_slots:
+                loader.restart_in_place(*self.launch(client, loader.slot), now)
+            else:
+                self.retire(self.loaders.pop(client), now)  # a dead one gives its slot back at once
+                fresh.append(self.new_loader(client))
         self.spawn_loaders(fresh, now, reason)
         if clients:
             self.warmups.reopen()
 
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
-            if (idle := loader.heartbeat_lost(self.reader, now)) is not None:
-                log.error(kv("loader heartbeat lost; killing it", client=loader.client, pid=loader.pid,
-                             silent_s=round(idle, 1)))
-                loader.kill(f"heartbeat lost: silent for {idle:.1f} s")
+            loader.kill_if_silent(self.reader, now)
 
     def restart_loaders(self, now: float) -> None:
         for loader in self.loaders.values():
             if loader.restart_if_due(now):
-                self.streams.watch(loader)
-                log.info(kv("loader restarted", client=loader.client, pid=loader.pid, restarts=loader.restarts))
+                self.began(loader, now, "loader restarted", restarts=loader.restarts)
+            elif loader.start_again_if_stopped(now):
+                self.began(loader, now, "loader started", reason="restarted in its slot")
 
     def send_commands(self) -> None:
         generation = self.warmups.generation
@@ -302,9 +299,10 @@ class Arbiter:
     def observe(self, loader: LoaderProcess, now: float) -> None:
         """Promote a loader that has been up `startsecs` or finished a warm-up; a finished
         warm-up also proves it healthy, so its next death restarts at the shortest delay. Only
-        a loader with news is looked at (see LoaderProcess.has_news): an idle tick costs little."""
+        a loader with news is looked at (see LoaderProcess.has_news): an idle tick costs little;
+        never one being stopped to start again (restart_in_place): its successor has the warm-up to do."""
         generation = self.warmups.generation
-        if (news := loader.has_news(self.reader, generation)) is None:
+        if loader.state == states.STOPPING or (news := loader.has_news(self.reader, generation)) is None:
             return
         self.changed |= news
         done = finished(loader.published(self.reader), generation)

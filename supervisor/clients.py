@@ -1,22 +1,28 @@
-"""One loader process per client: spawn, exit handling, restart backoff."""
+"""One loader process per client: its runs, how each ended, restart backoff (the OS calls: processes.py)."""
 
+import errno
+import logging
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psutil
 
 from gpu_orchestrator.loaders import states
+from gpu_orchestrator.loaders.logs import kv, relay_line
 from gpu_orchestrator.loaders.wire import EXIT_CANNOT_BOOT, LOADING, WARMING_UP, LoaderState
+from gpu_orchestrator.supervisor.processes import PROCESSES, Spawner
 
+log = logging.getLogger("supervisor")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-SPAWN_THREADS = 16  # loader execs in flight at once at start (see Spawner.popen_all)
+# An idle loader publishes every heartbeat interval (a busy one within half an interval more) and the
+# supervisor looks six times per timeout: a quarter of the timeout leaves over half of it for a busy
+# host to schedule the loader. Under MIN_HEARTBEAT_TIMEOUT that margin nears a loaded host's delays.
+HEARTBEATS_PER_TIMEOUT, MAX_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_TIMEOUT = 4, 1.0, 0.5
 
 
 def backoff_delay(recent_deaths: int, low: float = 0.5, high: float = 30.0) -> float:
@@ -33,9 +39,13 @@ class Policy:
     window: float = 60.0
     backoff_min: float = 0.5
     backoff_max: float = 30.0
-    heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 30.0
     stop_grace: float = 5.0
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a quiet loader publishes: from the timeout, so that none accepted kills a healthy one."""
+        return min(MAX_HEARTBEAT_INTERVAL, self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT)
 
     def restart_delay(self, recent_deaths: int) -> float:
         """0.5 s, 1 s, 2 s, ... up to 30 s, by deaths within the window since the loader last
@@ -53,42 +63,13 @@ def iso_utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-class Spawner:
-    """How loader processes are started, signalled and reaped: the real one here, a fake in tests."""
-
-    def popen(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
-        """exec a fresh interpreter in its own process group. Never a fork of ours (CUDA, NVML and
-        our threads are not fork-safe), nor of a clean fork server that imported the loader once:
-        a forked loader's /proc/PID/environ would show the server's environment, not its
-        client's MPS limits that mps-diag and an operator check there."""
-        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=env, process_group=0, close_fds=True)
-
-    def signal(self, proc: subprocess.Popen, signum: int) -> None:
-        """Signal the loader's whole process group (it may have started helpers)."""
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def reap(self, proc: subprocess.Popen, block: bool = False) -> int | None:
-        """The wait status once the process has exited, else None (without `block`). waitpid per
-        known pid, never -1: that would also reap children other threads started with subprocess."""
-        pid, status = os.waitpid(proc.pid, 0 if block else os.WNOHANG)
-        return status if pid else None
-
-
-    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[subprocess.Popen]:
-        """popen each (command, env) with their execs overlapping: a popen returns once its child
-        has exec'd, on a busy machine after a wait to be scheduled, which one after the other would
-        add up per loader. The threads only wait here; the loop alone uses what they return."""
-        if len(requests) < 2:
-            return [self.popen(*request) for request in requests]
-        with ThreadPoolExecutor(min(SPAWN_THREADS, len(requests)), thread_name_prefix="spawn") as pool:
-            return list(pool.map(lambda request: self.popen(*request), requests))
-
-
-PROCESSES = Spawner()
+def cannot_start(error: OSError) -> str:
+    """A run's end when fork or exec failed, with what to do: nothing ran, the next try may work."""
+    if error.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+        hint = "the host is out of processes, memory or files: see the unit's TasksMax=, MemoryMax=, LimitNOFILE="
+    else:  # ENOENT, EACCES, ENOEXEC: the interpreter or the package changed under us
+        hint = "reinstall or restart gpu-orchestrator"
+    return f"could not be started ({error}; {hint})"
 
 
 @dataclass
@@ -120,6 +101,7 @@ class LoaderProcess:
     stderr_eof: bool = False  # this run's stderr reached its end: no more to wait for there
     deaths: deque = field(default_factory=deque)
     failed_starts: deque = field(default_factory=deque)
+    next_launch: tuple[list[str], dict[str, str]] | None = None  # argv, env: start again in this slot once stopped
     spawner: Spawner = PROCESSES
 
     @property
@@ -133,11 +115,16 @@ class LoaderProcess:
         return [sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv]
 
     def spawn(self, now: float) -> None:
-        self.begin(self.spawner.popen(self.command(), self.env), now)
+        self.begin(self.spawner.try_popen(self.command(), self.env), now)
 
-    def begin(self, proc: subprocess.Popen, now: float) -> None:  # from spawn, or Spawner.popen_all
+    def begin(self, proc: subprocess.Popen | OSError, now: float) -> None:  # from spawn, or Spawner.popen_all
+        """A run started; or it could not be (an OSError): a failed start, judged as a run's exit is."""
         self.to(states.STARTING)
-        self.started(proc, now)
+        if isinstance(proc, OSError):
+            self.last_exit, self.last_exit_at, self.last_line = cannot_start(proc), iso_utc(time.time()), None
+            self.failed(now)
+        else:
+            self.started(proc, now)
 
     def started(self, proc: subprocess.Popen, now: float) -> None:
         """A new run began: forget everything that described the previous one."""
@@ -183,6 +170,12 @@ class LoaderProcess:
             self.last_busy = now
         self.cpu_seen = used
         return silent if self.last_busy is None else min(silent, now - self.last_busy)
+
+    def kill_if_silent(self, reader, now: float) -> None:
+        """SIGKILL a run whose heartbeat was lost (heartbeat_lost), saying so."""
+        if (idle := self.heartbeat_lost(reader, now)) is not None:
+            log.error(kv("loader heartbeat lost; killing it", client=self.client, pid=self.pid, silent_s=round(idle, 1)))
+            self.kill(f"heartbeat lost: silent for {idle:.1f} s")
 
     def heartbeat_lost(self, reader, now: float) -> float | None:
         """The seconds a RUNNING run has been silent, when past the timeout; else None."""
@@ -249,11 +242,25 @@ class LoaderProcess:
         return True
 
     def restart_if_due(self, now: float) -> bool:
-        """Start the next run once the backoff delay has passed; whether it did."""
+        """Start the next run once the backoff delay has passed; whether it tried."""
         if self.state != states.BACKOFF or now < self.restart_at:
             return False
         self.spawn(now)
         self.restarts += 1
+        return True
+
+    def restart_in_place(self, argv: list[str], env: dict[str, str], now: float) -> None:
+        """Stop this run and start one with `argv` and `env` in the same slot once it has exited
+        (start_again_if_stopped): for when no other slot is free to start it beside this one."""
+        self.next_launch = (argv, env)
+        self.stop_or_end(now)
+
+    def start_again_if_stopped(self, now: float) -> bool:
+        """The run restart_in_place stopped has exited: start its successor; whether it tried."""
+        if self.state != states.STOPPED or self.next_launch is None:
+            return False
+        (self.argv, self.env), self.next_launch = self.next_launch, None
+        self.spawn(now)
         return True
 
     def retry_if_fatal(self, now: float) -> None:
@@ -280,22 +287,40 @@ class LoaderProcess:
         if self.state == states.STOPPING:
             self.to(states.STOPPED)
             return
+        self.failed(now, cannot_boot=os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_CANNOT_BOOT)
+
+    def failed(self, now: float, cannot_boot: bool = False) -> None:
+        """A run ended unasked, or could not start: FATAL when it cannot boot or failed to start too
+        often within the window, else BACKOFF for a delay growing with its recent deaths."""
         self._forget_before(now - self.policy.window)
         self.deaths.append(now)
         if self.state == states.STARTING:
             self.failed_starts.append(now)
-        last_words = f"; its last line: {self.last_line}" if self.last_line else ""
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_CANNOT_BOOT:
+        last_run = f"the last run {self.last_exit} at {self.last_exit_at}"
+        last_run += f"; its last line: {self.last_line}" if self.last_line else ""
+        if cannot_boot:
             self.to(states.FATAL)
-            self.fatal_reason = f"cannot boot: the last run {self.last_exit} at {self.last_exit_at}{last_words}"
+            self.fatal_reason = f"cannot boot: {last_run}"
         elif len(self.failed_starts) >= self.policy.failed_starts_to_fatal:
             self.to(states.FATAL)
             self.fatal_reason = (f"failed to start {len(self.failed_starts)} times within "
-                                 f"{self.policy.window:.0f} s; the last run {self.last_exit} at "
-                                 f"{self.last_exit_at}{last_words}")
+                                 f"{self.policy.window:.0f} s; {last_run}")
         else:
             self.to(states.BACKOFF)
             self.restart_at = now + self.policy.restart_delay(len(self.deaths))
+
+    def log_end(self, message: str, pid: int | None, now: float) -> None:
+        """One line on how its last run ended (or could not start) and what comes next."""
+        restart_in = round(max(0.0, self.restart_at - now), 2) if self.state == states.BACKOFF else "-"
+        log.log(logging.INFO if self.state == states.STOPPED else logging.ERROR,
+                kv(message, client=self.client, pid=pid, how=self.last_exit, next=self.state,
+                   restart_in_s=restart_in, reason=self.fatal_reason or "-"))
+
+    def deadline(self) -> float | None:
+        """When the loop must look at it again though nothing happens: to restart or to promote it."""
+        if self.state == states.BACKOFF:
+            return self.restart_at
+        return self.started_at + self.policy.startsecs if self.state == states.STARTING else None
 
     def _forget_before(self, horizon: float) -> None:
         for times in (self.deaths, self.failed_starts):
@@ -331,6 +356,12 @@ class LoaderProcess:
         except (OSError, IndexError, ValueError):
             self.rss_bytes = None
 
+    def relay_stderr(self, logger) -> bool:
+        """Log what it wrote since the last call as the loader's own lines; whether its stderr ended."""
+        for line in self.read_stderr():
+            relay_line(logger, line)
+        return self.stderr_eof
+
     def read_stderr(self) -> list[str]:
         """Complete lines the loader wrote since the last call (and its last words at EOF)."""
         try:
@@ -348,49 +379,3 @@ class LoaderProcess:
         if text:
             self.last_line = text[-1]
         return text
-
-
-class Streams:
-    """What the loop waits on: its wake pipe and every live loader's stderr in one epoll set (no fd
-    limit as with select, nothing rebuilt per wait); a wait says which loaders' stderr has news."""
-
-    def __init__(self):
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # signals and HTTP threads wake us
-        self.poller = select.epoll()
-        self.poller.register(self.wake_r, select.EPOLLIN)
-        self.watched: dict[int, LoaderProcess] = {}  # stderr fd -> its loader
-
-    def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"w")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is awake anyway
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def watch(self, loader: LoaderProcess) -> None:
-        fd = loader.proc.stderr.fileno()
-        self.watched[fd] = loader
-        self.poller.register(fd, select.EPOLLIN)
-
-    def unwatch(self, loader: LoaderProcess) -> None:
-        """Before its stderr is closed; or at its end, else every wait would return at once."""
-        try:
-            fd = loader.proc.stderr.fileno()
-        except ValueError:
-            return  # closed already: epoll forgot it
-        if self.watched.get(fd) is loader:
-            del self.watched[fd]
-            self.poller.unregister(fd)
-
-    def wait(self, timeout: float) -> list[LoaderProcess]:
-        events = self.poller.poll(timeout)  # a signal does not interrupt it: Python retries (PEP 475)
-        return [loader for fd, _ in events if (loader := self.watched.get(fd)) is not None]
-
-    def close(self) -> None:
-        self.poller.close()

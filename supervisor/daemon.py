@@ -6,6 +6,7 @@ contract that a taken port or a full /dev/shm starts nothing at all.
 
 import logging
 import os
+import signal
 
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import base_url, create_app, is_loopback
@@ -13,7 +14,7 @@ from gpu_orchestrator.http.metrics import RequestCounter
 from gpu_orchestrator.loaders import channel
 from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor.answers import ShuttingDown
-from gpu_orchestrator.supervisor.arbiter import Arbiter
+from gpu_orchestrator.supervisor.arbiter import QUEUED_SIGNALS, Arbiter
 from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import METRICS_LISTEN_ENV, Config
 from gpu_orchestrator.supervisor.mps_control import MpsSettings
@@ -33,8 +34,20 @@ class CannotStart(Exception):
 
 def serve(config: Config, policy: Policy = Policy(), on_listening=None, mps: MpsSettings | None = None,
           telemetry_interval: float = 2.0, metrics_listen: tuple[str, int] | None = None) -> int:
-    """Run until SIGTERM/SIGINT. Order matters: nothing is started if a port is taken or the
-    channel cannot be made (no loader, no MPS daemon, no segment left behind)."""
+    """Run until SIGTERM/SIGINT. Until the loop queues them (Arbiter.run), SIGHUP, SIGTERM and SIGINT
+    wait blocked: a reload asked for while we start, whose default action would end us silently, is
+    served once the loop runs; a SIGTERM then stops us as cleanly as later. The mask is ours again after."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, QUEUED_SIGNALS)
+    try:
+        return start_and_run(config, policy, on_listening, mps, telemetry_interval, metrics_listen)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def start_and_run(config: Config, policy: Policy, on_listening, mps: MpsSettings | None, telemetry_interval: float,
+                  metrics_listen: tuple[str, int] | None) -> int:
+    """Order matters: nothing is started if a port is taken or the channel cannot be made (no
+    loader, no MPS daemon, no segment left behind)."""
     for warning in config.warnings:
         log.warning(warning)
     if not server.keep_heap_for_answers():

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 from gpu_orchestrator.loaders.channel import Segment
 from gpu_orchestrator.loaders.logs import kv
+from gpu_orchestrator.supervisor.clients import Policy
 from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_config
+from gpu_orchestrator.supervisor.launch import client_env, loader_argv
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 from gpu_orchestrator.supervisor.slots import FreeSlots, check_room
 
 log = logging.getLogger("supervisor")
@@ -106,7 +109,7 @@ class Reloads:
 class Changes:
     added: list[str]
     removed: list[str]
-    changed: list[str]  # models or allocation differ: the loader is replaced
+    changed: list[str]  # what reaches its loader differs (see launched): the loader is replaced
 
     def as_fields(self) -> dict[str, str]:
         return {"added": ",".join(self.added) or "-", "removed": ",".join(self.removed) or "-",
@@ -117,8 +120,16 @@ def diff(old: Config, new: Config) -> Changes:
     return Changes(
         added=[c for c in new.clients if c not in old.clients],
         removed=[c for c in old.clients if c not in new.clients],
-        changed=[c for c in new.clients if c in old.clients and (
-            new.clients[c] != old.clients[c] or new.allocations.get(c) != old.allocations.get(c))])
+        changed=[c for c in new.clients if c in old.clients and launched(old, c) != launched(new, c)])
+
+
+def launched(config: Config, client: str) -> tuple:
+    """What a client's loader gets from `config`: its arguments and its client's environment, as
+    launch.py writes them (with MPS on, so that the limits count). Only a change there restarts it:
+    an allocation's informational fields (priority, calculated_requirement_gb, safety_margin_gb,
+    models, keys we do not know) reach no loader, and a healthy one must not go unready for them."""
+    return (loader_argv(config, client, "", 0, Policy()),
+            client_env(config, client, MpsSettings(pipe_dir="", log_dir=""), gpu_count=1))
 
 
 def plan(old: Config, new: Config, segment: Segment, free: FreeSlots, holding: Collection[str]) -> Changes:

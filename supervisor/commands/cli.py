@@ -4,12 +4,19 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
+if sys.argv[1:2] in (["serve"], ["demo"]):
+    # From the first line until the loop queues them (daemon.serve, then Arbiter.run), SIGHUP, SIGTERM
+    # and SIGINT wait blocked: a reload asked for while falcon and the rest import (half a second)
+    # would otherwise end the service silently, SIGHUP's default. Held, they are served once it runs.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+
 from gpu_orchestrator.http.app import base_url, url_host
 from gpu_orchestrator.loaders.logs import LogLevelError, for_stderr, setup_logging
-from gpu_orchestrator.supervisor.clients import Policy
+from gpu_orchestrator.supervisor.clients import MIN_HEARTBEAT_TIMEOUT, Policy
 from gpu_orchestrator.supervisor.commands import clientenv, demo, gpucheck, helptext
 from gpu_orchestrator.supervisor.commands.api import UsageError, check_url, seconds
 from gpu_orchestrator.supervisor.commands.diag import run_diag
@@ -123,6 +130,10 @@ def policy_from(args: argparse.Namespace) -> Policy:
     for flag in ("heartbeat_timeout", "mps_probe_interval", "mps_timeout", "mps_start_timeout", "telemetry_interval"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {getattr(args, flag)}")
+    if not args.heartbeat_timeout >= MIN_HEARTBEAT_TIMEOUT:  # nan too
+        raise ConfigError(f"--heartbeat-timeout: must be at least {MIN_HEARTBEAT_TIMEOUT} s, got {args.heartbeat_timeout} "
+                          f"(a loader publishes every quarter of the timeout; below {MIN_HEARTBEAT_TIMEOUT} s a busy "
+                          "host's scheduling delays alone would get healthy loaders killed)")
     return Policy(heartbeat_timeout=args.heartbeat_timeout)
 
 

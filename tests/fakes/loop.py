@@ -9,6 +9,7 @@ import msgspec
 
 from gpu_orchestrator.loaders.channel import SlotWriter
 from gpu_orchestrator.loaders.wire import IDLE, READY, WARMING_UP, LoaderState, ModelProgress
+from gpu_orchestrator.supervisor.processes import Spawner
 from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE
 
 FIRST_PID = 10_000_000  # above any pid_max: psutil finds no such process, nothing real is signalled
@@ -70,20 +71,26 @@ class FakeProc:
         return [msgspec.json.decode(line) for line in lines if line]
 
 
-class FakeSpawner:
-    """Every run it was asked to start, in order; SIGTERM and SIGKILL end a run unless `ignore_term`."""
+class FakeSpawner(Spawner):
+    """Every run it was asked to start, in order; SIGTERM and SIGKILL end a run unless `ignore_term`.
+    A start of a client in `cannot_start` fails with its error, as fork or exec would (try_popen is the real one)."""
 
     def __init__(self):
         self.procs: list[FakeProc] = []
         self.ignore_term = False
+        self.cannot_start: dict[str, OSError] = {}
+        self.refused: list[str] = []  # the client of each start that failed with cannot_start
 
     def popen(self, command: list[str], env: dict[str, str]) -> FakeProc:
+        if (error := self.cannot_start.get(env[CLIENT_VARIABLE])) is not None:
+            self.refused.append(env[CLIENT_VARIABLE])
+            raise error
         proc = FakeProc(FIRST_PID + len(self.procs), command, env)
         self.procs.append(proc)
         return proc
 
-    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[FakeProc]:
-        return [self.popen(command, env) for command, env in requests]
+    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[FakeProc | OSError]:
+        return [self.try_popen(command, env) for command, env in requests]  # in order, no threads
 
     def signal(self, proc: FakeProc, signum: int) -> None:
         proc.signals.append(signum)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import time
 
 from support import Orchestrator, children_of, wait_for, write_config
@@ -108,3 +109,91 @@ def test_loader_killed_as_soon_as_it_is_ready_is_never_a_failed_start(tmp_path, 
         final = wait_for(lambda: (c := orch.status()["clients"]["alpha"])["ready"] and c, what="alpha ready")
         assert final["state"] != "FATAL" and final["restarts"] == 6
         assert "restart_in_s=0.5 " in orch.output() and "restart_in_s=1.0 " not in orch.output()
+
+
+def test_the_shortest_heartbeat_timeout_accepted_never_kills_an_idle_loader(tmp_path, store):
+    # At 0.5 s with loaders publishing once a second, idle loaders were killed every second, forever.
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"]})
+    with Orchestrator(tmp_path, store, model_map, extra_args=("--heartbeat-timeout", "0.5")) as orch:
+        assert orch.wait_settled()["all_ready"]
+        time.sleep(4)  # idle: only heartbeats
+        status = orch.status()
+        assert status["all_ready"] and all(c["restarts"] == 0 for c in status["clients"].values())
+        assert "heartbeat lost" not in orch.output()
+
+
+def python_that_can_vanish(tmp_path):
+    """An interpreter path to serve from that a test can remove, as an upgrade removes the old one:
+    a symlink to the real interpreter in a copy of the virtual environment's layout."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    prefix = os.path.dirname(os.path.dirname(sys.executable))
+    for name in ("pyvenv.cfg", "lib"):
+        if os.path.exists(os.path.join(prefix, name)):
+            (venv / name).symlink_to(os.path.join(prefix, name))
+    python = venv / "bin" / "python"
+    python.symlink_to(os.path.realpath(sys.executable))
+    return python
+
+
+def test_a_loader_that_cannot_be_started_fails_alone_and_the_supervisor_serves_on(tmp_path, store):
+    # Popen's FileNotFoundError once escaped the loop: every healthy loader was stopped and the
+    # supervisor exited with a traceback.
+    python = python_that_can_vanish(tmp_path)
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"]})
+    orch = Orchestrator(tmp_path, store, model_map)
+    assert orch.argv[0] == sys.executable
+    orch.argv[0] = str(python)  # loaders are started from the supervisor's own interpreter path
+    with orch:
+        assert orch.wait_settled()["all_ready"]
+        beta = orch.loader_pid("beta")
+        python.unlink()
+        os.kill(orch.loader_pid("alpha"), signal.SIGKILL)
+        alpha = wait_for(lambda: (c := orch.status()["clients"]["alpha"])["state"] == "FATAL" and c,
+                         timeout=60, what="alpha FATAL after its failed starts")
+        assert "could not be started ([Errno 2] No such file or directory" in alpha["last_exit"]
+        assert "reinstall or restart gpu-orchestrator" in alpha["last_exit"]
+        assert orch.proc.poll() is None and orch.loader_pid("beta") == beta and process_alive(beta)
+        assert orch.status()["clients"]["beta"]["ready"]
+        assert "loader could not be started" in orch.output() and "Traceback" not in orch.output()
+
+
+# `serve` with a SIGHUP (and with "term", a SIGTERM too) sent to itself while it starts, before its
+# loop runs: as `systemctl reload` (or stop) right after start.
+SIGNALLED_WHILE_STARTING = """
+import os, signal, sys
+from gpu_orchestrator.supervisor import daemon
+from gpu_orchestrator.supervisor.commands import cli
+open_channel = daemon.open_channel
+def signalled(config):
+    os.kill(os.getpid(), signal.SIGHUP)
+    if sys.argv[-1] == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return open_channel(config)
+daemon.open_channel = signalled
+sys.exit(cli.main(sys.argv[1:-1]))
+"""
+
+
+def test_a_sighup_while_starting_is_served_once_the_loop_runs(tmp_path, store):
+    # The handler was installed only as the loop began: SIGHUP's default action ended us silently.
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    orch = Orchestrator(tmp_path, store, model_map)
+    orch.argv = [sys.executable, "-c", SIGNALLED_WHILE_STARTING, *orch.argv[3:], "hup"]
+    with orch:
+        assert orch.wait_settled()["all_ready"]
+        wait_for(lambda: "reloaded" in orch.output(), what="the held SIGHUP served as a reload")
+        assert orch.stop() == 0
+
+
+def test_a_sigterm_while_starting_stops_cleanly(tmp_path, store):
+    import subprocess
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    orch = Orchestrator(tmp_path, store, model_map)
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_STARTING, *orch.argv[3:], "term"], env=orch.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "stopping signal=SIGTERM" in proc.stderr and "stopped" in proc.stderr
+    assert "loader started" not in proc.stderr and "Traceback" not in proc.stderr
+    segment = proc.stderr.split("segment=")[1].split()[0]
+    assert not os.path.exists(channel.segment_path(segment))

@@ -228,3 +228,19 @@ def test_after_a_warm_up_nothing_of_the_models_stays_open_or_loaded(segment, tmp
     with open(f"/proc/{proc.pid}/maps") as maps:
         mapped = maps.read()
     assert "libcrypto" not in mapped and "_hashlib" not in mapped
+
+
+def test_sighup_is_ignored_so_pkill_hup_meant_for_the_supervisor_spares_loaders(segment, store, cleanup):
+    # `pkill -HUP -f gpu-orchestrator` matches every loader's command line; SIGHUP once killed them all.
+    proc = start_loader(segment, store, ["org/small"])
+    cleanup.append(proc)
+    wait_for(lambda: slot_state(segment), what="the loader's first heartbeat")
+    os.kill(proc.pid, signal.SIGHUP)  # idle
+    send(proc, 1)
+    assert wait_for(lambda: settled(segment, 1)).models[0].status == "ready"
+    os.kill(proc.pid, signal.SIGHUP)
+    send(proc, 2)
+    wait_for(lambda: settled(segment, 2), what="a second warm-up after SIGHUP")
+    assert proc.poll() is None
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0

@@ -52,3 +52,26 @@ def test_sighup_with_the_model_map_replaced_by_a_fifo_keeps_supervising(tmp_path
                           what="the killed loader replaced while a reload was refused")
         assert status["clients"]["alpha"]["restarts"] == 1
         assert "not a regular file" in orch.output() or "took longer than" in orch.output()
+
+
+def test_sighup_after_an_informational_allocation_edit_keeps_the_loader_and_ready(tmp_path):
+    # Any edit of an allocation once restarted its client's loader, and /ready was 503 until re-read.
+    import json
+    store = tmp_path / "store"
+    add_model(store, "org/a1")
+    allocation = {"mps_memory_limit_gb": 2.3, "calculated_requirement_gb": 2.0, "safety_margin_gb": 0.3,
+                  "priority": "high", "models": ["org/a1"]}
+    model_map, allocation_path = write_config(tmp_path, {"alpha": ["org/a1"]}, {"alpha": allocation})
+    with Orchestrator(tmp_path, store, model_map, allocation_path) as orch:
+        assert orch.wait_settled()["all_ready"]
+        pid = orch.loader_pid("alpha")
+        document = json.loads(allocation_path.read_text())
+        document["mps_resource_allocation"]["agent_allocations"]["alpha"].update(
+            priority="low", calculated_requirement_gb=1.5, safety_margin_gb=0.8, models=["org/a1", "org/b1"])
+        allocation_path.write_text(json.dumps(document))
+        os.kill(orch.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reloaded" in orch.output(), what="the reload applied")
+        assert "changed=-" in orch.output()
+        status = orch.status()
+        assert status["all_ready"] and status["clients"]["alpha"]["pid"] == pid
+        assert orch.get("/ready")[0] == 200

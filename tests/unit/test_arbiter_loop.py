@@ -368,3 +368,96 @@ def test_a_preload_during_shutdown_is_refused_at_once_and_one_given_up_on_is_not
     arbiter.answers.stop_taking_commands()
     with pytest.raises(ShuttingDown):
         arbiter.answers.request_preload(False)
+
+
+def gone_interpreter() -> OSError:
+    """What subprocess.Popen raises when the interpreter it execs was removed (an upgrade, a venv moved)."""
+    return FileNotFoundError(2, "No such file or directory", "/opt/gpu-orchestrator/bin/python")
+
+
+def test_a_loader_that_cannot_be_spawned_backs_off_then_is_fatal_and_the_others_run_on(loop, caplog):
+    # It once raised out of the loop: every healthy loader was stopped and the supervisor exited.
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"], "beta": ["org/b1"]})
+    running(arbiter, clock)
+    beta = spawner.latest("beta")
+    spawner.cannot_start["alpha"] = gone_interpreter()
+    spawner.latest("alpha").die(signal.SIGKILL)
+    arbiter.tick(0)
+    alpha = arbiter.loaders["alpha"]
+    for attempt in range(1, POLICY.failed_starts_to_fatal + 1):
+        assert alpha.state == states.BACKOFF, attempt
+        clock.advance(alpha.restart_at - clock.now)
+        arbiter.tick(0)
+        assert spawner.refused == ["alpha"] * attempt
+    assert alpha.state == states.FATAL and alpha.pid is None
+    assert alpha.last_exit == ("could not be started ([Errno 2] No such file or directory: "
+                               "'/opt/gpu-orchestrator/bin/python'; reinstall or restart gpu-orchestrator)")
+    assert f"failed to start {POLICY.failed_starts_to_fatal} times" in alpha.fatal_reason
+    assert "loader could not be started" in caplog.text and "reinstall or restart" in caplog.text
+    assert arbiter.loaders["beta"].state == states.RUNNING and beta.alive and beta.signals == []
+    client = arbiter.answers.models_status()["clients"]["alpha"]
+    assert client["state"] == states.FATAL and "could not be started" in client["last_exit"]
+    del spawner.cannot_start["alpha"]  # repaired: a refresh gives it another try
+    arbiter.start_warmup(refresh=True)
+    arbiter.tick(0)
+    assert alpha.state == states.STARTING and spawner.latest("alpha").alive
+
+
+@pytest.mark.parametrize("when", ["start", "reload"])
+def test_a_client_that_cannot_be_spawned_at_start_or_on_reload_fails_alone(loop, tmp_path, when):
+    arbiter, _, clock, spawner = loop({"alpha": ["org/a1"], "beta": ["org/b1"]})
+    failing = "alpha" if when == "start" else "new"
+    spawner.cannot_start[failing] = BlockingIOError(11, "Resource temporarily unavailable")  # a pids limit
+    if when == "reload":
+        running(arbiter, clock)
+        new = make_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"], "new": ["org/n"], "other": ["org/o"]})
+        arbiter.reloads.read = lambda config: new
+        arbiter.signals.append(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while arbiter.config is not new and time.monotonic() < deadline:
+            arbiter.tick(0.05)
+    running(arbiter, clock)
+    assert arbiter.loaders[failing].state == states.BACKOFF and set(spawner.refused) == {failing}
+    assert "out of processes" in arbiter.loaders[failing].last_exit
+    assert all(l.state == states.RUNNING for c, l in arbiter.loaders.items() if c != failing)
+    assert all(p.alive for p in spawner.procs)
+
+
+def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None):
+    """`clients` loaders (None: as many as the channel has slots) running after a reload grew the
+    map from one; then the MPS daemon restarts, and now has settings in force."""
+    from gpu_orchestrator.supervisor.mps_control import MpsSettings
+    arbiter, segment, clock, spawner = loop({"c0": ["org/m0"]})
+    arbiter.mps = arbiter.answers.mps = StartingMps()
+    arbiter.mps.healthy = arbiter.mps.settled = True
+    running(arbiter, clock)
+    new = make_config(tmp_path, {f"c{i}": [f"org/m{i}"] for i in range(clients or segment.slots)})
+    arbiter.reloads.read = lambda config: new
+    arbiter.signals.append(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while arbiter.config is not new and time.monotonic() < deadline:
+        arbiter.tick(0.05)
+    running(arbiter, clock)
+    first = {c: spawner.latest(c) for c in arbiter.loaders}
+    assert len(first) == len(new.clients) and all(l.state == states.RUNNING for l in arbiter.loaders.values())
+    arbiter.mps.settings_in_force = lambda: MpsSettings("/run/new-mps", "/var/log/new-mps")
+    arbiter.mps.supervise = lambda now: True  # the daemon came back, once
+    arbiter.tick(0)
+    arbiter.mps.supervise = lambda now: False
+    return arbiter, segment, clock, spawner, first
+
+
+@pytest.mark.parametrize("clients", [10, None], ids=["7 free slots for 10", "no free slot"])
+def test_every_loader_follows_a_restarted_mps_daemon_even_without_a_spare_slot_each(loop, tmp_path, caplog, clients):
+    # With more loaders than free slots the loop once waited for room that never came: no loader
+    # was replaced, and they ran on without the new daemon's limits.
+    arbiter, segment, clock, spawner, first = follow_a_new_mps_daemon(loop, tmp_path, clients)
+    assert "replacing every loader under the new MPS control daemon" in caplog.text
+    for _ in range(3):
+        running(arbiter, clock)
+    assert all(proc.signals == [signal.SIGTERM] and not proc.alive for proc in first.values())
+    assert all(len(spawner.runs(c)) == 2 and l.state == states.RUNNING for c, l in arbiter.loaders.items())
+    assert all(spawner.latest(c).env["CUDA_MPS_PIPE_DIRECTORY"] == "/run/new-mps" for c in first)
+    slots = [l.slot for l in arbiter.loaders.values()]
+    assert arbiter.retiring == [] and len(set(slots)) == len(first) == segment.slots - len(arbiter.free_slots)
+    assert all(c["generation"] == 1 for c in spawner.latest("c1").commands())  # the warm-up goes to each new run

@@ -36,3 +36,23 @@ def test_durations_must_be_positive_and_finite(text):
     with pytest.raises(UsageError, match=expected):
         seconds(text, "--timeout")
     assert seconds("2.5", "--timeout") == 2.5
+
+
+BLOCKED_AFTER_IMPORT = """
+import signal, sys
+sys.argv = ["gpu-orchestrator", sys.argv[1]]
+import gpu_orchestrator.supervisor.commands.cli
+print(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+"""
+
+
+@pytest.mark.parametrize("command, held", [("serve", ["SIGHUP", "SIGINT", "SIGTERM"]), ("demo", ["SIGHUP", "SIGINT", "SIGTERM"]),
+                                           ("status", [])])
+def test_serve_holds_its_signals_from_its_first_imports(command, held):
+    """A SIGHUP while falcon and the rest import (half a second) ended the service silently: for
+    serve and demo they wait blocked from the command line's first lines until the loop queues them."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", BLOCKED_AFTER_IMPORT, command], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == repr(held)

@@ -125,7 +125,7 @@ def test_a_loader_busy_in_one_long_call_is_not_idle_and_a_stopped_one_is():
 
 
 def test_popen_all_starts_every_process_in_order_and_each_can_be_reaped():
-    from gpu_orchestrator.supervisor.clients import PROCESSES
+    from gpu_orchestrator.supervisor.processes import PROCESSES
 
     requests = [([sys.executable, "-c", f"import sys; sys.exit({code})"], dict(os.environ)) for code in range(5)]
     procs = PROCESSES.popen_all(requests)

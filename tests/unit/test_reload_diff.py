@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 from gpu_orchestrator.supervisor.config import Config, ConfigError
 from gpu_orchestrator.supervisor.reload import Reloads, diff
 
@@ -33,3 +35,26 @@ def test_a_sighup_during_a_read_is_served_by_one_more_read_and_a_failure_is_logg
     assert reloads.finish(0.0, lambda new: None) is True
     assert "reload refused; the running configuration stays" in caplog.text and "m: broken" in caplog.text
     assert reloads.take_again() and not reloads.take_again()
+
+
+def allocated(**fields):
+    from gpu_orchestrator.supervisor.allocation import AgentAllocation
+    return config({"a": ["org/x"], "b": ["org/y"]},
+                  {"a": AgentAllocation(**{"mps_memory_limit_gb": 2.3, **fields}),
+                   "b": AgentAllocation(mps_memory_limit_gb=1.0)})
+
+
+@pytest.mark.parametrize("edit", [dict(priority="low"), dict(calculated_requirement_gb=1.5),
+                                  dict(safety_margin_gb=0.8), dict(models=["org/x", "org/other"])])
+def test_an_informational_allocation_field_restarts_no_loader(edit):
+    # Every field once counted: editing a priority restarted the client's healthy loader.
+    before = allocated(priority="high", calculated_requirement_gb=2.0, safety_margin_gb=0.3, models=["org/x"])
+    after = allocated(**{"priority": "high", "calculated_requirement_gb": 2.0, "safety_margin_gb": 0.3,
+                         "models": ["org/x"], **edit})
+    assert diff(before, after).changed == []
+
+
+@pytest.mark.parametrize("edit", [dict(mps_memory_limit_gb=4.0), dict(devices=[1]), dict(active_thread_percentage=50),
+                                  dict(backend="torch"), dict(warmup=True)])
+def test_what_reaches_the_loader_restarts_it(edit):
+    assert diff(allocated(), allocated(**edit)).changed == ["a"]
