@@ -20,4 +20,7 @@ if [ ! -r "$lib" ]; then
   exit 127
 fi
 . "$lib"
-run_gpu_orchestrator gate "$@"
+# The summaries go where the operations doc says they are: ~/.cache/justnews/preflight/summary_*.json
+# (a unit may have no HOME: the user's home from the password database then, as Python's ~ does).
+home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+run_gpu_orchestrator gate --summary-dir "${XDG_CACHE_HOME:-$home/.cache}/justnews/preflight" "$@"

@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 if sys.argv[1:2] in (["serve"], ["demo"]):
     # From the first line until the loop queues them (daemon.serve, then Arbiter.run), SIGHUP, SIGTERM
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate_parser.add_argument("--url", help="orchestrator URL (default from GPU_ORCHESTRATOR_HOST/PORT, "
                                            "else http://127.0.0.1:8014)")
     gate_parser.add_argument("--timeout", help="seconds to wait, all requests included (GATE_TIMEOUT, default 180)")
+    gate_parser.add_argument("--summary-dir", help="where the result summary goes "
+                                                   "(default $XDG_CACHE_HOME/gpu-orchestrator/preflight)")
     diag_parser = commands.add_parser("mps-diag", help="diagnose the MPS pipe and log folders, daemon and limits")
     diag_parser.add_argument("--json", action="store_true", help="machine-readable output")
     diag_parser.add_argument("--pipe-dir", help="CUDA_MPS_PIPE_DIRECTORY (default from the environment, else /tmp/nvidia-mps)")
@@ -183,7 +186,8 @@ def run_gate_command(args: argparse.Namespace) -> int:
     token = env.get("GPU_ORCHESTRATOR_TOKEN") or None
     if token is not None and (problem := token_problem(token)):
         raise UsageError(problem)
-    return run_gate(args.instance, client_url(args), timeout, token)
+    directory = Path(args.summary_dir) if args.summary_dir else None
+    return run_gate(args.instance, client_url(args), timeout, token, directory)
 
 
 def run_command(args: argparse.Namespace) -> int:

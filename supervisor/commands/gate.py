@@ -55,9 +55,14 @@ def verdict(status: dict, instance: str | None) -> tuple[str | None, list[dict]]
     return None, []
 
 
-def cache_path(instance: str | None) -> Path:
+def summary_dir() -> Path:
+    """Where summaries go without --summary-dir: $XDG_CACHE_HOME/gpu-orchestrator/preflight."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gpu-orchestrator" / "preflight" / f"summary_{instance or 'all'}.json"
+    return Path(base) / "gpu-orchestrator" / "preflight"
+
+
+def cache_path(instance: str | None, directory: Path | None = None) -> Path:
+    return (directory or summary_dir()) / f"summary_{instance or 'all'}.json"
 
 
 def write_summary(path: Path, result: dict) -> None:
@@ -150,12 +155,13 @@ class Gate:
             delay = min(delay * 2, MAX_POLL)
 
 
-def run_gate(instance: str | None, url: str, timeout: float, token: str | None) -> int:
+def run_gate(instance: str | None, url: str, timeout: float, token: str | None,
+             directory: Path | None = None) -> int:
     if instance is not None:
         check_instance(instance)
     if instance in ORCHESTRATOR_NAMES:
         print(f"gate: {instance} is the orchestrator itself; nothing to wait for")
-        write_summary(cache_path(instance), {"instance": instance, "result": "skipped", "exit_code": 0})
+        write_summary(cache_path(instance, directory), {"instance": instance, "result": "skipped", "exit_code": 0})
         return 0
     started = time.monotonic()
     gate = Gate(url, instance, timeout, token)
@@ -175,7 +181,7 @@ def run_gate(instance: str | None, url: str, timeout: float, token: str | None) 
     if summary:
         line += f" (total={summary['total']} done={summary['done']} failed={summary['failed']})"
     print(line, file=sys.stderr if code else sys.stdout)
-    write_summary(cache_path(instance), {
+    write_summary(cache_path(instance, directory), {
         "instance": instance or "all", "url": url, "result": result, "exit_code": code, "message": message,
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "elapsed_s": round(time.monotonic() - started, 3),

@@ -75,7 +75,10 @@ def test_ready_host_passes_and_the_wrapper_script_works(tmp_path, store):
                                  env={**os.environ, "GPU_ORCHESTRATOR_PORT": port, "PATH": f"{bin_dir}:{os.environ['PATH']}",
                                       "XDG_CACHE_HOME": str(tmp_path / "cache")})
         assert wrapped.returncode == 0, wrapped.stderr
-        assert summary_file(tmp_path, "alpha")["result"] == "ready"
+        # Where the operations doc says the wrapper's summaries are.
+        doc = tmp_path / "cache" / "justnews" / "preflight" / "summary_alpha.json"
+        assert json.loads(doc.read_text())["result"] == "ready"
+        assert not (tmp_path / "cache" / "gpu-orchestrator" / "preflight" / "summary_alpha.json").exists()
 
 
 def test_timeout_when_a_warmup_never_finishes(tmp_path, store):

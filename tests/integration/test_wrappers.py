@@ -1,6 +1,7 @@
 """scripts/mps-diag, gpu-check, bench and preflight.sh find gpu-orchestrator (scripts/lib.sh) where
 README's install puts it, which is on no PATH, and say what they tried when it is nowhere."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,15 @@ def run(script: Path, env: dict, prefix: list[str] | None = None) -> subprocess.
 
 
 def expected(name: str, which: str) -> str:
-    args = ["x"] if name == "preflight.sh" else ["--x", "y"]
+    # preflight.sh puts the summaries where the operations doc says: ~/.cache/justnews/preflight.
+    args = ["--summary-dir", f"{home()}/.cache/justnews/preflight", "x"] if name == "preflight.sh" else ["--x", "y"]
     return " ".join([which, *WRAPPERS[name], *args]) + "\n"
+
+
+def home() -> str:
+    """The home the wrappers find without HOME (run() passes only PATH): the password database's."""
+    import pwd
+    return pwd.getpwuid(os.getuid()).pw_dir
 
 
 @pytest.mark.parametrize("name", WRAPPERS)
