@@ -157,7 +157,8 @@ def run_demo(args: argparse.Namespace) -> int:
         return serve(config, policy_from(args), mps=mps_settings_from(config, args),
                      telemetry_interval=args.telemetry_interval,
                      metrics_listen=metrics_listen_address(args.metrics_listen, os.environ),
-                     on_listening=lambda port: print(demo.instructions(url_host(config.host), port), file=sys.stderr))
+                     on_listening=lambda port: print(demo.instructions(url_host(config.host), port, args.dir),
+                                                     file=sys.stderr))
     finally:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_orchestrator.loaders.backends import MANIFEST, snapshot_checksum
+from gpu_orchestrator.supervisor.jsonfile import ConfigError
 
 # model id -> (hidden size, layers, vocabulary): small transformer-shaped tensors.
 MODELS = {
@@ -78,8 +79,23 @@ def write_snapshot(directory: Path, shape: tuple[int, int, int], seed: int, mani
 
 
 def write_demo(directory: str) -> DemoFiles:
-    """Shared snapshots at the store root, and scout's own copy under scout/current."""
+    """Shared snapshots at the store root, and scout's own copy under scout/current. Nothing is
+    written into a folder that holds files of its own where the demo's go: `demo --dir` pointed
+    at a real AGENT_MODEL_MAP.json must not replace it (a demo run before is fine)."""
     root = Path(directory)
+    allocations = {
+        client: {"mps_memory_limit_gb": limit, "calculated_requirement_gb": need, "safety_margin_gb": margin,
+                 "priority": priority, "models": CLIENTS[client]}
+        for client, (limit, need, margin, priority) in LIMITS_GB.items()
+    }
+    files = {root / "AGENT_MODEL_MAP.json": json.dumps(CLIENTS, indent=2),
+             root / "mps_allocation_config.json": json.dumps({"mps_resource_allocation": {
+                 "agent_allocations": allocations,
+                 "mps_configuration": {"total_gpu_memory_gb": 24.0},
+                 "system_summary": {"note": "recomputed by the orchestrator; never trusted"}}}, indent=2)}
+    for path, text in files.items():
+        if path.exists() and path.read_text() != text:
+            raise ConfigError(f"{path} exists and is not the demo's; point --dir at a new or empty folder")
     store = root / "models"
     for seed, model_id in enumerate(MODELS):
         write_snapshot(store / model_id, MODELS[model_id], seed, manifest=seed % 2 == 0)
@@ -88,25 +104,18 @@ def write_demo(directory: str) -> DemoFiles:
     current = store / "scout" / "current"
     if not current.is_symlink():
         os.symlink("versions/v1", current)
-    model_map = root / "AGENT_MODEL_MAP.json"
-    model_map.write_text(json.dumps(CLIENTS, indent=2))
-    allocations = {
-        client: {"mps_memory_limit_gb": limit, "calculated_requirement_gb": need, "safety_margin_gb": margin,
-                 "priority": priority, "models": CLIENTS[client]}
-        for client, (limit, need, margin, priority) in LIMITS_GB.items()
-    }
-    allocation = root / "mps_allocation_config.json"
-    allocation.write_text(json.dumps({"mps_resource_allocation": {
-        "agent_allocations": allocations,
-        "mps_configuration": {"total_gpu_memory_gb": 24.0},
-        "system_summary": {"note": "recomputed by the orchestrator; never trusted"}}}, indent=2))
+    for path, text in files.items():
+        path.write_text(text)
+    model_map, allocation = files
     return DemoFiles(str(store), str(model_map), str(allocation))
 
 
-def instructions(host: str, port: int) -> str:
+def instructions(host: str, port: int, kept: str | None = None) -> str:
+    """What to try; `kept`: the --dir the demo's files stay in after Ctrl-C."""
     base = f"http://{host}:{port}"
+    ending = f"Ctrl-C stops it; its files stay in {kept}" if kept else "Ctrl-C stops it and removes what it wrote"
     return f"""
-gpu-orchestrator demo is serving on {base} (Ctrl-C stops it and removes what it wrote).
+gpu-orchestrator demo is serving on {base} ({ending}).
 Try, from another terminal:
 
   curl -s {base}/health

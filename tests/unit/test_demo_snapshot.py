@@ -17,3 +17,23 @@ def test_the_random_bytes_are_made_a_chunk_at_a_time(tmp_path, monkeypatch):
     parameters = demo.write_safetensors(path, {"w": [5000, 1]}, seed=3)
     assert parameters == 5000 and check_safetensors(path) == 5000
     assert max(asked) <= 1024 and sum(asked) == 10000
+
+
+def test_demo_dir_never_replaces_someones_own_model_map(tmp_path):
+    """`demo --dir` at a folder with a real AGENT_MODEL_MAP.json overwrote it without a word;
+    a folder a demo wrote before is fine."""
+    import pytest
+
+    from gpu_orchestrator.supervisor.commands.demo import instructions, write_demo
+    from gpu_orchestrator.supervisor.jsonfile import ConfigError
+    write_demo(str(tmp_path / "again"))
+    write_demo(str(tmp_path / "again"))
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "AGENT_MODEL_MAP.json").write_text('{"mine": ["org/m"]}')
+    with pytest.raises(ConfigError, match="AGENT_MODEL_MAP.json exists and is not the demo's; point --dir at a new"):
+        write_demo(str(own))
+    assert (own / "AGENT_MODEL_MAP.json").read_text() == '{"mine": ["org/m"]}'
+    assert sorted(p.name for p in own.iterdir()) == ["AGENT_MODEL_MAP.json"]  # nothing written beside it
+    assert "its files stay in /srv/demo" in instructions("127.0.0.1", 18014, "/srv/demo")
+    assert "removes what it wrote" in instructions("127.0.0.1", 18014)
