@@ -4,9 +4,11 @@
 contract that a taken port or a full /dev/shm starts nothing at all.
 """
 
+import errno
 import logging
 import os
 import signal
+import socket
 
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import base_url, create_app, is_loopback
@@ -81,18 +83,30 @@ def open_sockets(config: Config, metrics_listen: tuple[str, int] | None) -> list
     try:
         sockets = [server.listen(config.host, config.port)]
     except OSError as exc:
-        log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror,
-                     hint="another orchestrator may be running; pick another --port"))
+        log.error(kv("cannot listen", host=config.host, port=config.port, error=exc.strerror or str(exc),
+                     hint=listen_hint(exc, "--host/GPU_ORCHESTRATOR_HOST", "--port")))
         raise CannotStart(os.EX_UNAVAILABLE) from None
     if metrics_listen is not None:
         try:
             sockets.append(server.listen(*metrics_listen))
         except OSError as exc:
             sockets[0].close()
+            flag = f"--metrics-listen ({METRICS_LISTEN_ENV})"
             log.error(kv("cannot listen for metrics", host=metrics_listen[0], port=metrics_listen[1],
-                         error=exc.strerror, hint=f"pick another --metrics-listen ({METRICS_LISTEN_ENV})"))
+                         error=exc.strerror or str(exc), hint=listen_hint(exc, flag, flag)))
             raise CannotStart(os.EX_UNAVAILABLE) from None
     return sockets
+
+
+def listen_hint(exc: OSError, host_flag: str, port_flag: str) -> str:
+    """What to do about a failed bind: a taken port is not a name that does not resolve."""
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve here; give {host_flag} an address of this host (127.0.0.1)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"this host has no such address; give {host_flag} one of its own (127.0.0.1)"
+    if exc.errno == errno.EACCES:
+        return f"a port below 1024 needs CAP_NET_BIND_SERVICE; pick another {port_flag}"
+    return f"another orchestrator may be running; pick another {port_flag}"
 
 
 def open_channel(config: Config) -> channel.Segment:

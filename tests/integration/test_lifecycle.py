@@ -91,6 +91,7 @@ def test_port_in_use_exits_69_and_starts_nothing(tmp_path, store):
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 69
     assert "cannot listen" in proc.stderr and f"port={port}" in proc.stderr
+    assert "another orchestrator may be running; pick another --port" in proc.stderr
     assert "loader started" not in proc.stderr
     # Nothing added (other runs on this host may remove their own segments meanwhile).
     assert set(os.listdir(channel.SHM_DIR)) - before == set()

@@ -56,3 +56,15 @@ def test_serve_holds_its_signals_from_its_first_imports(command, held):
     out = subprocess.run([sys.executable, "-c", BLOCKED_AFTER_IMPORT, command], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.strip() == repr(held)
+
+
+def test_a_failed_bind_says_what_to_do_about_its_own_cause():
+    """--host nonexistent.invalid was told another orchestrator may be running."""
+    import errno
+    import socket
+
+    from gpu_orchestrator.supervisor.daemon import listen_hint
+    assert "does not resolve here" in listen_hint(socket.gaierror(-2, "Name or service not known"), "--host", "--port")
+    assert "no such address" in listen_hint(OSError(errno.EADDRNOTAVAIL, "x"), "--host", "--port")
+    assert "CAP_NET_BIND_SERVICE" in listen_hint(OSError(errno.EACCES, "x"), "--host", "--port")
+    assert "another orchestrator" in listen_hint(OSError(errno.EADDRINUSE, "x"), "--host", "--port")
