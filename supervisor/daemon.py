@@ -100,7 +100,8 @@ def open_sockets(config: Config, metrics_listen: tuple[str, int] | None) -> list
 
 def listen_hint(exc: OSError, host_flag: str, port_flag: str) -> str:
     """What to do about a failed bind: a taken port is not a name that does not resolve."""
-    if isinstance(exc, socket.gaierror):
+    # socket.create_server re-raises getaddrinfo's gaierror as a plain OSError: its errno (EAI_*) is negative.
+    if isinstance(exc, socket.gaierror) or (exc.errno or 0) < 0:
         return f"the host name does not resolve here; give {host_flag} an address of this host (127.0.0.1)"
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"this host has no such address; give {host_flag} one of its own (127.0.0.1)"

@@ -65,6 +65,10 @@ def test_a_failed_bind_says_what_to_do_about_its_own_cause():
 
     from gpu_orchestrator.supervisor.daemon import listen_hint
     assert "does not resolve here" in listen_hint(socket.gaierror(-2, "Name or service not known"), "--host", "--port")
+    try:  # as the supervisor meets it: create_server re-raises the gaierror as a plain OSError
+        socket.create_server(("nonexistent.invalid", 0)).close()
+    except OSError as exc:
+        assert "does not resolve here" in listen_hint(exc, "--host", "--port")
     assert "no such address" in listen_hint(OSError(errno.EADDRNOTAVAIL, "x"), "--host", "--port")
     assert "CAP_NET_BIND_SERVICE" in listen_hint(OSError(errno.EACCES, "x"), "--host", "--port")
     assert "another orchestrator" in listen_hint(OSError(errno.EADDRINUSE, "x"), "--host", "--port")
