@@ -191,7 +191,6 @@ class Loader:
         self.publish()
         log.info(kv("model loading", client=self.client, model=model.model))
         started = time.monotonic()
-        model_plan = None
         try:
             snapshot = self.store.resolve(self.client, model.model)
             model.path = cap_text(str(snapshot.path), MAX_PATH, keep_end=True)
@@ -215,9 +214,6 @@ class Loader:
             model.status, model.seconds = READY, round(time.monotonic() - started, 3)
             log.info(kv("model ready", client=self.client, model=model.model, bytes=model.bytes_done,
                         seconds=model.seconds, verified=model.verified))
-        finally:
-            if model_plan is not None:
-                model_plan.close()  # plan() opened every file; a model refused before warm() must not keep them
 
     def load_on_device(self, model: ModelProgress, snapshot, model_plan, used_bytes: int, progress) -> None:
         from gpu_orchestrator.loaders.logs import setup_logging

@@ -54,9 +54,6 @@ class Plan(msgspec.Struct):
     sizes: dict = {}
     identities: dict[Path, tuple] = {}
 
-    def close(self) -> None:
-        """Nothing to release: a plan holds no descriptor (callers that give a plan up call this)."""
-
 
 def identity(handle: BinaryIO) -> tuple:
     """What changes when a file is written or replaced: size, inode (device too) and mtime."""
@@ -268,9 +265,9 @@ Place = Callable[[BinaryIO, Path, tuple, object, Progress], int]
 def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress, place: Place | None = None) -> bool:
     """Read every byte once (hashing when there is a manifest); return True if verified.
 
-    `progress(bytes_done)` is called after every chunk; it may raise to abandon. Reads go
-    through the descriptors the plan checked, which are closed afterwards. With `place`, the
-    safetensors files are read by it instead, so their bytes are read once, not twice.
+    `progress(bytes_done)` is called after every chunk; it may raise to abandon. Each file is
+    reopened and must still be the one the plan checked (open_checked), then closed. With
+    `place`, the safetensors files are read by it instead, so their bytes are read once, not twice.
     """
     digest = None
     if model_plan.manifest:
@@ -278,21 +275,18 @@ def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress, place: Place 
 
         digest = hashlib.sha256()
     done = 0
-    try:
-        with read_buffer() as view:
-            for path in model_plan.files:
-                relative = path.relative_to(snapshot.path).as_posix()
-                if digest is not None:
-                    add_path_to_digest(digest, relative)
-                checked = model_plan.identities[path]
-                step = lambda n: progress(done + n)  # noqa: E731  (done: the files before this one)
-                with open_checked(path, checked) as handle:
-                    if place is not None and path.suffix == ".safetensors":
-                        done += place(handle, path, checked, digest, step)
-                    else:
-                        done += read_file(handle, path, checked, view, digest, step)
-    finally:
-        model_plan.close()
+    with read_buffer() as view:
+        for path in model_plan.files:
+            relative = path.relative_to(snapshot.path).as_posix()
+            if digest is not None:
+                add_path_to_digest(digest, relative)
+            checked = model_plan.identities[path]
+            step = lambda n: progress(done + n)  # noqa: E731  (done: the files before this one)
+            with open_checked(path, checked) as handle:
+                if place is not None and path.suffix == ".safetensors":
+                    done += place(handle, path, checked, digest, step)
+                else:
+                    done += read_file(handle, path, checked, view, digest, step)
     if digest is not None:
         expected = model_plan.manifest["checksum"].removeprefix("sha256:")
         if digest.hexdigest() != expected:

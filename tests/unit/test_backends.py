@@ -179,7 +179,6 @@ def test_files_are_listed_through_their_snapshot_even_when_it_is_reached_through
     (tmp_path / "alias").symlink_to(store)
     via_link = Snapshot(tmp_path / "alias" / "org" / "m", store.resolve(), "shared")
     model_plan = plan(via_link)
-    model_plan.close()
     names = [f.relative_to(via_link.path).as_posix() for f in model_plan.files]
     assert names == sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                            if p.is_file() and p.name != "pipe") and "linked.json" in names
@@ -309,7 +308,7 @@ def test_a_file_is_read_only_if_it_is_still_the_file_checked_and_nothing_stays_o
     with pytest.raises(ModelError, match=r"model.safetensors: changed since it was checked \(the path now names another file\)"):
         warm(snapshot_of(path), model_plan, lambda n: None)
     assert open_fds() == before
-    plan(snapshot_of(path)).close()
+    plan(snapshot_of(path))
     (path / "config.json").write_text("{no")
     with pytest.raises(ModelError, match="config.json: not valid JSON"):
         plan(snapshot_of(path))
