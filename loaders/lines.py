@@ -8,6 +8,15 @@ import warnings
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}  # logging's numbers
 
+# Every C0 and C1 control but tab, and DEL, as a visible escape: a line stays one line, and a file
+# name holding ESC[31m or a BEL never recolours or retitles the terminal that shows a log or a status.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c != 0x09} | {0x0a: "\\n", 0x0d: "\\r"}
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters escaped (newline as \\n)."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
 
 def kv(message: str, **fields) -> str:
     """`kv("loader started", client="a b", pid=3)` -> 'loader started client="a b" pid=3'."""
@@ -36,7 +45,7 @@ class LineLog:
 
     def write(self, level: str, message: str) -> None:
         if LEVELS[level] >= self.threshold:
-            line = f"{level} {self.name}: {message}".replace("\r", "\\r").replace("\n", "\\n")
+            line = visible(f"{level} {self.name}: {message}")
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
 

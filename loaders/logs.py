@@ -52,7 +52,7 @@ class OneLineFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record).replace("\r", "\\r").replace("\n", "\\n")
+        line = lines.visible(super().format(record))
         return f"<{syslog_priority(record.levelno)}>{line}" if self.journal else line
 
 

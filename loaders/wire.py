@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from gpu_orchestrator.loaders.lines import visible
+
 # A model's status, in the order a warm-up moves it through them (the values /models/status shows).
 ModelStatus = Literal["pending", "loading", "ready", "failed"]
 PENDING: ModelStatus = "pending"
@@ -50,8 +52,9 @@ def slot_size_for(max_models: int) -> int:
 def cap_text(text: str, limit: int, keep_end: bool = False) -> str:
     """`text` in at most `limit` UTF-8 bytes, cut between characters and marked where it was cut
     (its end kept with `keep_end`); a lone surrogate (an undecodable file name byte) becomes '?',
-    which any encoder takes."""
-    data = text.encode("utf-8", "replace")
+    which any encoder takes, and a control character its escape: what a loader publishes reaches
+    terminals (`status`, the gate's lines) and logs."""
+    data = visible(text).encode("utf-8", "replace")
     if len(data) <= limit:
         return data.decode("utf-8")
     if keep_end:

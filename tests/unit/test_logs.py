@@ -8,6 +8,16 @@ import pytest
 from gpu_orchestrator.loaders.logs import kv, relay_line, setup_logging
 
 
+def test_a_log_line_escapes_every_control_character(capsys):
+    """The supervisor's lines and a loader's: ESC and BEL from a file name never reach a terminal raw."""
+    from gpu_orchestrator.loaders.lines import LineLog
+    from gpu_orchestrator.loaders.logs import OneLineFormatter
+    record = logging.LogRecord("supervisor", logging.WARNING, __file__, 1, "left x\x1b[31m\x07 alone\n", (), None)
+    assert OneLineFormatter("%(message)s").format(record) == "left x\\x1b[31m\\x07 alone\\n"
+    LineLog("loader").write("ERROR", "bad \x1b]0;T\x07\r")
+    assert capsys.readouterr().err == "ERROR loader: bad \\x1b]0;T\\x07\\r\n"
+
+
 def test_kv_quotes_only_what_needs_it():
     assert kv("loader started", client="a", pid=3) == "loader started client=a pid=3"
     assert kv("failed", error='no "x" here\nnext') == 'failed error="no \\"x\\" here\\nnext"'

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gpu_orchestrator.loaders import wire
 from gpu_orchestrator.loaders.channel import Segment, SlotReader, SlotWriter
 from gpu_orchestrator.loaders.store import NAME_MAX, StoreError, check_model_id
+from gpu_orchestrator.loaders.lines import visible
 from gpu_orchestrator.loaders.wire import (
     MAX_ERROR,
     MAX_MODEL_ID,
@@ -102,8 +103,16 @@ def test_start_arguments_not_as_written_are_refused_saying_what_is_wrong(argv, s
 def test_capped_texts_never_pass_their_limit_and_encode(text, limit, keep_end):
     capped = cap_text(text, limit, keep_end)
     assert len(capped.encode("utf-8")) <= limit  # strict: no lone surrogate is left
-    if len(text.encode("utf-8", "replace")) <= limit and not any("\ud800" <= c <= "\udfff" for c in text):
-        assert capped == text
+    shown = visible(text)  # control characters escaped: what a loader publishes reaches terminals
+    if len(shown.encode("utf-8", "replace")) <= limit and not any("\ud800" <= c <= "\udfff" for c in text):
+        assert capped == shown
+    assert not any((ord(c) < 0x20 and c != "\t") or 0x7f <= ord(c) < 0xa0 for c in capped)  # no control left
+
+
+def test_a_published_text_never_carries_a_terminal_control():
+    """A file named x<ESC>[31mRED<ESC>]0;TITLE<BEL>.safetensors reached `status` and the gate's lines raw."""
+    name = "x\x1b[31mRED\x1b]0;TITLE\x07.safetensors: bad\nline"
+    assert cap_text(name, 200) == "x\\x1b[31mRED\\x1b]0;TITLE\\x07.safetensors: bad\\nline"
 
 
 def test_a_cut_text_says_so_and_a_cut_path_keeps_its_end():
