@@ -20,7 +20,7 @@ import json
 import mmap
 import os
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable
 
 import msgspec
@@ -205,9 +205,16 @@ def check_configs(texts: dict, root: Path, relative: set[str]) -> None:
             folder = module.get("path", "") if isinstance(module, dict) else None
             if folder is None:
                 raise ModelError("modules.json: an entry is not an object with a path")
-            if folder and module.get("type") not in PARAMETERLESS_MODULES and not (root / folder).is_dir():
-                raise ModelError(f"modules.json: module {module.get('name', '?')} ({module.get('type')}) "
-                                 f"needs folder {folder}, which is missing")
+            if not folder or module.get("type") in PARAMETERLESS_MODULES:
+                continue
+            shown = f"modules.json: module {module.get('name', '?')} ({module.get('type')})"
+            inside = PurePosixPath(folder)
+            if inside.is_absolute() or ".." in inside.parts:  # sentence-transformers would load it from there
+                raise ModelError(f"{shown} names folder {folder}, outside the snapshot; its files must be in it")
+            # A folder of the snapshot's own checked files: its existence alone (is_dir) said nothing
+            # of what the client loads from it.
+            if not any(name.startswith(inside.as_posix() + "/") for name in relative):
+                raise ModelError(f"{shown} needs folder {folder}, which is missing")
 
 
 def read_manifest(root: Path) -> dict:

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -231,8 +232,15 @@ def test_config_tokenizer_and_sentence_transformers_modules(tmp_path):
     with pytest.raises(ModelError, match="module 1 .*Pooling.* needs folder 1_Pooling"):
         plan(snapshot_of(path))
     (path / "1_Pooling").mkdir()
+    with pytest.raises(ModelError, match="needs folder 1_Pooling, which is missing"):  # empty: nothing to load
+        plan(snapshot_of(path))
     (path / "1_Pooling" / "config.json").write_text("{}")
     assert plan(snapshot_of(path)).format == "safetensors"  # Normalize loads nothing: no folder needed
+    for outside in ("/etc", "../../other/1_Pooling", "1_Pooling/../.."):  # is_dir() said yes to /etc
+        modules[1]["path"] = outside
+        (path / "modules.json").write_text(json.dumps(modules))
+        with pytest.raises(ModelError, match=f"names folder {re.escape(outside)}, outside the snapshot"):
+            plan(snapshot_of(path))
 
 
 def test_onnx_must_look_like_a_model_proto(tmp_path):
