@@ -26,9 +26,8 @@ from gpu_orchestrator.supervisor.telemetry import Owners
 from gpu_orchestrator.supervisor.warmup import Warmup, preload_answer
 
 STATUS_REUSE_S = 0.1
-# Up to this many loaders a request checks every slot's sequence number (cheap at this size) and
-# shows progress at once; past it, an answer is reused within its STATUS_REUSE_S window. Either
-# way a heartbeat's new age waits for the next window.
+# Up to this many loaders a request checks every slot's sequence number (cheap) and shows progress
+# at once; past it, an answer is reused within its window. A new heartbeat age waits for the next.
 SCAN_UP_TO = 64
 LOOP_ANSWER_S = 10.0  # a loop that does not serve a command within this is stuck: 503, not a hung request
 
@@ -313,8 +312,9 @@ class Answers:
         return tuple(map(self.segment.words.__getitem__, self.seq_at[1]))
 
     def published(self, loader: LoaderRecord) -> LoaderState | None:
-        """The loader's slot, only if the live process wrote it. Lock held."""
-        return self.reader.read_written_by(loader.slot, loader.pid)
+        """The loader's slot, only if the live process wrote it and is not being stopped: a run
+        stopped to start again in its slot (a new MPS daemon) is no longer this warm-up's. Lock held."""
+        return None if loader.state == states.STOPPING else self.reader.read_written_by(loader.slot, loader.pid)
 
     def client_parts(self, snapshot: Snapshot,
                      sequences: tuple[int, ...]) -> tuple[tuple[status.ClientPart, ...], list[float | None]]:

@@ -423,9 +423,10 @@ def test_a_client_that_cannot_be_spawned_at_start_or_on_reload_fails_alone(loop,
     assert all(p.alive for p in spawner.procs)
 
 
-def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None):
+def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None, hold_term: bool = False):
     """`clients` loaders (None: as many as the channel has slots) running after a reload grew the
-    map from one; then the MPS daemon restarts, and now has settings in force."""
+    map from one; then the MPS daemon restarts, and now has settings in force. `hold_term`: the
+    loaders outlive SIGTERM until the test lets them go (spawner.ignore_term)."""
     from gpu_orchestrator.supervisor.mps_control import MpsSettings
     arbiter, segment, clock, spawner = loop({"c0": ["org/m0"]})
     arbiter.mps = arbiter.answers.mps = StartingMps()
@@ -440,6 +441,7 @@ def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None):
     running(arbiter, clock)
     first = {c: spawner.latest(c) for c in arbiter.loaders}
     assert len(first) == len(new.clients) and all(l.state == states.RUNNING for l in arbiter.loaders.values())
+    spawner.ignore_term = hold_term
     arbiter.mps.settings_in_force = lambda: MpsSettings("/run/new-mps", "/var/log/new-mps")
     arbiter.mps.supervise = lambda now: True  # the daemon came back, once
     arbiter.tick(0)
@@ -461,3 +463,17 @@ def test_every_loader_follows_a_restarted_mps_daemon_even_without_a_spare_slot_e
     slots = [l.slot for l in arbiter.loaders.values()]
     assert arbiter.retiring == [] and len(set(slots)) == len(first) == segment.slots - len(arbiter.free_slots)
     assert all(c["generation"] == 1 for c in spawner.latest("c1").commands())  # the warm-up goes to each new run
+
+
+def test_a_run_stopped_to_start_again_in_its_slot_no_longer_counts_as_ready(loop, tmp_path):
+    """Seen by a reviewer: while the old runs were stopping (up to stop_grace), their "all ready"
+    slots made every client ready and the warm-up finished again, though none had the new limits."""
+    arbiter, segment, clock, spawner, first = follow_a_new_mps_daemon(loop, tmp_path, None, hold_term=True)
+    for client, loader in arbiter.loaders.items():
+        publish(segment, loader.slot, first[client], arbiter.warmups.generation, clock.now,
+                **{f"org/m{client[1:]}": READY})
+    arbiter.tick(0)
+    assert all(l.state == states.STOPPING for l in arbiter.loaders.values())
+    status = arbiter.answers.models_status()
+    assert not status["all_ready"] and status["in_progress"] and status["summary"]["done"] == 0
+    assert arbiter.answers.models_summary()["all_ready"] is False and arbiter.warmups.state == states.WARMUP_IN_PROGRESS
