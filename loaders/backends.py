@@ -67,18 +67,19 @@ def list_files(snapshot: Snapshot) -> list[Path]:
 
     A link to a folder is followed when it stays inside the confinement, as the client that opens
     the model follows it, so its files are checked, read and hashed like any other; one that leads
-    outside, or back into a folder it is in (a loop), is refused. Only a link is resolved: every
-    other name's real path is its folder's real path joined with its name (one lstat per name,
-    from the directory entry, instead of one per component of its path)."""
+    outside, or to a folder the walk has been through already, is refused: a loop, or a second way
+    to the same files (links two to a level, 30 levels deep, would walk 2**30 folders). Only a link
+    is resolved: every other name's real path is its folder's real path joined with its name (one
+    lstat per name, from the directory entry, instead of one per component of its path)."""
     files: list[Path] = []
-    walk(Path(snapshot.path), Path(os.path.realpath(snapshot.path)), snapshot.confined_to, files, ())
+    walk(Path(snapshot.path), Path(os.path.realpath(snapshot.path)), snapshot.confined_to, files, set())
     return sorted(files, key=lambda f: os.fsencode(f.relative_to(snapshot.path).as_posix()))
 
 
-def walk(directory: Path, real_directory: Path, confined_to: Path, files: list, above: tuple) -> None:
-    """Add the files below `directory` (whose real path is `real_directory`) to `files`; `above`
-    holds the real paths of the folders the walk came through, to catch a link back into one."""
-    above = (*above, real_directory)
+def walk(directory: Path, real_directory: Path, confined_to: Path, files: list, visited: set) -> None:
+    """Add the files below `directory` (whose real path is `real_directory`) to `files`; `visited`
+    holds the real paths of every folder walked so far, so that none is walked twice."""
+    visited.add(real_directory)
     try:
         with os.scandir(directory) as listing:
             entries = list(listing)  # closed before going deeper: one descriptor per level at most
@@ -92,10 +93,11 @@ def walk(directory: Path, real_directory: Path, confined_to: Path, files: list, 
             raise ModelError(f"{escaped(path)} links to {escaped(real)}, outside {confined_to}; refused: "
                              "copy what it names into the store instead")
         if entry.is_dir(follow_symlinks=link):
-            if link and any(is_inside(folder, real) for folder in above):
-                raise ModelError(f"{escaped(path)} links to {escaped(real)}, a folder it is in: a loop; "
-                                 "remove the link")
-            walk(path, real, confined_to, files, above)
+            # A link reaches a folder walked before, or one holding it; a plain folder, one a link reached first.
+            if real in visited or (link and any(is_inside(folder, real) for folder in visited)):
+                raise ModelError(f"{escaped(path)} links to {escaped(real)}, a folder already walked (or one "
+                                 "holding it): a loop, or a second way to the same files; remove the link")
+            walk(path, real, confined_to, files, visited)
         elif entry.is_file(follow_symlinks=link):
             files.append(path)
 
