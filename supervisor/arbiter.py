@@ -274,6 +274,8 @@ class Arbiter:
             loader.kill_if_silent(self.reader, now)
 
     def restart_loaders(self, now: float) -> None:
+        if self.stopping:  # a SIGTERM handled this very step: shutdown() would only stop it again
+            return
         for loader in self.loaders.values():
             if loader.restart_if_due(now):
                 self.began(loader, now, "loader restarted", restarts=loader.restarts)

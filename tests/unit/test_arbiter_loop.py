@@ -80,6 +80,20 @@ def test_a_missed_heartbeat_kills_the_loader_and_it_restarts_after_its_backoff(l
     assert len(spawner.runs("alpha")) == 2 and loader.state == states.STARTING and loader.restarts == 1
 
 
+def test_a_restart_due_in_the_step_that_handles_sigterm_is_not_made(loop):
+    """The step that queued SIGTERM went on to restart what was due: a loader spawned only for
+    shutdown() to stop it at once."""
+    arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]})
+    running(arbiter, clock)
+    spawner.latest("alpha").die(signal.SIGKILL)
+    arbiter.tick(0)
+    assert arbiter.loaders["alpha"].state == states.BACKOFF
+    clock.advance(POLICY.restart_delay(1))
+    arbiter.signals.append(signal.SIGTERM)
+    arbiter.tick(0)
+    assert arbiter.stopping and len(spawner.runs("alpha")) == 1
+
+
 def die_while_loading(arbiter, segment, clock, spawner, generation: int = 1) -> None:
     """The current alpha loader says it is loading org/a1, then is killed; the loop restarts it."""
     proc = spawner.latest("alpha")
