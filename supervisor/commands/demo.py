@@ -94,7 +94,7 @@ def write_demo(directory: str) -> DemoFiles:
                  "mps_configuration": {"total_gpu_memory_gb": 24.0},
                  "system_summary": {"note": "recomputed by the orchestrator; never trusted"}}}, indent=2)}
     for path, text in files.items():
-        if path.exists() and path.read_text() != text:
+        if os.path.lexists(path) and not is_file_holding(path, text):
             raise ConfigError(f"{path} exists and is not the demo's; point --dir at a new or empty folder")
     store = root / "models"
     for seed, model_id in enumerate(MODELS):
@@ -108,6 +108,14 @@ def write_demo(directory: str) -> DemoFiles:
         path.write_text(text)
     model_map, allocation = files
     return DemoFiles(str(store), str(model_map), str(allocation))
+
+
+def is_file_holding(path: Path, text: str) -> bool:
+    """Whether `path` is a regular file holding exactly `text` (a folder or binary file there is not)."""
+    try:
+        return path.is_file() and path.read_bytes() == text.encode()
+    except OSError:
+        return False
 
 
 def instructions(host: str, port: int, kept: str | None = None) -> str:

@@ -35,5 +35,13 @@ def test_demo_dir_never_replaces_someones_own_model_map(tmp_path):
         write_demo(str(own))
     assert (own / "AGENT_MODEL_MAP.json").read_text() == '{"mine": ["org/m"]}'
     assert sorted(p.name for p in own.iterdir()) == ["AGENT_MODEL_MAP.json"]  # nothing written beside it
+    (own / "AGENT_MODEL_MAP.json").unlink()
+    (own / "AGENT_MODEL_MAP.json").mkdir()  # a folder, then bytes that are no text: refused the same way
+    with pytest.raises(ConfigError, match="exists and is not the demo's"):
+        write_demo(str(own))
+    (own / "AGENT_MODEL_MAP.json").rmdir()
+    (own / "AGENT_MODEL_MAP.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="exists and is not the demo's"):
+        write_demo(str(own))
     assert "its files stay in /srv/demo" in instructions("127.0.0.1", 18014, "/srv/demo")
     assert "removes what it wrote" in instructions("127.0.0.1", 18014)
