@@ -10,7 +10,10 @@ LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}  
 
 # Every C0 and C1 control but tab, and DEL, as a visible escape: a line stays one line, and a file
 # name holding ESC[31m or a BEL never recolours or retitles the terminal that shows a log or a status.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c != 0x09} | {0x0a: "\\n", 0x0d: "\\r"}
+# The Unicode line separators and bidi overrides too: a log viewer breaks lines at the first, and
+# the second show a name reversed ("model\u202efdp.exe").
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if c != 0x09} | {0x0a: "\\n", 0x0d: "\\r"} | {
+    c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202a, 0x202f), *range(0x2066, 0x206a))}
 
 
 def visible(text: str) -> str:

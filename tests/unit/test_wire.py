@@ -113,6 +113,7 @@ def test_a_published_text_never_carries_a_terminal_control():
     """A file named x<ESC>[31mRED<ESC>]0;TITLE<BEL>.safetensors reached `status` and the gate's lines raw."""
     name = "x\x1b[31mRED\x1b]0;TITLE\x07.safetensors: bad\nline"
     assert cap_text(name, 200) == "x\\x1b[31mRED\\x1b]0;TITLE\\x07.safetensors: bad\\nline"
+    assert cap_text("model\u202efdp.exe\u2028next, caf\u00e9", 200) == "model\\u202efdp.exe\\u2028next, caf\u00e9"
 
 
 def test_a_cut_text_says_so_and_a_cut_path_keeps_its_end():
