@@ -22,9 +22,9 @@ from gpu_orchestrator.supervisor.config import Config
 from gpu_orchestrator.supervisor.launch import count_gpus, loader_argv, loader_env
 from gpu_orchestrator.supervisor.mps import MpsDaemon
 from gpu_orchestrator.supervisor.mps_control import MpsSettings
+from gpu_orchestrator.supervisor.processes import PROCESSES, Spawner, Streams
 from gpu_orchestrator.supervisor.reload import Reloads, plan
 from gpu_orchestrator.supervisor.slots import FreeSlots
-from gpu_orchestrator.supervisor.processes import PROCESSES, Spawner, Streams
 from gpu_orchestrator.supervisor.systemd import Notifier
 from gpu_orchestrator.supervisor.telemetry import Sampler
 from gpu_orchestrator.supervisor.warmup import Warmups, finished, preload_answer
