@@ -53,8 +53,10 @@ rows of one run); quieter runs of wrk against both servers alone gave the same r
   faults), which the supervisor's malloc settings avoid (`keep_heap_for_answers`). CPU and
   faults a request say where a gap comes from.
 - Start to all_ready: one interpreter per loader (exec: `Spawner.popen` says why not fork), ~80 ms
-  of CPU each here (22 the interpreter, ~45 msgspec and what it imports, ~10 the loader's own): 48
-  are 4 s of CPU on 2 cores. The reference starts them all at once, slower than spread starts.
+  of CPU each in an installed package (22 the interpreter, ~45 msgspec and what it imports, ~10 the
+  loader's own): 48 are 4 s of CPU on 2 cores. The editable install `make` builds, which this runs
+  in, adds ~25 ms to every interpreter (its import hook), the bare-interpreter floor's too. The
+  reference starts them all at once, slower than spread starts.
 - Boot to ready: from start, those interpreters (the models' bytes take a tenth of it): the row's
   floor, as many interpreters that do nothing, is itself above 1.2x `cat` on 2 cores; from the
   first preload, copying the page cache as in a warm-up, or with a cold cache the disk, which the
