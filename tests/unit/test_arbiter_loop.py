@@ -178,17 +178,22 @@ def test_a_preload_the_loop_does_not_serve_is_refused_with_a_reason(loop):
         arbiter.answers.ask("preload", False, timeout=0.2)
 
 
+def reload_to(arbiter, new) -> None:
+    """SIGHUP with `new` as what the read finds; ticks until the loop has applied it (or 30 s)."""
+    arbiter.reloads.read = lambda config: new
+    arbiter.signals.append(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while arbiter.config is not new and time.monotonic() < deadline:
+        arbiter.tick(0.05)
+
+
 def test_a_reload_adds_removes_and_changes_clients(loop, tmp_path):
     arbiter, segment, clock, spawner = loop({"keep": ["org/k"], "gone": ["org/g"], "grow": ["org/x"]})
     running(arbiter, clock)
     gone, grow = spawner.latest("gone"), spawner.latest("grow")
     keep_slot, gone_slot = arbiter.loaders["keep"].slot, arbiter.loaders["gone"].slot
     new = make_config(tmp_path, {"keep": ["org/k"], "grow": ["org/x", "org/y"], "new": ["org/n"]})
-    arbiter.reloads.read = lambda config: new
-    arbiter.signals.append(signal.SIGHUP)
-    deadline = time.monotonic() + 30
-    while arbiter.config is not new and time.monotonic() < deadline:
-        arbiter.tick(0.05)
+    reload_to(arbiter, new)
     arbiter.tick(0)  # the TERMed loaders are reaped
     assert arbiter.config is new and sorted(arbiter.loaders) == ["grow", "keep", "new"]
     assert gone.signals == [signal.SIGTERM] and grow.signals == [signal.SIGTERM]
@@ -425,11 +430,7 @@ def test_a_client_that_cannot_be_spawned_at_start_or_on_reload_fails_alone(loop,
     if when == "reload":
         running(arbiter, clock)
         new = make_config(tmp_path, {"alpha": ["org/a1"], "beta": ["org/b1"], "new": ["org/n"], "other": ["org/o"]})
-        arbiter.reloads.read = lambda config: new
-        arbiter.signals.append(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while arbiter.config is not new and time.monotonic() < deadline:
-            arbiter.tick(0.05)
+        reload_to(arbiter, new)
     running(arbiter, clock)
     assert arbiter.loaders[failing].state == states.BACKOFF and set(spawner.refused) == {failing}
     assert "out of processes" in arbiter.loaders[failing].last_exit
@@ -447,11 +448,7 @@ def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None, hold_term: bool
     arbiter.mps.healthy = arbiter.mps.settled = True
     running(arbiter, clock)
     new = make_config(tmp_path, {f"c{i}": [f"org/m{i}"] for i in range(clients or segment.slots)})
-    arbiter.reloads.read = lambda config: new
-    arbiter.signals.append(signal.SIGHUP)
-    deadline = time.monotonic() + 30
-    while arbiter.config is not new and time.monotonic() < deadline:
-        arbiter.tick(0.05)
+    reload_to(arbiter, new)
     running(arbiter, clock)
     first = {c: spawner.latest(c) for c in arbiter.loaders}
     assert len(first) == len(new.clients) and all(l.state == states.RUNNING for l in arbiter.loaders.values())
