@@ -44,10 +44,7 @@ class Arbiter:
     def __init__(self, config: Config, segment: Segment, policy: Policy = Policy(), server=None,
                  notifier: Notifier | None = None, mps: MpsSettings | None = None, telemetry_interval: float = 2.0,
                  spawner: Spawner = PROCESSES, clock=time.monotonic):
-        self.config = config
-        self.segment = segment
-        self.policy = policy
-        self.server = server
+        self.config, self.segment, self.policy, self.server = config, segment, policy, server
         self.notifier = notifier or Notifier()
         self.spawner, self.clock = spawner, clock
         self.streams = Streams()  # what the loop waits on, its wake pipe included
@@ -378,8 +375,9 @@ class Arbiter:
         self.config = new
         self.overcommit_checked = False
         if self.booted:  # else start_loaders starts the new configuration's clients
-            self.replace_loaders(changes.changed, now, "its configuration changed")
+            # Added ones first: only they need a free slot (a changed one without restarts in its own).
             self.spawn_loaders([self.new_loader(client) for client in changes.added], now, "added")
+            self.replace_loaders(changes.changed, now, "its configuration changed")
             if changes.added:
                 self.warmups.reopen()
         self.wake()

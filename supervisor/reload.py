@@ -133,10 +133,13 @@ def launched(config: Config, client: str) -> tuple:
 
 
 def plan(old: Config, new: Config, segment: Segment, free: FreeSlots, holding: Collection[str]) -> Changes:
-    """What `new` changes, or ConfigError when the channel cannot hold its new loaders: those of
-    added and changed clients, and of every client not `holding` a slot yet (before the loaders
-    are first started, after a reload during the MPS daemon's start, that is all of them)."""
+    """What `new` changes, or ConfigError when the channel cannot hold it: a slot each for the
+    clients not `holding` one yet (added ones; before the loaders are first started, or after a
+    reload during the MPS daemon's start, all of them), and every new or changed client's models
+    within a slot's size. A changed client holding a slot needs no other: without a free one its
+    loader starts again in its own (Arbiter.replace_loaders)."""
     changes = diff(old, new)
-    needing = [c for c in new.clients if c in changes.changed or c not in holding]  # added: not holding
-    check_room(segment, free, [len(new.clients[c]) for c in needing], new.model_map_path)
+    needing = [c for c in new.clients if c not in holding]
+    check_room(segment, free, [len(new.clients[c]) for c in needing], new.model_map_path,
+               [len(new.clients[c]) for c in changes.changed])
     return changes

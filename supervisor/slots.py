@@ -10,7 +10,7 @@ from gpu_orchestrator.loaders.channel import Segment
 from gpu_orchestrator.loaders.wire import slot_size_for
 from gpu_orchestrator.supervisor.config import Config, ConfigError
 
-SPARE_SLOTS = 16  # room for clients a reload adds, and for replacements of changed ones
+SPARE_SLOTS = 16  # room for clients a reload adds, and for changed ones to start beside the old run
 MIN_MODELS_PER_SLOT = 32  # so a reload can grow a client; untouched slot pages cost no memory
 
 
@@ -37,12 +37,14 @@ class FreeSlots:
         self.free.append(slot)
 
 
-def check_room(segment: Segment, free: FreeSlots, models_per_client: list[int], where: str) -> None:
-    """ConfigError unless `len(models_per_client)` new loaders with that many models each fit."""
-    largest = max(models_per_client, default=0)
+def check_room(segment: Segment, free: FreeSlots, models_per_client: list[int], where: str,
+               changed: list[int] = ()) -> None:
+    """ConfigError unless `len(models_per_client)` new loaders with that many models each fit, and
+    the loaders restarted in their own slots with `changed` models each fit those slots."""
+    largest = max([*models_per_client, *changed], default=0)
     if slot_size_for(largest) > segment.slot_size:
         raise ConfigError(f"{where}: a client now has {largest} models, more than the shared-memory "
                           "channel was sized for at start; restart the service to apply this map")
     if len(models_per_client) > len(free):
-        raise ConfigError(f"{where}: {len(models_per_client)} new or changed clients exceed the "
+        raise ConfigError(f"{where}: {len(models_per_client)} new clients exceed the "
                           f"{len(free)} free channel slots; restart the service to apply this map")

@@ -355,7 +355,7 @@ def test_a_reload_while_mps_starts_is_refused_when_the_channel_cannot_hold_every
         while not (read.is_set() and arbiter.reloads.pending is None) and time.monotonic() < deadline:
             arbiter.tick(0.05)
         assert (arbiter.config is new) is accepted and not arbiter.booted and spawner.procs == []
-    assert f"{segment.slots + 1} new or changed clients exceed the {segment.slots} free channel slots" in caplog.text
+    assert f"{segment.slots + 1} new clients exceed the {segment.slots} free channel slots" in caplog.text
     # READY=1 only once the loaders run: a reload before that tells systemd its status alone.
     assert sent and all(kind == "STATUS" for kind, _ in sent)
     arbiter.mps.healthy = arbiter.mps.settled = True
@@ -436,6 +436,28 @@ def test_a_client_that_cannot_be_spawned_at_start_or_on_reload_fails_alone(loop,
     assert "out of processes" in arbiter.loaders[failing].last_exit
     assert all(l.state == states.RUNNING for c, l in arbiter.loaders.items() if c != failing)
     assert all(p.alive for p in spawner.procs)
+
+
+def test_a_reload_that_changes_clients_with_no_free_slot_restarts_them_in_their_own(loop, tmp_path):
+    """Once refused ('exceed the free channel slots; restart the service'), though a changed client
+    can start again in the slot it holds; an added one still takes a free slot, and goes first."""
+    arbiter, segment, clock, spawner = loop({"c0": ["org/m0"]})
+    running(arbiter, clock)
+    full = make_config(tmp_path, {f"c{i}": [f"org/m{i}"] for i in range(segment.slots - 1)})
+    reload_to(arbiter, full)
+    running(arbiter, clock)
+    assert len(arbiter.free_slots) == 1
+    changed = make_config(tmp_path, {**{f"c{i}": [f"org/m{i}"] for i in range(segment.slots - 1)},
+                                     "c1": ["org/m1", "org/x"], "c2": ["org/m2", "org/y"], "added": ["org/a"]})
+    slots = {c: arbiter.loaders[c].slot for c in ("c1", "c2")}
+    reload_to(arbiter, changed)
+    assert arbiter.config is changed
+    for _ in range(3):
+        running(arbiter, clock)
+    assert all(l.state == states.RUNNING for l in arbiter.loaders.values()) and not arbiter.free_slots
+    assert {c: arbiter.loaders[c].slot for c in ("c1", "c2")} == slots
+    assert all(len(spawner.runs(c)) == 2 for c in ("c1", "c2")) and len(spawner.runs("c3")) == 1
+    assert spawner.latest("c1").command != spawner.runs("c1")[0].command  # started with its new models
 
 
 def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None, hold_term: bool = False):

@@ -22,7 +22,11 @@ def test_the_segment_has_spares_and_room_for_a_grown_client(tmp_path):
         check_room(segment, FreeSlots(2), [MIN_MODELS_PER_SLOT, 1], "m")
         with pytest.raises(ConfigError, match="more than the shared-memory channel was sized for"):
             check_room(segment, FreeSlots(2), [MIN_MODELS_PER_SLOT * 4], "m")
-        with pytest.raises(ConfigError, match="3 new or changed clients exceed the 2 free channel slots"):
+        with pytest.raises(ConfigError, match="3 new clients exceed the 2 free channel slots"):
             check_room(segment, FreeSlots(2), [1, 1, 1], "m")
+        # A changed client restarts in its own slot: no free one needed, but its models must fit it.
+        check_room(segment, FreeSlots(0), [], "m", changed=[1, 1, 1])
+        with pytest.raises(ConfigError, match="more than the shared-memory channel was sized for"):
+            check_room(segment, FreeSlots(0), [], "m", changed=[MIN_MODELS_PER_SLOT * 4])
     finally:
         segment.close()
