@@ -52,6 +52,22 @@ def write_config(tmp: Path, clients: dict, allocations: dict | None = None) -> t
     return model_map, allocation
 
 
+def unit_sections(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit (or drop-in) as {section: {key: [values, in order]}}; comments and blank lines skipped."""
+    found: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = found.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail after a generous deadline."""
     try:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import Orchestrator, add_model, wait_for, write_config
+from support import Orchestrator, add_model, unit_sections, wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,20 +181,11 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
         assert "Unknown" not in result.stderr and "ignoring" not in result.stderr, result.stderr
 
 
-def unit_settings(text: str) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, _, value = line.partition("=")
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
-
-
 def test_the_unit_provisions_the_mps_folders_before_its_sandbox(tmp_path):
     """ProtectSystem=strict leaves the service nothing to create the MPS folders in, and a '-' in
     ReadWritePaths= skips missing ones: each must exist, owned by the service's user, before it starts."""
     units = REPO / "scripts" / "systemd"
-    unit = unit_settings((units / "gpu-orchestrator.service").read_text())
+    unit = unit_sections(units / "gpu-orchestrator.service")["Service"]
     installed_as = "/etc/tmpfiles.d/gpu-orchestrator.conf"
     assert f"-+/usr/bin/systemd-tmpfiles --create {installed_as}" in unit["ExecStartPre"]
     root = tmp_path / "root"

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from support import unit_sections
+
 from gpu_orchestrator.supervisor.commands import clientenv, gate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,19 +18,7 @@ TRUE = {"1", "yes", "y", "true", "t", "on"}  # systemd's parse_boolean()
 
 
 def sections(name: str) -> dict[str, dict[str, list[str]]]:
-    """{section: {key: [values, in order]}}; comments and blank lines skipped."""
-    found: dict[str, dict[str, list[str]]] = {}
-    current = None
-    for line in (UNITS / name).read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            current = found.setdefault(line.strip("[]"), {})
-            continue
-        key, _, value = line.partition("=")
-        current.setdefault(key.strip(), []).append(value.strip())
-    return found
+    return unit_sections(UNITS / name)
 
 
 def last(values: list[str] | None) -> str | None:
