@@ -25,6 +25,10 @@ def test_bench_smoke_prints_every_row(tmp_path):
     for row in ("channel: publish", "supervisor start -> all_ready", "idle", "boot to ready", "warm-up",
                 "sha256 verified", "loader SIGKILL", "supervisor start -> HTTP listening"):
         assert row in result.stdout, row
+    # The boot row names its floor beside cat, and the heartbeat row what it measures.
+    boot = next(line for line in result.stdout.splitlines() if "start -> all_ready" in line and "boot to ready" in line)
+    assert "bare interpreters started at once, the floor of a process per client:" in boot, boot
+    assert "loader heartbeat -> its age in /models/status" in result.stdout
     assert not (tmp_path / "B.md").exists()  # smoke runs never overwrite published figures
 
 
