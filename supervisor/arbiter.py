@@ -258,7 +258,7 @@ class Arbiter:
         for client in clients:
             loader = self.loaders[client]
             if loader.state in states.ALIVE and not self.free_slots:
-                loader.restart_in_place(*self.launch(client, loader.slot), now)
+                loader.restart_in_place(*self.launch(client, loader.slot), now, reason)
             else:
                 self.retire(self.loaders.pop(client), now)  # a dead one gives its slot back at once
                 fresh.append(self.new_loader(client))
@@ -276,8 +276,8 @@ class Arbiter:
         for loader in self.loaders.values():
             if loader.restart_if_due(now):
                 self.began(loader, now, "loader restarted", restarts=loader.restarts)
-            elif loader.start_again_if_stopped(now):
-                self.began(loader, now, "loader started", reason="restarted in its slot")
+            elif (reason := loader.start_again_if_stopped(now)) is not None:
+                self.began(loader, now, "loader started in its own slot", reason=reason)
 
     def send_commands(self) -> None:
         generation = self.warmups.generation

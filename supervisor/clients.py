@@ -101,7 +101,7 @@ class LoaderProcess:
     stderr_eof: bool = False  # this run's stderr reached its end: no more to wait for there
     deaths: deque = field(default_factory=deque)
     failed_starts: deque = field(default_factory=deque)
-    next_launch: tuple[list[str], dict[str, str]] | None = None  # argv, env: start again in this slot once stopped
+    next_launch: tuple[list[str], dict[str, str], str] | None = None  # argv, env, why: start again in this slot once stopped
     spawner: Spawner = PROCESSES
 
     @property
@@ -249,19 +249,20 @@ class LoaderProcess:
         self.restarts += 1
         return True
 
-    def restart_in_place(self, argv: list[str], env: dict[str, str], now: float) -> None:
+    def restart_in_place(self, argv: list[str], env: dict[str, str], now: float, reason: str) -> None:
         """Stop this run and start one with `argv` and `env` in the same slot once it has exited
         (start_again_if_stopped): for when no other slot is free to start it beside this one."""
-        self.next_launch = (argv, env)
+        self.next_launch = (argv, env, reason)
         self.stop_or_end(now)
 
-    def start_again_if_stopped(self, now: float) -> bool:
-        """The run restart_in_place stopped has exited: start its successor; whether it tried."""
+    def start_again_if_stopped(self, now: float) -> str | None:
+        """The run restart_in_place stopped has exited: start its successor. Why it was restarted
+        (for the log line) when it tried, else None."""
         if self.state != states.STOPPED or self.next_launch is None:
-            return False
-        (self.argv, self.env), self.next_launch = self.next_launch, None
+            return None
+        (self.argv, self.env, reason), self.next_launch = self.next_launch, None
         self.spawn(now)
-        return True
+        return reason
 
     def retry_if_fatal(self, now: float) -> None:
         """An operator asked for another try: a FATAL loader restarts at once, its failures forgotten."""

@@ -3,6 +3,7 @@
 Each test steps the loop with `tick(0)` and moves the clock itself, so restarts, backoff and
 heartbeat deadlines happen exactly when the test says, without waiting for them."""
 
+import logging
 import signal
 import threading
 import time
@@ -486,6 +487,7 @@ def follow_a_new_mps_daemon(loop, tmp_path, clients: int | None, hold_term: bool
 def test_every_loader_follows_a_restarted_mps_daemon_even_without_a_spare_slot_each(loop, tmp_path, caplog, clients):
     # With more loaders than free slots the loop once waited for room that never came: no loader
     # was replaced, and they ran on without the new daemon's limits.
+    caplog.set_level(logging.INFO)
     arbiter, segment, clock, spawner, first = follow_a_new_mps_daemon(loop, tmp_path, clients)
     assert "replacing every loader under the new MPS control daemon" in caplog.text
     for _ in range(3):
@@ -496,6 +498,9 @@ def test_every_loader_follows_a_restarted_mps_daemon_even_without_a_spare_slot_e
     slots = [l.slot for l in arbiter.loaders.values()]
     assert arbiter.retiring == [] and len(set(slots)) == len(first) == segment.slots - len(arbiter.free_slots)
     assert all(c["generation"] == 1 for c in spawner.latest("c1").commands())  # the warm-up goes to each new run
+    if clients is None:  # each restarted in its own slot; its line once said only that, not why
+        assert caplog.text.count('loader started in its own slot') == segment.slots
+        assert caplog.text.count('reason="the MPS control daemon restarted"') == segment.slots
 
 
 def test_a_run_stopped_to_start_again_in_its_slot_no_longer_counts_as_ready(loop, tmp_path):
