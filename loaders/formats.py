@@ -39,6 +39,10 @@ def is_usize(value) -> bool:
 
 
 TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
+# serde_json refuses JSON nested deeper than this many arrays and objects, even in a field nothing
+# reads; a tensor's unknown field lies two levels down (the header's object, the tensor's).
+MAX_JSON_NESTING = 127
+MAX_EXTRA_NESTING = MAX_JSON_NESTING - 2
 
 
 class Repeated(dict):
@@ -107,8 +111,24 @@ def tensor_fields(name: str, tensor: str, info) -> tuple:
     if isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys():
         if field := given_twice(info, TENSOR_FIELDS):
             raise ModelError(f"{name}: tensor {tensor!r} gives {field} twice")
+        extra = len(info) > len(TENSOR_FIELDS) or type(info) is Repeated  # rare: the library writes none
+        if extra and any(nested_deeper_than(v, MAX_EXTRA_NESTING) for k, v in pairs(info) if k not in TENSOR_FIELDS):
+            raise ModelError(f"{name}: tensor {tensor!r} nests arrays or objects deeper than the library's "
+                             f"JSON parser allows ({MAX_JSON_NESTING} levels)")
         return info["dtype"], info["shape"], info["data_offsets"]
     raise ModelError(f"{name}: tensor {tensor!r} lacks dtype, shape or data_offsets")
+
+
+def nested_deeper_than(value, limit: int) -> bool:
+    """Whether `value` nests more than `limit` arrays and objects, itself included (level by
+    level: Python's own recursion would give out first)."""
+    level, depth = [value], 0
+    while level := [item for item in level if isinstance(item, (list, dict))]:
+        depth += 1
+        if depth > limit:
+            return True
+        level = [child for item in level for child in (item if type(item) is list else [v for _, v in pairs(item)])]
+    return False
 
 
 def check_field_types(name: str, tensor: str, dtype, shape, offsets) -> None:

@@ -27,6 +27,10 @@ HEADERS = [
     ('{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,4]},"w":%s}' % W, 4, False),  # each value is read
     ('{"w":1,"w":%s}' % W, 4, False),
     ('{"__metadata__":{"a":1,"a":"x"},"w":%s}' % W, 4, False),
+    ('{"w":{"dtype":"F32","x":%s,"shape":[1],"data_offsets":[0,4]}}' % ("[" * 126 + "]" * 126), 4, False),  # 128 deep
+    ('{"w":{"dtype":"F32","x":[{"y":%s}],"shape":[1],"data_offsets":[0,4]}}' % ("[" * 124 + "]" * 124), 4, False),
+    ('{"w":{"dtype":"F32","x":%s,"x":1,"shape":[1],"data_offsets":[0,4]}}' % ("[" * 126 + "]" * 126), 4, False),
+    ('{"w":{"dtype":"F32","x":%s,"shape":[1],"data_offsets":[0,4]},"w":%s}' % ("[" * 126 + "]" * 126, W), 4, False),
     # What the library accepts: the last of a tensor or metadata key given twice, an unknown field
     # twice, a surrogate pair, -0 where nothing reads it, an escaped NUL.
     ('{"w":%s,"w":%s}' % (W, W), 4, True),
@@ -36,6 +40,8 @@ HEADERS = [
     ('{"w":{"dtype":"F32","x":-0,"shape":[1],"data_offsets":[0,4]}}', 4, True),
     ('{"layer-0":%s}' % W, 4, True),
     ('{"w\\u0000":%s}' % W, 4, True),
+    ('{"w":{"dtype":"F32","x":%s,"shape":[1],"data_offsets":[0,4]}}' % ("[" * 125 + "]" * 125), 4, True),  # 127 deep
+    ('{"w":{"dtype":"F32","x":[{"y":%s}],"shape":[1],"data_offsets":[0,4]}}' % ("[" * 123 + "]" * 123), 4, True),
 ]
 
 
