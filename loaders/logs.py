@@ -37,7 +37,9 @@ def stderr_is_journal() -> bool:
 
 def for_stderr(line: str, level: int = logging.ERROR) -> str:
     """A line printed to stderr without logging (a usage or configuration error), with its
-    priority prefix when stderr is the journal, so `journalctl -p err` finds it too."""
+    priority prefix when stderr is the journal, so `journalctl -p err` finds it too. One line even
+    when it quotes a value with a newline in it (a path from an env file)."""
+    line = lines.visible(line)
     return f"<{syslog_priority(level)}>{line}" if stderr_is_journal() else line
 
 

@@ -199,12 +199,12 @@ class Answers:
 
     def health(self) -> dict:
         snapshot, telemetry = self.snapshot, self.telemetry()
-        # NVML asked for but not sampling (it cannot start, or its samples fail): limits go unwatched.
+        # Warned: limits the configuration cannot hold; NVML asked for but not sampling (unwatched).
         lost = snapshot.config.enable_nvml and telemetry is not None and not telemetry.nvml_supported
         return {"status": "stopping" if snapshot.stopping else "ok", "service": "gpu-orchestrator",
                 "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
                 "clients": len(snapshot.loaders), "loaders": snapshot.loader_counts,
-                "warnings": [f"GPU telemetry: {telemetry.nvml_init_error}"] if lost else []}
+                "warnings": [*snapshot.config.warnings, *([f"GPU telemetry: {telemetry.nvml_init_error}"] if lost else [])]}
 
     def gpu_info(self) -> dict:
         """Composed again only when the configuration, the MPS report or the GPU sample changed;
@@ -221,8 +221,7 @@ class Answers:
         return status.mps_allocation(self.snapshot.config, self.telemetry())
 
     def client_environment(self, client: str) -> dict:
-        """What `gpu-orchestrator env` and `exec` hand a client's service: the variables its loader
-        runs with now (after reloads, with MPS in force or not), and whether MPS is in force."""
+        """What `env` and `exec` hand a client's service: its loader's variables now, and its limit."""
         self.check_open()
         config = self.snapshot.config
         if client not in config.clients:
@@ -230,7 +229,8 @@ class Answers:
         mps = self.mps_report() or status.mps_disabled(config)
         settings = self.mps.settings if mps["enabled"] else None  # the same reading as mps_error
         return {"client": client, "mps_configured": config.enable_mps, "mps_in_force": settings is not None,
-                "mps_error": mps["error"], "environment": client_env(config, client, settings, self.gpu_count)}
+                "mps_error": mps["error"], "memory_limit_bytes": config.memory_limit_bytes(client),
+                "environment": client_env(config, client, settings, self.gpu_count)}
 
     def sampler_owners(self) -> Owners:
         """For the sampler thread: which pid is whose loader, the MPS servers, the clients and their limits."""

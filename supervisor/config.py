@@ -90,6 +90,9 @@ def parse_host(host: str) -> str:
     return host
 
 
+TOKEN_VARIABLE = "GPU_ORCHESTRATOR_TOKEN"  # the API's secret: never handed on to a loader or service
+
+
 def parse_token(token: str | None) -> str | None:
     if token is not None and (problem := token_problem(token)):
         raise ConfigError(problem)
@@ -164,10 +167,15 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         raise ConfigError(f"MODEL_STORE_ROOT: {root} is not a directory")
     model_map_path = os.path.abspath(_setting("AGENT_MODEL_MAP", overrides, env, "./AGENT_MODEL_MAP.json"))
     allocation_path = _setting("MPS_ALLOCATION_CONFIG", overrides, env)
+    if allocation_path is not None and not allocation_path.strip():
+        # An env file's `MPS_ALLOCATION_CONFIG=` would drop every client's limit (and the default file).
+        raise ConfigError("MPS_ALLOCATION_CONFIG/--allocation: empty; name the allocation file, or leave it "
+                          f"unset for {DEFAULT_ALLOCATION} when it exists")
     if allocation_path is None and os.path.exists(DEFAULT_ALLOCATION):
         allocation_path = DEFAULT_ALLOCATION
     allocation_path = os.path.abspath(allocation_path) if allocation_path else ""
-    files = load_files(model_map_path, allocation_path)
+    enable_mps = parse_bool("ENABLE_MPS", env.get("ENABLE_MPS", "false"))
+    files = load_files(model_map_path, allocation_path, enable_mps)
     base_model_dir = _setting("BASE_MODEL_DIR", overrides, env) or None
     if base_model_dir:
         try:
@@ -191,12 +199,13 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
         strict_model_store=strict,
         hf_hub=hf_hub,  # absolute: a loader argument never starts with "-"
         enable_nvml=parse_bool("ENABLE_NVML", env.get("ENABLE_NVML", "false")),
-        enable_mps=parse_bool("ENABLE_MPS", env.get("ENABLE_MPS", "false")),
+        enable_mps=enable_mps,
         model_map_path=model_map_path,
         allocation_path=allocation_path,
-        mps_pipe_dir=mps_folders(env)[0],
-        mps_log_dir=mps_folders(env)[1],
-        token=parse_token(env.get("GPU_ORCHESTRATOR_TOKEN") or None),
+        # Absolute: a client's service resolves a relative folder against its own working directory.
+        mps_pipe_dir=os.path.abspath(mps_folders(env)[0]),
+        mps_log_dir=os.path.abspath(mps_folders(env)[1]),
+        token=parse_token(env.get(TOKEN_VARIABLE) or None),
         backend=backend,
         preload=not overrides.get("no_preload", False),
         service_pattern=service_pattern,
@@ -204,8 +213,9 @@ def load_config(env: dict | None = None, overrides: dict | None = None) -> Confi
     )
 
 
-def load_files(model_map_path: str, allocation_path: str) -> dict:
-    """The two JSON files, validated together: clients, allocations, the document, warnings."""
+def load_files(model_map_path: str, allocation_path: str, enable_mps: bool) -> dict:
+    """The two JSON files, validated together: clients, allocations, the document, and warnings
+    about limits that will not hold (shown in the log and /health)."""
     clients = load_model_map(model_map_path)
     if not allocation_path:
         return {"clients": clients, "allocations": {}, "gpu_memory": None,
@@ -214,13 +224,18 @@ def load_files(model_map_path: str, allocation_path: str) -> dict:
     allocations, document, gpu_memory = load_allocations(allocation_path, clients)
     warnings = [f"{allocation_path}: client {client} has no allocation: it runs without a memory limit"
                 for client in clients if client not in allocations]
+    if allocations and not enable_mps:
+        warnings.insert(0, f"ENABLE_MPS is off: nothing enforces the limits of {allocation_path}. A loader refuses "
+                           "models over its client's limit and telemetry flags a client over it, but a service "
+                           "started with `gpu-orchestrator exec` gets no limit; set ENABLE_MPS=true for MPS to enforce them")
     return {"clients": clients, "allocations": allocations, "allocation_document": document,
             "gpu_memory": gpu_memory, "warnings": warnings}
 
 
 def reload_config(config: Config) -> Config:
     """Re-read the model map and allocation file (SIGHUP); the environment stays as started."""
-    return msgspec.structs.replace(config, **load_files(config.model_map_path, config.allocation_path))
+    return msgspec.structs.replace(config, **load_files(config.model_map_path, config.allocation_path,
+                                                        config.enable_mps))
 
 
 # The metrics listener: GET /metrics, /health and /ready on a second address, so a central

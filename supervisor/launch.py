@@ -6,7 +6,7 @@ import re
 
 from gpu_orchestrator.loaders.wire import LoaderArgs, encode_args
 from gpu_orchestrator.supervisor.clients import Policy
-from gpu_orchestrator.supervisor.config import Config
+from gpu_orchestrator.supervisor.config import TOKEN_VARIABLE, Config
 from gpu_orchestrator.supervisor.mps_control import CLIENT_MPS, MpsSettings, mps_env
 from gpu_orchestrator.supervisor.telemetry import CLIENT_VARIABLE
 
@@ -25,7 +25,7 @@ def count_gpus() -> int:
 
 # NOTIFY_SOCKET: only the supervisor talks to systemd. GPU_ORCHESTRATOR_TOKEN: a secret a loader
 # never uses, which /proc/PID/environ would show to anyone allowed to read the loader's.
-WITHHELD_FROM_LOADERS = {"NOTIFY_SOCKET", "GPU_ORCHESTRATOR_TOKEN", *CLIENT_MPS}
+WITHHELD_FROM_LOADERS = {"NOTIFY_SOCKET", TOKEN_VARIABLE, *CLIENT_MPS}
 
 
 def loader_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> dict[str, str]:

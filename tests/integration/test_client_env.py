@@ -143,3 +143,24 @@ def test_a_service_started_by_exec_counts_for_its_client_and_over_limit_is_flagg
         wait_for(lambda: not orch.get("/gpu/info")[1]["clients"]["alpha"]["over_limit"], what="the episode over")
         assert orch.output().count("more than its MPS memory limit") == 1
         assert "client back under its MPS memory limit client=alpha gpu=0" in orch.output()
+
+
+def test_limits_mps_does_not_enforce_are_said_everywhere_and_the_token_stays_behind(tmp_path, store):
+    """ENABLE_MPS=false beside an allocation file (as the shipped env file had it): every service ran
+    without its limit while `status` showed "MPS limit" and nothing but the log's start said otherwise."""
+    model_map, allocation = write_config(tmp_path, {"alpha": ["org/a1"]}, {"alpha": {"mps_memory_limit_gb": 1.0}})
+    with Orchestrator(tmp_path, store, model_map, allocation) as orch:
+        assert orch.wait_settled()["all_ready"]
+        assert orch.get("/health")[1]["warnings"][0].startswith("ENABLE_MPS is off: nothing enforces the limits")
+        printed = cli("env", "alpha", "--url", orch.url)
+        assert printed.returncode == 0 and printed.stdout == "GPU_ORCHESTRATOR_CLIENT=alpha\n"
+        assert "warning: client 'alpha' has a limit of 1024 MiB" in printed.stderr and "ENABLE_MPS=false" in printed.stderr
+        ran = cli("exec", "alpha", "--url", orch.url, "--", sys.executable, "-c", PRINT_ENV,
+                  env={"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=4096M", "GPU_ORCHESTRATOR_TOKEN": "s3cret"})
+        assert ran.returncode == 0, ran.stderr
+        got = json.loads(ran.stdout)["env"]
+        assert "GPU_ORCHESTRATOR_TOKEN" not in got and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in got
+        assert ("the service's own CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=4096M is replaced by the client's "
+                "(none: not set for this client)") in ran.stderr
+        shown = cli("status", "alpha", "--url", orch.url)
+        assert "MPS limit 1024 MiB per process (not enforced: MPS off)" in shown.stdout

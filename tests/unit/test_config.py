@@ -213,3 +213,38 @@ def test_a_store_path_that_is_not_utf8_is_refused_at_start(tmp_path, store):
     env = {**config_for(tmp_path, store, {"a": ["x/y"]}), "HF_HOME": str(odd)}
     with pytest.raises(ConfigError, match=r"HF_HUB_CACHE / HF_HOME: .* is not valid UTF-8"):
         load_config(env)
+
+
+def test_an_empty_allocation_variable_is_refused_not_taken_for_no_limits(tmp_path, store):
+    # An env file's `MPS_ALLOCATION_CONFIG=` once dropped every client's limit with one log warning.
+    env = config_for(tmp_path, store, {"a": ["x/y"]})
+    for empty in ("", " "):
+        with pytest.raises(ConfigError, match="MPS_ALLOCATION_CONFIG/--allocation: empty; name the allocation file"):
+            load_config({**env, "MPS_ALLOCATION_CONFIG": empty})
+
+
+def test_relative_mps_folders_become_absolute(tmp_path, store, monkeypatch):
+    # A service resolves a relative pipe folder against its own working directory, where no daemon is.
+    monkeypatch.chdir(tmp_path)
+    config = load_config(config_for(tmp_path, store, {"a": ["x/y"]}, CUDA_MPS_PIPE_DIRECTORY="pipe",
+                                    CUDA_MPS_LOG_DIRECTORY="log"))
+    assert (config.mps_pipe_dir, config.mps_log_dir) == (str(tmp_path / "pipe"), str(tmp_path / "log"))
+
+
+def test_limits_without_mps_are_warned_about_at_start_and_on_reload(tmp_path, store):
+    from gpu_orchestrator.supervisor.config import reload_config
+    env = config_for(tmp_path, store, {"a": ["x/y"]}, allocation(a={"mps_memory_limit_gb": 1}))
+    off = load_config(env)
+    assert off.warnings[0].startswith("ENABLE_MPS is off: nothing enforces the limits of")
+    assert reload_config(off).warnings == off.warnings
+    assert load_config({**env, "ENABLE_MPS": "true"}).warnings == []
+    assert not any("ENABLE_MPS" in w for w in load_config(config_for(tmp_path, store, {"a": ["x/y"]})).warnings)
+
+
+def test_a_configuration_error_quoting_a_newline_stays_one_line(tmp_path, store):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_ORCHESTRATOR_", "MPS_", "ENABLE_"))}
+    env.update(config_for(tmp_path, store, {"a": ["x/y"]}), MPS_ALLOCATION_CONFIG=str(tmp_path / "alloc.json\n"))
+    done = subprocess.run([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "serve", "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78 and done.stderr.count("\n") == 1
+    assert "alloc.json\\n: cannot read the MPS allocation file" in done.stderr

@@ -35,7 +35,7 @@ def load(model_map, allocation: dict | None):
         if allocation is not None:
             allocation_path.write_text(json.dumps(allocation))
         try:
-            return load_files(str(map_path), str(allocation_path) if allocation is not None else ""), None
+            return load_files(str(map_path), str(allocation_path) if allocation is not None else "", True), None
         except ConfigError as exc:
             message = str(exc)
             assert "\n" not in message and message.startswith(tmp), message
