@@ -294,7 +294,7 @@ class Answers:
                 return last[2]
             frame, extra = self.frame, {"mps": mps}
             if frame is None or frame.parts is not parts or frame.warmup != snapshot.warmup or frame.extra != extra:
-                frame = self.frame = status.Frame(parts, snapshot.warmup, extra)
+                frame = self.frame = status.Frame(parts, snapshot.warmup, extra, snapshot.config.preload)
             # A new window answers anew even when no part changed: the ages move with the clock.
             composed = status.Composed(frame, heartbeats, now)
             self.cache = (key, snapshot, composed)

@@ -146,10 +146,11 @@ class Frame:
     with the clock, so each answer puts them in (`json`, `current`): one number per client, while
     everything else costs only when something changed."""
 
-    def __init__(self, parts: tuple[ClientPart, ...], warmup: Warmup, extra: dict | None = None):
+    def __init__(self, parts: tuple[ClientPart, ...], warmup: Warmup, extra: dict | None = None, preload: bool = False):
         self.parts, self.warmup, self.extra = parts, warmup, extra or {}
         pending = loading = ready = failed = 0
-        errors, in_progress = [], False
+        # The boot's warm-up (`preload`) is under way from the start, before MPS lets it begin.
+        errors, in_progress = [], preload and warmup.generation == 0
         for part in parts:
             p, lo, r, f = part.counts
             pending, loading, ready, failed = pending + p, loading + lo, ready + r, failed + f
@@ -201,9 +202,9 @@ class Composed:
         return self.frame.current(self.heartbeats, self.now)
 
 
-def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None) -> dict:
+def models_status(views: list[ClientView], warmup: Warmup, now: float | None = None, preload: bool = False) -> dict:
     now = time.monotonic() if now is None else now
-    frame = Frame(tuple(client_part(view, warmup.generation) for view in views), warmup)
+    frame = Frame(tuple(client_part(view, warmup.generation) for view in views), warmup, preload=preload)
     return frame.current([view.published.heartbeat if view.published else None for view in views], now)
 
 

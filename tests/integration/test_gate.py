@@ -307,3 +307,33 @@ def test_status_into_a_closed_pipe_and_ipv6_urls(tmp_path, orchestrator):
     assert f"nothing answers at http://[::1]:{port} (" in one_line_error(status, 1)
     gated = gate(tmp_path, "alpha", "--timeout", "1", env=ipv6)
     assert f"nothing answers at http://[::1]:{port} (" in one_line_error(gated, 1)
+
+
+def test_the_boot_warm_up_is_waited_for_while_mps_comes_up(tmp_path, store):
+    """The loaders (and the boot's warm-up) start once MPS answers. Before, the status said nothing
+    under way, so the gate asked for a warm-up, was refused (401: POST needs the token its unit does
+    not hold) and failed the service's start while the orchestrator was only slow to come up."""
+    fakes = Path(__file__).resolve().parents[1] / "fakes" / "bin"
+    hold = tmp_path / "hold"
+    hold.touch()  # the fake daemon waits before opening its pipe while this file exists
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    env = {"GPU_ORCHESTRATOR_TOKEN": "s3cret", "ENABLE_MPS": "true", "FAKE_MPS_HOLD": str(hold),
+           "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "log"),
+           "PATH": f"{fakes}:{os.environ['PATH']}"}
+    with Orchestrator(tmp_path, store, model_map, env=env, extra_args=("--mps-start-timeout", "300")) as orch:
+        wait_for(lambda: orch.get("/health")[0] == 200, what="the orchestrator serving")
+        status = orch.status()
+        assert status["in_progress"] and status["generation"] == 0 and not status["all_ready"]
+        looked = requests_counted(orch, "GET", "/models/status")
+        waiting = subprocess.Popen([sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli", "gate",
+                                    "alpha", "--url", orch.url, "--timeout", "120"],
+                                   env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: waiting.poll() is not None or requests_counted(orch, "GET", "/models/status") >= looked + 2,
+                     timeout=60, what="the gate's second look at the status")
+        finally:
+            hold.unlink()
+        _, err = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0, err
+        assert requests_counted(orch, "POST", "/models/preload") == 0

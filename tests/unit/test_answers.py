@@ -76,8 +76,10 @@ def test_a_loop_that_does_not_answer_a_preload_is_a_503_that_says_so(setup):
 
     from gpu_orchestrator.http.app import create_app
     from gpu_orchestrator.supervisor.answers import LoopDidNotAnswer
+    import msgspec
     config, segment, _ = setup
-    answers = Answers(config, segment, wake=lambda: None)
+    # Started --no-preload: with the boot's warm-up due, a preload is answered 202 without the loop.
+    answers = Answers(msgspec.structs.replace(config, preload=False), segment, wake=lambda: None)
     answers.ask = lambda name, *args: (_ for _ in ()).throw(LoopDidNotAnswer("the supervision loop did not answer"))
     result = falcon.testing.TestClient(create_app(answers)).simulate_post("/models/preload")
     assert result.status_code == 503 and "did not answer" in result.json["description"]
