@@ -47,12 +47,19 @@ def check_model_id(model_id: str) -> None:
         raise StoreError(f"model id {model_id[:64]!r}... is longer than {MAX_MODEL_ID} bytes; shorten it")
 
 
+# The orchestrator's own unit's names: the gate (a drop-in on every GPU service, perhaps on ours)
+# lets them through, so no client may have one.
+ORCHESTRATOR_NAMES = frozenset({"gpu_orchestrator", "gpu-orchestrator"})
+
+
 def check_client_name(name: str) -> None:
     """Client names become path components and systemd instance names."""
     if not isinstance(name, str) or not name:
         raise StoreError("client name is empty")
     if name in (".", "..") or "/" in name or "\0" in name or not name.isprintable():
         raise StoreError(f"client name {name!r} must be a plain name (no '/', not '.' or '..')")
+    if "\\" in name:  # so that a unit's instance can be read back unambiguously (systemd.unit_instance)
+        raise StoreError(f"client name {name!r} holds '\\', systemd's escape character in unit names; rename it")
     check_argument("client name", name)
     if len(name.encode()) > NAME_MAX:
         raise StoreError(f"client name {name!r} is longer than {NAME_MAX} bytes, which no file name can be")

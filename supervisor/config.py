@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from gpu_orchestrator.loaders.store import StoreError, check_client_name, check_model_id, hf_hub_dir
+from gpu_orchestrator.loaders.store import ORCHESTRATOR_NAMES, StoreError, check_client_name, check_model_id, hf_hub_dir
 from gpu_orchestrator.loaders.wire import MODELS_ROOM
 from gpu_orchestrator.supervisor.allocation import BACKENDS, AgentAllocation, GpuMemory, load_allocations
 from gpu_orchestrator.supervisor.jsonfile import ConfigError, convert, field_path, read_json
@@ -121,6 +121,9 @@ def load_model_map(path: str) -> dict[str, list[str]]:
             check_client_name(client)
         except StoreError as exc:
             raise ConfigError(f"{path}: {field}: {exc}") from None
+        if client in ORCHESTRATOR_NAMES:
+            raise ConfigError(f"{path}: {field}: client name {client!r} is the orchestrator's own unit's, which the "
+                              "gate lets through unchecked; rename the client")
         models = convert(models, list[str], path, field)
         for index, model in enumerate(models):
             try:

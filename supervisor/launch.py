@@ -42,6 +42,9 @@ def client_env(config: Config, client: str, mps: MpsSettings | None, gpu_count: 
     allocation = config.allocations.get(client)
     if allocation is not None and allocation.devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in allocation.devices)
+        # `devices` are NVML's indices (PCI bus order), which telemetry and the over-commit check
+        # judge by; CUDA's own default order (fastest first) can differ on a host of mixed GPUs.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     elif "CUDA_VISIBLE_DEVICES" in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]  # unpinned: what we see
     if mps is None:

@@ -1,16 +1,29 @@
-"""sd_notify with the standard library: one datagram per message to $NOTIFY_SOCKET.
+"""sd_notify with the standard library: one datagram per message to $NOTIFY_SOCKET; and a client
+name read back from a unit's instance.
 
 Without NOTIFY_SOCKET (not under systemd, or Type=simple) every call does nothing.
 """
 
 import logging
 import os
+import re
 import socket
 import time
 
 from gpu_orchestrator.loaders.logs import kv
 
 log = logging.getLogger("supervisor")
+
+
+def unit_instance(name: str) -> str:
+    """A client name from a systemd unit's instance (%i): systemd writes a byte it does not keep
+    in unit names (a space, a non-ASCII letter) as \\xNN; the name is what those bytes spell."""
+    if "\\x" not in name:
+        return name
+    try:
+        return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m[1], 16)]), name.encode()).decode()
+    except UnicodeError:  # not UTF-8 either way: left for the name's own check to refuse
+        return name
 
 
 def watchdog_interval(env) -> float | None:

@@ -31,10 +31,12 @@ from gpu_orchestrator.supervisor.config import (
     ConfigError,
     load_config,
     metrics_listen_address,
+    parse_port,
     token_problem,
 )
 from gpu_orchestrator.supervisor.daemon import serve
 from gpu_orchestrator.supervisor.mps_control import MpsSettings, mps_folders
+from gpu_orchestrator.supervisor.systemd import unit_instance
 
 log = logging.getLogger("supervisor")
 EX_USAGE = 2  # argparse's own status for a bad argument; ours for a bad value of one
@@ -176,7 +178,11 @@ def client_url(args: argparse.Namespace) -> str:
     if args.url:
         return check_url(args.url)
     env = os.environ
-    return check_url(base_url(env.get("GPU_ORCHESTRATOR_HOST", DEFAULT_HOST), env.get("GPU_ORCHESTRATOR_PORT", DEFAULT_PORT)),
+    try:  # read as `serve` reads it: an empty port must not mean port 80
+        port = parse_port("GPU_ORCHESTRATOR_PORT", env.get("GPU_ORCHESTRATOR_PORT", DEFAULT_PORT))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return check_url(base_url(env.get("GPU_ORCHESTRATOR_HOST", DEFAULT_HOST), port),
                      "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT")
 
 
@@ -188,7 +194,8 @@ def run_gate_command(args: argparse.Namespace) -> int:
     if token is not None and (problem := token_problem(token)):
         raise UsageError(problem)
     directory = Path(args.summary_dir) if args.summary_dir else None
-    return run_gate(args.instance, client_url(args), timeout, token, directory)
+    instance = unit_instance(args.instance) if args.instance is not None else None
+    return run_gate(instance, client_url(args), timeout, token, directory)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -200,9 +207,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "gpu-check":
         return gpucheck.check(args.model_dir)
     if args.command == "env":
-        return clientenv.run_env(client_url(args), args.client, args.allow_without_mps)
+        return clientenv.run_env(client_url(args), unit_instance(args.client), args.allow_without_mps)
     if args.command == "exec":
-        return clientenv.run_exec(client_url(args), args.client, args.command_line, args.allow_without_mps)
+        return clientenv.run_exec(client_url(args), unit_instance(args.client), args.command_line, args.allow_without_mps)
     if args.command == "mps-diag":
         return run_diag(MpsSettings(
             args.pipe_dir or mps_folders(os.environ)[0],

@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_orchestrator.loaders.store import StoreError, check_client_name
+from gpu_orchestrator.loaders.store import ORCHESTRATOR_NAMES, StoreError, check_client_name
 from gpu_orchestrator.supervisor.commands.api import BadAnswer, ModelsStatus, Unreachable, UsageError, call, error_of
 
-ORCHESTRATOR_NAMES = {"gpu_orchestrator", "gpu-orchestrator"}
 MAX_POLL = 8.0
 NO_SUCH_CLIENT = 67  # EX_NOUSER, as `env`, `exec` and `status` answer for a name the model map lacks
 

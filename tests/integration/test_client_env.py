@@ -15,7 +15,7 @@ from support import Orchestrator, wait_for, write_config
 FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
 CLI = [sys.executable, "-m", "gpu_orchestrator.supervisor.commands.cli"]
 # Every variable a client's process gets from the orchestrator, whichever way it is started.
-CLIENT_KEYS = ("GPU_ORCHESTRATOR_CLIENT", "CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY",
+CLIENT_KEYS = ("GPU_ORCHESTRATOR_CLIENT", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "CUDA_MPS_PIPE_DIRECTORY",
                "CUDA_MPS_LOG_DIRECTORY", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
 MiB = 1024**2
 PRINT_ENV = "import json, os; print(json.dumps({'pid': os.getpid(), 'env': dict(os.environ)}))"

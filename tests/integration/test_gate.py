@@ -180,12 +180,13 @@ def test_a_read_only_cache_costs_a_warning_not_the_verdict(tmp_path, store):
     ((), {"GATE_TIMEOUT": "nan"}, "GATE_TIMEOUT: expected a positive number of seconds up to 604800, got 'nan'"),
     (("--url", "127.0.0.1:8014"), {}, "--url: expected http://HOST:PORT"),
     (("--url", "http://[::1:8014"), {}, "--url: 'http://[::1:8014' is not a usable URL"),
-    ((), {"GPU_ORCHESTRATOR_PORT": "eighty"}, "GPU_ORCHESTRATOR_HOST/GPU_ORCHESTRATOR_PORT: 'http://127.0.0.1:eighty'"),
+    ((), {"GPU_ORCHESTRATOR_PORT": "eighty"}, "GPU_ORCHESTRATOR_PORT: expected a port number, got 'eighty'"),
+    ((), {"GPU_ORCHESTRATOR_PORT": ""}, "GPU_ORCHESTRATOR_PORT: expected a port number, got ''"),  # once port 80
     ((), {"GPU_ORCHESTRATOR_TOKEN": "s3cret\nX-Injected: 1"}, "GPU_ORCHESTRATOR_TOKEN: only visible ASCII"),
     ((), {"GPU_ORCHESTRATOR_TOKEN": "s3cret "}, "this one (7 characters) has others"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, env, named):
-    url = () if "--url" in args or env.get("GPU_ORCHESTRATOR_PORT") else ("--url", f"http://127.0.0.1:{free_port()}")
+    url = () if "--url" in args or "GPU_ORCHESTRATOR_PORT" in env else ("--url", f"http://127.0.0.1:{free_port()}")
     error = one_line_error(gate(tmp_path, "alpha", *url, *args, env=env), 2)
     assert named in error
     assert not (tmp_path / "cache").exists()
@@ -337,3 +338,17 @@ def test_the_boot_warm_up_is_waited_for_while_mps_comes_up(tmp_path, store):
         _, err = waiting.communicate(timeout=120)
         assert waiting.returncode == 0, err
         assert requests_counted(orch, "POST", "/models/preload") == 0
+
+
+def test_a_unit_instance_systemd_escaped_names_its_client(tmp_path, store):
+    """`gpu-client@fact\\x20checker.service` passes %i as systemd wrote it: gate, env and exec once
+    answered 67 for it, so a client with a space or a non-ASCII letter could never be gated."""
+    model_map, _ = write_config(tmp_path, {"fact checker": ["org/a1"], "café": ["org/b1"]})
+    with Orchestrator(tmp_path, store, model_map) as orch:
+        assert orch.wait_settled()["all_ready"]
+        for instance, client in (("fact\\x20checker", "fact checker"), ("caf\\xc3\\xa9", "café")):
+            passed = gate(tmp_path, instance, "--url", orch.url, "--timeout", "60")
+            assert passed.returncode == 0, passed.stderr
+            printed = command(tmp_path, "env", instance, "--url", orch.url)
+            assert printed.returncode == 0 and f"GPU_ORCHESTRATOR_CLIENT={client}\n" in printed.stdout
+        assert gate(tmp_path, "fact\\x20checkr", "--url", orch.url, "--timeout", "60").returncode == 67

@@ -68,6 +68,8 @@ REFUSALS = [
     ("configured total", {"a": ["x/y"]}, {"mps_resource_allocation": {"mps_configuration": {"total_gpu_memory_gb": -24}}}, "mps_configuration.total_gpu_memory_gb: must be > 0, got -24"),
     ("client with a next-line character", {"\x85": ["x/y"]}, None, '$["\\u0085"]: client name'),
     ("client like an option", {"--help": ["x/y"]}, None, "$.--help: client name '--help' starts with '-'"),
+    ("the orchestrator's own name", {"gpu-orchestrator": ["x/y"]}, None, "$.gpu-orchestrator: client name 'gpu-orchestrator' is the orchestrator's own unit's"),
+    ("systemd's escape character", {"a\\x20b": ["x/y"]}, None, "holds '\\', systemd's escape character in unit names"),
     ("model like an option", {"a": ["-x"]}, None, "$.a[0]: model id '-x' starts with '-'"),
     ("more model ids than one argument holds", {"a": [f"org/m{i:04d}-" + "x" * 90 for i in range(1100)]}, None,
      "$.a: 1100 model ids take 113301 bytes; a loader gets its client's list in one command-line argument"),

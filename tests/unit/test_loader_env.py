@@ -29,6 +29,7 @@ def test_unpinned_client_gets_a_limit_per_visible_gpu_and_never_our_own(monkeypa
     assert env["CUDA_VISIBLE_DEVICES"] == "4,5"  # unpinned: it sees what we see
     pinned = loader_env(config, "b", mps, count_gpus())
     assert pinned["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=512M" and pinned["CUDA_VISIBLE_DEVICES"] == "1"
+    assert pinned["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # devices are NVML's (PCI) indices, not CUDA's fastest-first
     assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in loader_env(config, "a", None, count_gpus())
 
 
