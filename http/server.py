@@ -1,9 +1,10 @@
 """waitress, configured and guarded for a daemon that must keep answering `/health` and `gate`.
 
-waitress reads requests in its event loop, so a slow client holds a socket, never a thread; but
+waitress reads requests in its event loop, so a client slow to send holds a socket, never a thread
+(one that does not read its answers could hold a thread: the third rule frees it); but
 every socket counts against `connection_limit`, and its `channel_timeout` only closes connections
 that have gone silent, so clients that trickle one byte at a time could hold every slot forever.
-Two rules, applied by the event loop on each pass (`GuardedServer.readable`):
+Three rules, applied by the event loop: the first two on each pass (`GuardedServer.readable`):
 
 - a connection gets REQUEST_DEADLINE seconds to deliver a whole request (headers and body): from
   its accept for the first, from the first byte of each later one; then it is closed unanswered.
@@ -11,6 +12,12 @@ Two rules, applied by the event loop on each pass (`GuardedServer.readable`):
 - connections waiting for a request (not being served) may hold all but RESERVE of the slots;
   past that the one waiting longest is closed, those that never completed a request first. A
   request that arrives whole is read as soon as it is accepted, so it always finds room.
+- between passes: a connection that a worker thread is waiting on, because more than waitress's
+  outbuf_high_watermark of its answers sits unsent, is closed once the client has taken no byte of
+  them for STALL_S seconds (`GuardedServer.free_stalled`). waitress parses every request a client
+  pipelines in one read and answers them in turn on one thread, which waits for the output to drain
+  below the watermark with no timeout; its channel_timeout skips connections with requests. Without
+  this, a few clients pipelining requests and never reading held every thread, and /health with them.
 
 Errors waitress writes itself (400 on a malformed request, 413, 431, 501 on an unsupported
 Transfer-Encoding, 500 when the app fails outside Falcon) are answered in the API's JSON shape.
@@ -43,6 +50,16 @@ CONNECTION_LIMIT = 512  # well under the default 1024-descriptor limit, with roo
 RESERVE = 64  # slots that connections still waiting for a request may never take
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers; ours are a few hundred bytes
 IDLE_TIMEOUT = 15  # seconds a keep-alive connection may sit idle between requests
+# Seconds a worker thread may wait on a connection whose client takes none of the answers queued
+# for it. Only a client with more than outbuf_high_watermark (16 MiB) of answers unread meets this
+# rule, so an honest slow reader of one large answer (/models/status for 384 clients, ~400 KB, by
+# curl over a slow link) never does, however long it pauses: its answer is queued whole, no thread
+# waits, and only IDLE_TIMEOUT applies to it. A reader that is slow but reading takes some bytes
+# every round trip (TCP reopens its window as it reads), so 5 s without one means it stopped. The
+# same 5 s as REQUEST_DEADLINE: the time a client gets to send a request, it gets to take a byte of
+# its answers while it holds one of the daemon's 8 threads. Shorter would spare /health more, but
+# risk cutting a reader stalled by a lost packet or two (TCP retransmits after 1 s, then 2 s).
+STALL_S = 5.0
 GUARD_INTERVAL = 0.1  # seconds between deadline checks while there is room
 EVICTION_REPORT_S = 60.0  # under a flood, one summary line a minute instead of one per connection
 SELECT_FD_LIMIT = 1024  # FD_SETSIZE: select() takes only descriptors below it
@@ -99,8 +116,8 @@ class GuardedServer(TcpWSGIServer):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.closed_late = self.closed_for_room = 0
-        self.next_report = self.next_guard = 0.0
+        self.closed_late = self.closed_for_room = self.closed_stalled = 0
+        self.next_report = self.next_guard = self.next_free = self.next_stall_report = 0.0
 
     def readable(self):
         # Called on every pass of the event loop, several times a request. The room rule can only
@@ -120,8 +137,43 @@ class GuardedServer(TcpWSGIServer):
             while self._map:
                 wait = self.asyncore.poll if max(self._map) < SELECT_FD_LIMIT else self.asyncore.poll2
                 wait(self.adj.asyncore_loop_timeout, self._map)
+                self.free_stalled()
         except (SystemExit, KeyboardInterrupt):
             self.task_dispatcher.shutdown()
+
+    def free_stalled(self) -> None:
+        """Close the connections a worker thread waits on while their client reads nothing for STALL_S.
+
+        Relies on waitress's HTTPChannel, the same in 3.0.0 and 3.0.2 (tests/unit/test_http_stall.py
+        fails if one of these changes):
+        - a thread finishing one of several queued requests (`service`), or writing an answer
+          (`write_soon`), waits in `_flush_outbufs_below_high_watermark` on `outbuf_lock` while
+          `connected` and `total_outbufs_len > adj.outbuf_high_watermark`, with no timeout;
+          `requests` holds the requests queued, the one being served first;
+        - `last_activity` (time.time()) moves when bytes are sent, not while the thread waits;
+        - `handle_close` sets `connected` False and notifies `outbuf_lock` under it, so the thread
+          returns (then ClientDisconnected or the next request dropped), and removes the channel.
+        waitress closes a channel marked will_close only once its socket is writable, which a
+        client that reads nothing never makes it: hence handle_close here, between passes of the
+        loop (called from a readable() a channel closed while poll() lists descriptors could hand
+        select() a closed one). Walks this loop's whole map: every listener served from it."""
+        now = time.monotonic()
+        if now < self.next_free:
+            return
+        self.next_free = now + GUARD_INTERVAL
+        cutoff = time.time() - STALL_S
+        stalled = [c for c in self._map.values() if isinstance(c, HTTPChannel) and c.requests
+                   and c.total_outbufs_len > c.adj.outbuf_high_watermark and c.last_activity < cutoff]
+        for channel in stalled:
+            channel.handle_close()
+        self.closed_stalled += len(stalled)
+        if self.closed_stalled and now >= self.next_stall_report:
+            log.warning(kv("closed connections a worker thread waited on while the client read none of "
+                           "their answers (a stuck client, or an attempt to hold every thread)",
+                           closed=self.closed_stalled, unread_over_bytes=self.adj.outbuf_high_watermark,
+                           stall_s=STALL_S))
+            self.closed_stalled = 0
+            self.next_stall_report = now + EVICTION_REPORT_S
 
     def guard(self, now: float) -> None:
         waiting = [c for c in self.active_channels.values() if c.waiting]
