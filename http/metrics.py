@@ -33,8 +33,13 @@ def package_version() -> str:
         return "unknown"
 
 
+# The methods the app routes; any other token waitress accepts as a method (any upper-case word) is
+# counted as "other", so no request can add a series: each label takes a value from a fixed set.
+METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})
+
+
 class RequestCounter:
-    """Falcon middleware: requests by route template, method and status.
+    """Falcon middleware: requests by route template (never the raw path), method and status.
 
     Each waitress worker thread counts in its own dict, so the hot path takes no lock and no
     increment can be lost: `counts[key] = counts.get(key, 0) + 1` is a read and a write that
@@ -51,7 +56,7 @@ class RequestCounter:
         self.per_thread: list[dict[tuple[str, str, int], int]] = []
 
     def process_response(self, req, resp, resource, req_succeeded):
-        key = (req.uri_template or "unmatched", req.method, resp.status_code)
+        key = (req.uri_template or "unmatched", req.method if req.method in METHODS else "other", resp.status_code)
         try:
             counts = self.local.counts
         except AttributeError:
@@ -122,8 +127,12 @@ def gpu_families(info: dict):
 
 
 def gpu_uuids(info: dict) -> dict[str, str]:
-    """Each GPU index's uuid, so that every per-GPU series carries both labels."""
-    return {str(gpu["index"]): gpu["uuid"] or "" for gpu in info["gpus"]}
+    """Each GPU index's uuid, so that every per-GPU series carries both labels. A GPU gone from
+    NVML's count is listed after those present at its last index, which one of them may hold now."""
+    uuids: dict[str, str] = {}
+    for gpu in info["gpus"]:
+        uuids.setdefault(str(gpu["index"]), gpu["uuid"] or "")
+    return uuids
 
 
 def client_families(status: dict):
@@ -138,7 +147,8 @@ def client_families(status: dict):
     model_bytes = gauge("model_bytes", "Bytes of the model's snapshot", ["client", "model"])
     bytes_done = gauge("warmup_bytes_done", "Bytes of the client's models read in the current or last warm-up",
                        ["client"])
-    bytes_total = gauge("warmup_bytes_total", "Bytes of the client's models known so far", ["client"])
+    # Not warmup_bytes_total: a gauge must not carry a counter's _total suffix.
+    bytes_known = gauge("warmup_known_bytes", "Bytes of the client's models known so far", ["client"])
     for name, client in status["clients"].items():
         ready.add_metric([name], 1 if client["ready"] else 0)
         models_ready.add_metric([name], sum(m["status"] == "ready" for m in client["models"]))
@@ -155,9 +165,9 @@ def client_families(status: dict):
             model_ready.add_metric(labels, 1 if model["status"] == "ready" else 0)
             model_bytes.add_metric(labels, model["bytes_total"])
         bytes_done.add_metric([name], sum(m["bytes"] for m in client["models"]))
-        bytes_total.add_metric([name], sum(m["bytes_total"] for m in client["models"]))
+        bytes_known.add_metric([name], sum(m["bytes_total"] for m in client["models"]))
     yield from (ready, models_ready, models_failed, restarts, state, rss, warmup, model_ready, model_bytes,
-                bytes_done, bytes_total)
+                bytes_done, bytes_known)
     all_ready = gauge("all_ready", "1 when every model of every client is ready", [])
     all_ready.add_metric([], 1 if status["all_ready"] else 0)
     in_progress = gauge("warmup_in_progress", "1 while a warm-up runs", [])
@@ -168,7 +178,9 @@ def client_families(status: dict):
 
 def client_gpu_families(info: dict, status: dict):
     """What each client's processes (loader, its children, its service) use per GPU, and whether
-    together they pass the client's limit there: MPS limits each CUDA process, not the client."""
+    together they pass the client's limit there: MPS limits each CUDA process, not the client.
+    Memory that cannot be known (null in /gpu/info) has no series, and nor has an over-limit
+    state that cannot be: absent, never 0."""
     memory = gauge("client_gpu_memory_bytes", "GPU memory used by the client's processes (loader, service)",
                    ["client", *GPU_LABELS])
     over = gauge("client_over_limit", "1 when the client's processes together use more than its limit on a GPU",
@@ -177,11 +189,13 @@ def client_gpu_families(info: dict, status: dict):
     uuids = gpu_uuids(info)
     for name, client in sorted(use.items()):
         for gpu, used in client["gpus"].items():
-            memory.add_metric([name, gpu, uuids.get(gpu, "")], used)
+            if used is not None:
+                memory.add_metric([name, gpu, uuids.get(gpu, "")], used)
     if info["nvml_supported"]:
         for name, client in status["clients"].items():
-            if client["memory_limit_bytes"] is not None:
-                over.add_metric([name], 1 if use.get(name, {}).get("over_limit") else 0)
+            state = use.get(name, {}).get("over_limit", False)
+            if client["memory_limit_bytes"] is not None and state is not None:
+                over.add_metric([name], 1 if state else 0)
     yield from (memory, over)
 
 

@@ -335,7 +335,7 @@ def mps_disabled(config: Config) -> dict:
 
 def client_gpu_use(config: Config, telemetry: Telemetry) -> dict:
     """Per client: its GPU processes (loader, loader-child, service) with their memory, the sum per
-    GPU and in all, its limit, and the GPUs where its processes together pass that limit."""
+    GPU and in all (None where unknown), its limit, and the GPUs where its processes together pass it."""
     processes: dict[str, list[dict]] = {}
     for gpu in telemetry.gpus:
         for process in gpu.processes:
@@ -343,10 +343,10 @@ def client_gpu_use(config: Config, telemetry: Telemetry) -> dict:
                 processes.setdefault(process.client, []).append(
                     {"pid": process.pid, "gpu": gpu.index, "role": process.role,
                      "used_memory_bytes": process.used_memory_bytes})
-    return {client: {"gpu_memory_bytes": telemetry.clients.get(client, 0),
+    return {client: {"gpu_memory_bytes": telemetry.clients.get(client),
                      "gpus": {str(index): used for index, used in sorted(telemetry.client_gpus.get(client, {}).items())},
                      "memory_limit_bytes": config.memory_limit_bytes(client) if client in config.clients else None,
-                     "over_limit": client in telemetry.over_limit,
+                     "over_limit": telemetry.client_over_limit(client),
                      "over_limit_gpus": telemetry.over_limit.get(client, []),
                      "processes": processes.get(client, [])}
             for client in sorted(set(telemetry.clients) | set(processes))}

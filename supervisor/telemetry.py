@@ -3,17 +3,22 @@ keeps it behind a lock (it never crosses a process, so it is not on the shared-m
 channel). Requests only ever read that snapshot.
 
 A field a GPU does not support becomes None and is named, with the reason, in the
-GPU's `unsupported` list; a GPU that fails as a whole carries its `error` while the
-others are still reported; NVML that cannot start gives nvml_supported=False, and so
-does a sample that fails as a whole (any exception: the sampler thread must outlive it),
-with the error, until a sample succeeds again.
+GPU's `unsupported` list, whatever the read raised (an NVMLError, or e.g. nvidia-ml-py 13's
+NVMLLibraryMismatchError for a function the driver's NVML lacks); a GPU that fails as a whole
+(lost, or every field failing as a lost GPU's do) carries its `error` while the others are
+still reported, and so does a GPU seen earlier that has left NVML's device count; NVML that
+cannot start gives nvml_supported=False, and so does a sample that fails as a whole (any
+exception outside one field's read: the sampler thread must outlive it), with the error,
+until a sample succeeds again.
 
 Each GPU process is attributed to a client: its loader and the loader's children;
 the client's own service, found by its systemd unit (from /proc/PID/cgroup, matched
 against a pattern such as `*@{client}.service`) or by the GPU_ORCHESTRATOR_CLIENT
 variable that `gpu-orchestrator exec` puts in its environment. MPS limits apply
 per CUDA process, so a client whose processes together pass its limit on a GPU is
-flagged as over its limit.
+flagged as over its limit. Memory that cannot be known (a process NVML gives no figure for,
+as under MPS; a GPU lost or gone where the client had processes; a GPU whose process list
+cannot be read) is None, never 0, and whether the client is over its limit there is unknown.
 """
 
 import fnmatch
@@ -28,47 +33,9 @@ import psutil
 
 from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor import nvml
+from gpu_orchestrator.supervisor.nvml import GpuSample, sample_gpu
 
 log = logging.getLogger("telemetry")
-
-THROTTLE_REASONS = {
-    0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
-    0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
-    0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting", 0x200: "board_limit", 0x400: "reliability",
-}
-COMPUTE_MODES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
-
-
-class GpuProcess(msgspec.Struct):
-    pid: int
-    used_memory_bytes: int | None = None
-    client: str | None = None
-    role: str | None = None  # "loader", "loader-child", "service", "mps-server"
-
-
-class GpuSample(msgspec.Struct):
-    index: int
-    uuid: str | None = None
-    name: str | None = None
-    pci_bus_id: str | None = None
-    memory_total_bytes: int | None = None
-    memory_used_bytes: int | None = None
-    memory_free_bytes: int | None = None
-    utilization_gpu_percent: int | None = None
-    utilization_memory_percent: int | None = None
-    temperature_celsius: int | None = None
-    power_draw_watts: float | None = None
-    power_limit_watts: float | None = None
-    clock_sm_mhz: int | None = None
-    clock_memory_mhz: int | None = None
-    compute_mode: str | None = None
-    persistence_mode: bool | None = None
-    ecc_enabled: bool | None = None
-    ecc_uncorrected_errors: int | None = None
-    throttle_reasons: list[str] | None = None
-    processes: list[GpuProcess] = []
-    unsupported: list[str] = []
-    error: str | None = None
 
 
 class Telemetry(msgspec.Struct, tag="telemetry"):
@@ -79,9 +46,19 @@ class Telemetry(msgspec.Struct, tag="telemetry"):
     driver_version: str | None = None
     cuda_driver_version: str | None = None
     gpus: list[GpuSample] = []
-    clients: dict[str, int] = {}  # client -> GPU memory bytes of all its processes, every GPU
-    client_gpus: dict[str, dict[int, int]] = {}  # client -> GPU index -> bytes of its processes there
+    # client -> GPU memory bytes of all its processes, every GPU; None when any of it is unknown
+    clients: dict[str, int | None] = {}
+    # client -> GPU index -> bytes of its processes there; None where unknown
+    client_gpus: dict[str, dict[int, int | None]] = {}
     over_limit: dict[str, list[int]] = {}  # client -> GPUs where its processes together pass its limit
+    # client (with a limit) -> GPUs where its memory is unknown, so whether it is over there is too
+    over_limit_unknown: dict[str, list[int]] = {}
+
+    def client_over_limit(self, client: str) -> bool | None:
+        """True when over its limit on some GPU, None when that cannot be known, else False."""
+        if client in self.over_limit:
+            return True
+        return None if client in self.over_limit_unknown else False
 
 
 SERVICE_PATTERN = "*@{client}.service"
@@ -97,75 +74,6 @@ class Owners:
     clients: tuple[str, ...] = ()
     limits: dict[str, int] = field(default_factory=dict)  # client -> bytes allowed per GPU
     service_pattern: str = SERVICE_PATTERN
-
-
-class GpuLost(Exception):
-    pass
-
-
-def sample_gpu(module, index: int, owners: Callable[[int], tuple[str | None, str | None]]) -> GpuSample:
-    gpu = GpuSample(index)
-    try:
-        handle = module.nvmlDeviceGetHandleByIndex(index)
-        gpu.uuid = nvml.text(module.nvmlDeviceGetUUID(handle))
-        gpu.name = nvml.text(module.nvmlDeviceGetName(handle))
-    except module.NVMLError as exc:
-        gpu.error = nvml.describe(exc)
-        return gpu
-
-    def read(name: str, function, *args):
-        try:
-            return getattr(module, function)(handle, *args)
-        except module.NVMLError as exc:
-            if type(exc).__name__ == "NVMLError_GpuIsLost":
-                raise GpuLost(nvml.describe(exc)) from None
-            gpu.unsupported.append(f"{name}: {nvml.describe(exc)}")
-            return None
-
-    try:
-        fill(gpu, module, read, owners)
-    except GpuLost as lost:
-        return GpuSample(index, uuid=gpu.uuid, name=gpu.name, error=str(lost))
-    return gpu
-
-
-def fill(gpu: GpuSample, module, read, owners) -> None:
-    pci = read("pci_bus_id", "nvmlDeviceGetPciInfo")
-    gpu.pci_bus_id = nvml.text(pci.busId) if pci is not None else None
-    memory = read("memory", "nvmlDeviceGetMemoryInfo")
-    if memory is not None:
-        gpu.memory_total_bytes, gpu.memory_used_bytes, gpu.memory_free_bytes = memory.total, memory.used, memory.free
-    rates = read("utilization", "nvmlDeviceGetUtilizationRates")
-    if rates is not None:
-        gpu.utilization_gpu_percent, gpu.utilization_memory_percent = rates.gpu, rates.memory
-    gpu.temperature_celsius = read("temperature_celsius", "nvmlDeviceGetTemperature", module.NVML_TEMPERATURE_GPU)
-    power = read("power_draw_watts", "nvmlDeviceGetPowerUsage")
-    gpu.power_draw_watts = power / 1000 if power is not None else None
-    limit = read("power_limit_watts", "nvmlDeviceGetEnforcedPowerLimit")
-    gpu.power_limit_watts = limit / 1000 if limit is not None else None
-    gpu.clock_sm_mhz = read("clock_sm_mhz", "nvmlDeviceGetClockInfo", module.NVML_CLOCK_SM)
-    gpu.clock_memory_mhz = read("clock_memory_mhz", "nvmlDeviceGetClockInfo", module.NVML_CLOCK_MEM)
-    mode = read("compute_mode", "nvmlDeviceGetComputeMode")
-    gpu.compute_mode = COMPUTE_MODES.get(mode, str(mode)) if mode is not None else None
-    persistence = read("persistence_mode", "nvmlDeviceGetPersistenceMode")
-    gpu.persistence_mode = bool(persistence) if persistence is not None else None
-    ecc = read("ecc_enabled", "nvmlDeviceGetEccMode")
-    gpu.ecc_enabled = bool(ecc[0]) if ecc is not None else None
-    if gpu.ecc_enabled:
-        gpu.ecc_uncorrected_errors = read("ecc_uncorrected_errors", "nvmlDeviceGetTotalEccErrors",
-                                          module.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, module.NVML_AGGREGATE_ECC)
-    reasons = read("throttle_reasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
-    if reasons is not None:
-        gpu.throttle_reasons = [name for bit, name in THROTTLE_REASONS.items() if reasons & bit]
-    processes = read("processes", "nvmlDeviceGetComputeRunningProcesses") or []
-    gpu.processes = [process_entry(p, owners) for p in processes]
-
-
-def process_entry(process, owners: Callable[[int], tuple[str | None, str | None]]) -> GpuProcess:
-    used = process.usedGpuMemory
-    client, role = owners(process.pid)
-    # NVML reports None (or a huge sentinel) where it cannot attribute memory, e.g. under MPS.
-    return GpuProcess(process.pid, used if isinstance(used, int) and used < 2**63 else None, client, role)
 
 
 def systemd_unit(pid: int) -> str | None:
@@ -212,17 +120,32 @@ def service_client(pid: int, owners: Owners) -> str | None:
     return None
 
 
+def children_map() -> dict[int, list[int]]:
+    """parent pid -> its children's pids, from one pass over the process table."""
+    children: dict[int, list[int]] = {}
+    for process in psutil.process_iter(["ppid"]):
+        parent = process.info["ppid"]  # None when it could not be read (the process went away)
+        if parent is not None:
+            children.setdefault(parent, []).append(process.pid)
+    return children
+
+
 def attribute(owners: Owners) -> Callable[[int], tuple[str | None, str | None]]:
     """pid -> (client, role): every loader and its children, the MPS servers, and any other GPU
-    process that is a client's service. /proc is read only for GPU processes, once a sample."""
+    process that is a client's service. The process table is read once a sample (not once per
+    loader: that grew with the square of the loaders), /proc/PID files only for GPU processes."""
     known: dict[int, tuple[str | None, str | None]] = {pid: (None, "mps-server") for pid in owners.mps_servers}
+    children = children_map() if owners.loaders else {}
     for pid, client in owners.loaders.items():
         known[pid] = (client, "loader")
-        try:
-            for child in psutil.Process(pid).children(recursive=True):
-                known[child.pid] = (client, "loader-child")
-        except psutil.Error:  # the loader exited (a zombie until the loop reaps it) or is not ours to read
-            pass
+        below, walked = list(children.get(pid, ())), {pid}
+        while below:
+            child = below.pop()
+            if child in walked:  # pid reuse while the table was read cannot make this loop forever
+                continue
+            walked.add(child)
+            known[child] = (client, "loader-child")
+            below.extend(children.get(child, ()))
 
     def owner(pid: int) -> tuple[str | None, str | None]:
         if pid not in known:
@@ -232,25 +155,87 @@ def attribute(owners: Owners) -> Callable[[int], tuple[str | None, str | None]]:
     return owner
 
 
-def client_gpu_memory(gpus: list[GpuSample]) -> dict[str, dict[int, int]]:
-    """client -> GPU index -> bytes its processes use there."""
-    totals: dict[str, dict[int, int]] = {}
+@dataclass
+class Seen:
+    """What earlier samples found, for GPUs that stop answering: each uuid's last index and name
+    (a GPU that leaves NVML's device count is still reported, as lost, and one lost in place gets
+    back its uuid) and the clients that had processes on it when it last answered."""
+
+    gpus: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # uuid -> (last index, name)
+    clients_on: dict[str, set[str]] = field(default_factory=dict)  # uuid -> clients with processes there
+
+    def update(self, gpus: list[GpuSample]) -> list[GpuSample]:
+        """This sample's GPUs, a lost one with the uuid its index last had, then every GPU seen
+        since start that NVML no longer counts, as lost at its last index."""
+        present = {gpu.uuid for gpu in gpus if gpu.uuid}
+        for gpu in gpus:
+            if gpu.error is not None and gpu.uuid is None:
+                last = next((uuid for uuid, (index, _) in self.gpus.items()
+                             if index == gpu.index and uuid not in present), None)
+                if last is not None:
+                    gpu.uuid, gpu.name = last, gpu.name or self.gpus[last][1]
+                    present.add(last)
+            elif gpu.error is None and gpu.uuid:
+                self.gpus[gpu.uuid] = (gpu.index, gpu.name)
+                if not processes_unknown(gpu):
+                    self.clients_on[gpu.uuid] = {p.client for p in gpu.processes if p.client is not None}
+        gone = [GpuSample(index, uuid=uuid, name=name,
+                          error=f"GPU no longer in NVML's device count (last seen as GPU {index})")
+                for uuid, (index, name) in sorted(self.gpus.items(), key=lambda item: item[1][0])
+                if uuid not in present]
+        return gpus + gone
+
+
+def processes_unknown(gpu: GpuSample) -> bool:
+    """The GPU answers but its process list could not be read."""
+    return any(entry.startswith("processes:") for entry in gpu.unsupported)
+
+
+def unknown_memory(gpus: list[GpuSample], seen: Seen, clients: tuple[str, ...]) -> dict[str, set[int]]:
+    """client -> GPU indexes where its memory cannot be known: a GPU that is lost or gone, where it
+    had processes when that GPU last answered; a GPU whose process list cannot be read, for every
+    client (any of them may run there)."""
+    unknown: dict[str, set[int]] = {}
+    for gpu in gpus:
+        if gpu.error is not None:
+            on = seen.clients_on.get(gpu.uuid, set()) if gpu.uuid else set()
+        elif processes_unknown(gpu):
+            on = set(clients)
+        else:
+            continue
+        for client in on:
+            unknown.setdefault(client, set()).add(gpu.index)
+    return unknown
+
+
+def client_gpu_memory(gpus: list[GpuSample],
+                      unknown: dict[str, set[int]] | None = None) -> dict[str, dict[int, int | None]]:
+    """client -> GPU index -> bytes its processes use there; None where any of them has no figure
+    (NVML gives none, e.g. under MPS) or the GPU is in `unknown` for it."""
+    totals: dict[str, dict[int, int | None]] = {}
     for gpu in gpus:
         for process in gpu.processes:
-            if process.client is not None and process.used_memory_bytes is not None:
-                per_gpu = totals.setdefault(process.client, {})
-                per_gpu[gpu.index] = per_gpu.get(gpu.index, 0) + process.used_memory_bytes
+            if process.client is None:
+                continue
+            per_gpu = totals.setdefault(process.client, {})
+            before, used = per_gpu.get(gpu.index, 0), process.used_memory_bytes
+            per_gpu[gpu.index] = None if before is None or used is None else before + used
+    for client, indexes in (unknown or {}).items():
+        per_gpu = totals.setdefault(client, {})
+        for index in indexes:  # a gone GPU's last index may be another GPU's now: that one's figure stays
+            per_gpu.setdefault(index, None)
     return totals
 
 
-def over_limit(by_gpu: dict[str, dict[int, int]], limits: dict[str, int]) -> dict[str, list[int]]:
-    """The GPUs where a client's processes together use more than its per-GPU limit."""
-    over = {client: sorted(index for index, used in gpus.items() if used > limits[client])
+def over_limit(by_gpu: dict[str, dict[int, int | None]], limits: dict[str, int]) -> dict[str, list[int]]:
+    """The GPUs where a client's processes together use more than its per-GPU limit (known figures only)."""
+    over = {client: sorted(index for index, used in gpus.items() if used is not None and used > limits[client])
             for client, gpus in by_gpu.items() if limits.get(client) is not None}
     return {client: indexes for client, indexes in over.items() if indexes}
 
 
-def take_sample(owners: Owners) -> Telemetry:
+def take_sample(owners: Owners, seen: Seen | None = None) -> Telemetry:
+    """One sample. `seen` is the sampler's memory of earlier samples (a fresh one without it)."""
     module, error = nvml.nvml()
     now, mono = time.time(), time.monotonic()
     if module is None:
@@ -261,11 +246,18 @@ def take_sample(owners: Owners) -> Telemetry:
     driver = nvml.text(module.nvmlSystemGetDriverVersion())
     cuda = module.nvmlSystemGetCudaDriverVersion()
     owner = attribute(owners)
-    gpus = [sample_gpu(module, index, owner) for index in range(count)]
-    by_gpu = client_gpu_memory(gpus)
+    seen = seen if seen is not None else Seen()
+    gpus = seen.update([sample_gpu(module, index, owner) for index in range(count)])
+    unknown = unknown_memory(gpus, seen, owners.clients)
+    by_gpu = client_gpu_memory(gpus, unknown)
+    totals = {client: None if client in unknown or None in used.values() else sum(used.values())
+              for client, used in by_gpu.items()}
+    undecided = {client: sorted(index for index, used in used_by.items() if used is None)
+                 for client, used_by in by_gpu.items()
+                 if owners.limits.get(client) is not None and None in used_by.values()}
     return Telemetry(True, None, now, mono, driver, f"{cuda // 1000}.{cuda % 1000 // 10}", gpus,
-                     clients={client: sum(used.values()) for client, used in by_gpu.items()},
-                     client_gpus=by_gpu, over_limit=over_limit(by_gpu, owners.limits))
+                     clients=totals, client_gpus=by_gpu, over_limit=over_limit(by_gpu, owners.limits),
+                     over_limit_unknown=undecided)
 
 
 class Sampler:
@@ -277,7 +269,8 @@ class Sampler:
     def __init__(self, interval: float, owners: Callable[[], Owners]):
         self.interval = interval
         self.owners = owners
-        self.over: set[tuple[str, int]] = set()  # (client, GPU) over its limit in the last sample
+        self.over: set[tuple[str, int]] = set()  # (client, GPU) over its limit (as far as known) in the last sample
+        self.seen = Seen()  # the GPUs and their clients earlier samples found
         self.failures = 0  # samples failed in a row
         self.failure_kinds: set[str] = set()  # exception types logged with their traceback in this run of failures
         self.lock = threading.Lock()
@@ -298,7 +291,7 @@ class Sampler:
         while True:
             try:
                 owners = self.owners()
-                snapshot = take_sample(owners)
+                snapshot = take_sample(owners, self.seen)
                 self.warn_over_limit(snapshot, owners)
                 self.recovered()
                 ended = not snapshot.nvml_supported  # NVML could not start, and nvml() never tries again
@@ -332,8 +325,12 @@ class Sampler:
         self.failures, self.failure_kinds = 0, set()
 
     def warn_over_limit(self, snapshot: Telemetry, owners: Owners) -> None:
-        """Once per episode: when a client's processes pass its limit on a GPU, and when they are back under."""
+        """Once per episode: when a client's processes pass its limit on a GPU, and when they are back
+        under. Where its memory is unknown now (a lost GPU, a process without a figure) the episode
+        neither ends nor begins: it stays as it was until a figure says."""
+        unknown = {(client, index) for client, indexes in snapshot.over_limit_unknown.items() for index in indexes}
         now_over = {(client, index) for client, indexes in snapshot.over_limit.items() for index in indexes}
+        now_over |= self.over & unknown
         for client, index in sorted(now_over - self.over):
             roles = sorted({p.role for g in snapshot.gpus if g.index == index for p in g.processes
                             if p.client == client})

@@ -21,8 +21,12 @@ NO_POWER_OR_ECC = {
 LOST = {"uuid": "GPU-dead", "name": "NVIDIA A100", "lost": True}
 
 
-def write(path, gpus=(HEALTHY_H100, NO_POWER_OR_ECC, LOST), init_error=None):
-    path.write_text(json.dumps({"init_error": init_error, "driver": "550.54.15", "cuda": 12040, "gpus": list(gpus)}))
+def write(path, gpus=(HEALTHY_H100, NO_POWER_OR_ECC, LOST), init_error=None, **extra):
+    """Atomically: the fake reads the file again at every sample, also while a test rewrites it."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(json.dumps({"init_error": init_error, "driver": "550.54.15", "cuda": 12040,
+                                  "gpus": list(gpus), **extra}))
+    staged.replace(path)
     return path
 
 

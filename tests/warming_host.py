@@ -20,7 +20,8 @@ from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.wire import FAILED, LOADING, PENDING, READY, WARMING_UP, LoaderState, ModelProgress
 from gpu_orchestrator.supervisor import status
 from gpu_orchestrator.supervisor.config import load_config
-from gpu_orchestrator.supervisor.telemetry import GpuProcess, GpuSample, Telemetry
+from gpu_orchestrator.supervisor.nvml import GpuProcess, GpuSample
+from gpu_orchestrator.supervisor.telemetry import Telemetry
 from gpu_orchestrator.supervisor.warmup import Warmup
 
 GB, GiB, MiB = 1000**3, 1024**3, 1024**2

@@ -167,7 +167,8 @@ def client_lines(style: Style, status: dict, info: dict, verbose: bool = False) 
     use = info.get("clients", {})
     for name, client in status["clients"].items():
         ready = sum(m["status"] == "ready" for m in client["models"])
-        over = "!" if use.get(name, {}).get("over_limit") else ""
+        state = use[name].get("over_limit", False) if name in use else False
+        over = "!" if state else "?" if state is None else ""  # ?: memory unknown, over its limit or not
         word, progress = warmup_text(client)
         rows.append([name, client["state"], str(client["pid"] or "-"), str(client["restarts"]),
                      f"{ready}/{len(client['models'])}", size(client["gpu_memory_bytes"]) + over,
@@ -259,6 +260,9 @@ def render_client(url: str, name: str, status: dict, info: dict, style: Style) -
              style.cut(f"{memory}; RSS {size(client['rss_bytes'])}")]
     if use and use["over_limit"]:
         lines.append(style.fit(f"OVER LIMIT on GPU {', '.join(map(str, use['over_limit_gpus']))}", "OVER LIMIT"))
+    elif use and use["over_limit"] is None:
+        lines.append(style.cut("Over its limit: unknown (NVML gives no memory figure for some of its processes, "
+                               "or a GPU they were on is lost)"))
     word, progress = warmup_text(client)
     lines += [style.cut(f"Warm-up: {progress or word}"), "", "Models:", *model_lines(style, client["models"], "  ")]
     wrap = textwrap.TextWrapper(width=style.width, initial_indent="  ", subsequent_indent="    ",

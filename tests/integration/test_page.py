@@ -1,13 +1,17 @@
 """The web page at `/` in a real headless Chromium: what it shows, its button, and an outage."""
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
+import msgspec
 from browser import Browser
 from nvml_hosts import env as nvml_env
 from support import Orchestrator, add_model, wait_for, write_config
-from warming_host import LONG_CLIENT, MISSING, WarmingHost, serving
+from warming_host import LONG_CLIENT, MISSING, PIDS, WarmingHost, serving
+
+from gpu_orchestrator.supervisor.nvml import GpuProcess, GpuSample
 
 TEXT = "document.body ? document.body.innerText : ''"  # empty while the page is still loading
 
@@ -65,3 +69,21 @@ def test_page_shows_warm_up_progress_gpu_shares_and_overcommit(tmp_path):
     assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     if os.environ.get("PAGE_SCREENSHOT"):
         shutil.copyfile(screenshot, Path(os.environ["PAGE_SCREENSHOT"]))
+
+
+def test_page_shows_memory_nvml_cannot_report_as_unknown_never_zero(tmp_path):
+    """A GPU whose memory NVML does not report showed "0.0 / 0.0 GiB"; a client whose process has no
+    memory figure (as under MPS) showed 0. Both are unknown: "-", and the client's over-limit state too."""
+    host = WarmingHost(tmp_path)
+    loader = GpuProcess(PIDS["analyst"], None, "analyst", "loader")
+    host.telemetry = msgspec.structs.replace(
+        host.telemetry, gpus=[GpuSample(0, name="NVIDIA L4", unsupported=["memory: Not Supported"], processes=[loader])],
+        clients={"analyst": None}, client_gpus={"analyst": {0: None}}, over_limit={}, over_limit_unknown={"analyst": [0]})
+    host.views = [dataclasses.replace(v, gpu_memory_bytes=host.telemetry.clients.get(v.client, 0)) for v in host.views]
+    with serving(host) as url, Browser(tmp_path) as browser:
+        browser.open(url + "/")
+        text = wait_for_text(browser, "WARMING UP", "NVIDIA L4", what="the page to render")
+        assert "memory - / - GiB" in text and "0.0 / 0.0 GiB" not in text
+        analyst = browser.evaluate("document.querySelector('#clients tr[data-client=\"analyst\"]').innerText")
+        assert "- / limit 16384 MiB" in analyst and "over limit: unknown" in analyst and "0 MiB" not in analyst
+        assert "unknown of 16384 MiB" in text  # its share of the GPU

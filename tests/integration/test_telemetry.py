@@ -120,8 +120,10 @@ def test_metrics_parse_and_match_the_json_views(telemetry_orch):
     assert samples(families[prefix + "model_bytes"])[(("client", "alpha"), ("model", "org/a1"))] == a1["bytes_total"] > 0
     alpha = (("client", "alpha"),)
     assert samples(families[prefix + "warmup_bytes_done"])[alpha] == \
-        samples(families[prefix + "warmup_bytes_total"])[alpha] == a1["bytes_total"]
+        samples(families[prefix + "warmup_known_bytes"])[alpha] == a1["bytes_total"]
     assert samples(families[prefix + "all_ready"])[()] == 0
+    # promtool check metrics: a gauge must not carry a counter's _total suffix
+    assert [name for name, f in families.items() if f.type == "gauge" and name.endswith("_total")] == []
     assert samples(families[prefix + "mps_enabled"])[()] == 0  # not configured: an mps_up == 0 alert stays quiet
     assert samples(families[prefix + "mps_up"])[()] == 0
     assert samples(families[prefix + "mps_restarts"])[()] == 0 and families[prefix + "mps_restarts"].type == "counter"
@@ -194,26 +196,57 @@ def test_status_watch_refreshes_until_ctrl_c(telemetry_orch, tmp_path):
     assert "\033[H" not in out.read_text()  # no screen clearing when stdout is not a terminal
 
 
-def test_a_failing_sample_is_shown_and_sampling_recovers(tmp_path, store):
-    """An exception NVML's caller did not expect (the fake's process list reading a pid file that
-    holds garbage) fails samples, visibly, until the cause is gone; the sampler thread lives on."""
+def test_a_failing_field_stays_that_fields_and_a_failing_sample_is_shown_and_sampling_recovers(tmp_path, store):
+    """An exception NVML's caller did not expect from one field (the fake's process list reading a pid
+    file that holds garbage, as nvidia-ml-py 13 raises NVMLLibraryMismatchError) is that field's:
+    the GPU is still served, the field named. One outside a field (the device count) fails samples,
+    visibly, until the cause is gone; the sampler thread lives on."""
     model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
     pids = tmp_path / "gpu-pids"
     pids.write_text("")
     gpu = {**nvml_hosts.HEALTHY_H100, "pid_file": str(pids), "pid_file_bytes": 1}
-    env = nvml_env(tmp_path, FAKE_NVML_CONFIG=str(nvml_hosts.write(tmp_path / "one-gpu.json", gpus=[gpu])))
+    host = tmp_path / "one-gpu.json"
+    env = nvml_env(tmp_path, FAKE_NVML_CONFIG=str(nvml_hosts.write(host, gpus=[gpu])))
     with Orchestrator(tmp_path, store, model_map, env=env, extra_args=("--telemetry-interval", "0.2")) as orch:
         assert wait_for_sample(orch)["nvml_supported"]
         pids.write_text("not-a-pid")
-        info = wait_for(lambda: not (i := orch.get("/gpu/info")[1])["nvml_supported"] and i, what="a failed sample")
-        assert "NVML sample failed: ValueError" in info["nvml_init_error"] and info["gpus"] == []
-        assert samples(metrics(orch)["gpu_orchestrator_nvml_up"])[()] == 0
-        assert any(w.startswith("GPU telemetry: NVML sample failed: ValueError") for w in orch.get("/health")[1]["warnings"])
+        info = wait_for(lambda: (i := orch.get("/gpu/info")[1])["gpus"][0]["unsupported"] and i, what="a failed field")
+        assert info["nvml_supported"] and info["gpus"][0]["memory_total_bytes"] == 80 * 1024**3
+        assert info["gpus"][0]["unsupported"][0].startswith("processes: ValueError: invalid literal for int()")
+        assert info["clients"]["alpha"]["gpu_memory_bytes"] is None  # who runs there cannot be known: not 0
+        assert samples(metrics(orch)["gpu_orchestrator_nvml_up"])[()] == 1
         pids.write_text("")
+        nvml_hosts.write(host, gpus=[gpu], count_error="the device count failed")
+        info = wait_for(lambda: not (i := orch.get("/gpu/info")[1])["nvml_supported"] and i, what="a failed sample")
+        assert "NVML sample failed: RuntimeError" in info["nvml_init_error"] and info["gpus"] == []
+        assert samples(metrics(orch)["gpu_orchestrator_nvml_up"])[()] == 0
+        assert any(w.startswith("GPU telemetry: NVML sample failed: RuntimeError")
+                   for w in orch.get("/health")[1]["warnings"])
+        nvml_hosts.write(host, gpus=[gpu])
         info = wait_for(lambda: (i := orch.get("/gpu/info")[1])["nvml_supported"] and i, what="sampling recovered")
         assert info["nvml_init_error"] is None and info["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
+        assert info["gpus"][0]["unsupported"] == []
         assert samples(metrics(orch)["gpu_orchestrator_nvml_up"])[()] == 1
-        assert wait_for(lambda: orch.get("/health")[1]["warnings"] == [], what="/health clear again")
+        assert wait_for(lambda: not any(w.startswith("GPU telemetry") for w in orch.get("/health")[1]["warnings"]), what="/health clear again")
         output = orch.output()
     assert output.count("NVML sample failed") == 1 and "Traceback" in output  # once, not every 0.2 s
+    assert output.count("NVML field read failed with an unexpected error") == 1
     assert "NVML samples succeed again" in output and "uncaught" not in output
+
+
+def test_a_gpu_that_leaves_the_device_count_is_reported_lost_in_gpu_info_and_metrics(tmp_path, store):
+    """It used to vanish: its gpu_up series gone (no GpuOrchestratorGpuLost) and the next GPU took its index."""
+    model_map, _ = write_config(tmp_path, {"alpha": ["org/a1"]})
+    host = tmp_path / "two-gpus.json"
+    h100, rtx = nvml_hosts.HEALTHY_H100, nvml_hosts.NO_POWER_OR_ECC
+    env = nvml_env(tmp_path, FAKE_NVML_CONFIG=str(nvml_hosts.write(host, gpus=[h100, rtx])))
+    with Orchestrator(tmp_path, store, model_map, env=env, extra_args=("--telemetry-interval", "0.2")) as orch:
+        assert [g["uuid"] for g in wait_for_sample(orch)["gpus"]] == [h100["uuid"], rtx["uuid"]]
+        nvml_hosts.write(host, gpus=[rtx])
+        info = wait_for(lambda: (i := orch.get("/gpu/info")[1])["gpus"][0]["uuid"] == rtx["uuid"] and i,
+                        what="the GPU gone from the count")
+        assert [(g["index"], g["uuid"], g["error"]) for g in info["gpus"]] == [
+            (0, rtx["uuid"], None), (0, h100["uuid"], "GPU no longer in NVML's device count (last seen as GPU 0)")]
+        assert info["available"] and info["clients"]["alpha"]["gpu_memory_bytes"] is None  # its loader was there
+        up = samples(metrics(orch)["gpu_orchestrator_gpu_up"])
+        assert up == {(("gpu", "0"), ("uuid", rtx["uuid"])): 1, (("gpu", "0"), ("uuid", h100["uuid"])): 0}

@@ -1,5 +1,6 @@
 """HTTP answers read what the loop published and the slots; they never change loop state."""
 
+import msgspec
 import pytest
 from fakes.loop import FakeSpawner, publish
 
@@ -214,3 +215,24 @@ def test_gpu_info_is_composed_again_only_when_its_inputs_change_and_its_age_alwa
     assert list(aged) == list(first)  # the same keys in the same places, age_s among them
     sampler.latest = Telemetry(True, None, time.time(), time.monotonic())
     assert answers.gpu_info()["age_s"] < 5.0
+
+
+def test_gpu_memory_nvml_cannot_report_is_null_in_models_status_not_zero(setup):
+    """A client whose process has no memory figure (NVML gives none under MPS) read 0: it is null.
+    A client with no GPU process on a host whose every process list was read is 0, as before."""
+    import time
+
+    from gpu_orchestrator.supervisor.telemetry import Telemetry
+
+    config, segment, spawner = setup
+    answers, _, records = running_a_and_b(setup, "ready", "ready")
+    sample = Telemetry(True, None, time.time(), time.monotonic(), clients={"a": None}, client_gpus={"a": {0: None}})
+
+    class Sampler:
+        def snapshot(self):
+            return 1, sample
+
+    answers.sampler = Sampler()
+    answers.publish(Snapshot(msgspec.structs.replace(config, enable_nvml=True), records, Warmup(1)))
+    clients = answers.models_status()["clients"]
+    assert clients["a"]["gpu_memory_bytes"] is None and clients["b"]["gpu_memory_bytes"] == 0

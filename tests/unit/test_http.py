@@ -262,3 +262,23 @@ def test_head_answers_wherever_get_does_without_a_body(client, path):
     get, head = client.simulate_get(path), client.simulate_head(path)
     assert head.status_code == get.status_code and head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
+
+
+@pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # wsgiref's validator, in falcon.testing
+def test_request_labels_come_from_fixed_sets_whatever_the_request_says(source):
+    """waitress takes any upper-case token as a method: each one made a series of its own, so 20,000 of
+    them made /metrics 21 MB, unauthenticated. Methods the app routes keep their name, any other is
+    "other"; the route is the template (or "unmatched"), never the path the client sent."""
+    requests = RequestCounter()
+    client = falcon.testing.TestClient(create_app(source, requests=requests))
+    for i in range(200):
+        client.simulate_request(f"FLOOD{i}", "/health")
+        client.simulate_get(f"/nowhere/{i}")
+        client.simulate_get(f"/clients/client{i}/environment")
+    for method in ("GET", "HEAD", "POST", "OPTIONS"):
+        client.simulate_request(method, "/ready")
+    counts = requests.snapshot()
+    assert {method for _, method, _ in counts} == {"GET", "HEAD", "POST", "OPTIONS", "other"}
+    assert {route for route, _, _ in counts} == {"/health", "unmatched", "/clients/{client}/environment", "/ready"}
+    assert sum(count for (route, method, _), count in counts.items() if method == "other") == 200
+    assert len(counts) < 12  # each key is one gpu_orchestrator_http_requests_total series

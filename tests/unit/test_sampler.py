@@ -61,11 +61,12 @@ def test_processes_are_attributed_to_loaders_and_their_children():
         def __init__(self, pid, used):
             self.pid, self.usedGpuMemory = pid, used
 
-    gpus = [telemetry.GpuSample(0, processes=[telemetry.process_entry(Process(p, u), owners)
+    gpus = [nvml.GpuSample(0, processes=[nvml.process_entry(Process(p, u), owners)
                                               for p, u in ((10, 100), (11, 50), (5, 999), (77, 1))]),
-            telemetry.GpuSample(1, processes=[telemetry.process_entry(Process(20, 7), owners),
-                                              telemetry.process_entry(Process(10, None), owners)])]
-    assert telemetry.client_gpu_memory(gpus) == {"alpha": {0: 150}, "beta": {1: 7}}
+            nvml.GpuSample(1, processes=[nvml.process_entry(Process(20, 7), owners),
+                                              nvml.process_entry(Process(10, None), owners)])]
+    # alpha's loader on GPU 1 has no figure (as under MPS): unknown there, never 0
+    assert telemetry.client_gpu_memory(gpus) == {"alpha": {0: 150, 1: None}, "beta": {1: 7}}
     assert gpus[0].processes[3].client is None and gpus[0].processes[2].role == "mps-server"
 
 
@@ -182,21 +183,21 @@ def test_two_processes_of_a_client_over_its_limit_together_are_flagged_once(fake
 
 
 def test_one_bad_sample_never_ends_telemetry(fake_nvml, monkeypatch, caplog):
-    """Unexpected exceptions from a sample (here from NVML's process list: a RuntimeError twice, then
-    psutil's ZombieProcess, as the fake once raised for a loader that had exited) fail that sample only:
-    the error is in the snapshot, the traceback is logged once per kind, and the next good sample clears it."""
+    """Unexpected exceptions from a sample outside one GPU field's read (here from the driver version:
+    a RuntimeError twice, then psutil's ZombieProcess) fail that sample only: the error is in the
+    snapshot, the traceback is logged once per kind, and the next good sample clears it."""
     nvml_hosts.write(fake_nvml, gpus=[nvml_hosts.NO_POWER_OR_ECC])
     module = sys.modules["pynvml"]
-    listed = module.nvmlDeviceGetComputeRunningProcesses
+    listed = module.nvmlSystemGetDriverVersion
     faults = [RuntimeError("boom"), RuntimeError("boom"), psutil.ZombieProcess(4242)]
     seen = []  # the snapshot published before each sample: what a request saw between samples
 
-    def flaky(handle):
+    def flaky():
         seen.append(sampler.snapshot())
         if faults:
             raise faults.pop(0)
-        return listed(handle)
-    monkeypatch.setattr(module, "nvmlDeviceGetComputeRunningProcesses", flaky)
+        return listed()
+    monkeypatch.setattr(module, "nvmlSystemGetDriverVersion", flaky)
     sampler = telemetry.Sampler(0.01, telemetry.Owners)
     with caplog.at_level(logging.INFO, logger="telemetry"):
         sampler.start()
@@ -238,7 +239,7 @@ def test_an_nvml_error_after_init_fails_one_sample_only(fake_nvml, monkeypatch):
         assert sampler.thread.is_alive()
     finally:
         sampler.stop()
-    assert seen[1].nvml_supported is False and "NVMLError: Unknown Error 999" in seen[1].nvml_init_error
+    assert seen[1].nvml_supported is False and "NVMLError: Unknown Error" in seen[1].nvml_init_error
     assert good.nvml_supported and len(good.gpus) == 3
 
 
@@ -248,3 +249,161 @@ def test_nvml_that_cannot_start_stops_the_sampler(fake_nvml):
     sampler.start()
     sampler.thread.join(timeout=10)
     assert not sampler.thread.is_alive() and sampler.snapshot()[0] == 1
+
+
+# ---- one field's failure is that field's alone (nvidia-ml-py 13 on an older driver) ----------------
+
+def test_a_field_read_that_raises_something_other_than_an_nvml_error_is_that_field_unsupported(fake_nvml, caplog):
+    """nvidia-ml-py 13 wraps nvmlDeviceGetComputeRunningProcesses in throwOnVersionMismatch, which raises
+    NVMLLibraryMismatchError (an Exception, not an NVMLError) on a driver whose NVML lacks _v3. It
+    dropped every GPU (the whole sample failed); it is the process list's failure, named, only."""
+    h100 = {**nvml_hosts.HEALTHY_H100, "raise": {"processes": "mismatch"}}
+    nvml_hosts.write(fake_nvml, gpus=[h100, nvml_hosts.NO_POWER_OR_ECC])
+    owners = telemetry.Owners(clients=("alpha",), limits={"alpha": 1024**3})
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        for _ in range(2):
+            snapshot = telemetry.take_sample(owners)
+    assert snapshot.nvml_supported and [g.name for g in snapshot.gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 3090"]
+    h100_sample, rtx = snapshot.gpus
+    assert h100_sample.error is None and h100_sample.memory_total_bytes == 80 * 1024**3
+    assert h100_sample.unsupported == ["processes: NVMLLibraryMismatchError: Unversioned function called and the "
+                                       "pyNVML version does not match the NVML lib version."]
+    assert h100_sample.processes == [] and rtx.unsupported[-1] == "ecc_enabled: Not Supported"
+    # Who runs on that GPU cannot be known: not 0 bytes, not "under its limit".
+    assert snapshot.client_gpus == {"alpha": {0: None}} and snapshot.clients == {"alpha": None}
+    assert snapshot.over_limit == {} and snapshot.over_limit_unknown == {"alpha": [0]}
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "field=processes" in tracebacks[0].getMessage()  # once, not every sample
+
+
+def test_nvml_error_unknown_on_every_field_is_a_gpu_down(fake_nvml):
+    """Only NVML_ERROR_GPU_IS_LOST marked a GPU down; one whose every read fails with NVML_ERROR_UNKNOWN
+    or a reset-required error answers nothing either. One such field alone is that field's failure."""
+    dead = {**nvml_hosts.HEALTHY_H100, "raise": {"all": "unknown"}}
+    reset = {**nvml_hosts.NO_POWER_OR_ECC, "raise": {"all": "reset"}}
+    flaky = {**nvml_hosts.HEALTHY_H100, "uuid": "GPU-flaky", "raise": {"utilization": "unknown"}}
+    nvml_hosts.write(fake_nvml, gpus=[dead, reset, flaky])
+    first, second, third = telemetry.take_sample(telemetry.Owners()).gpus
+    assert first.error == "GPU does not answer: every field read failed (Unknown Error)"
+    assert first.uuid == nvml_hosts.HEALTHY_H100["uuid"] and first.unsupported == [] and first.memory_total_bytes is None
+    assert second.error == "GPU does not answer: every field read failed (GPU requires restart)"
+    assert third.error is None and third.unsupported == ["utilization: Unknown Error"]
+
+
+# ---- memory NVML cannot report is unknown, never 0 -------------------------------------------------
+
+def test_a_process_without_a_memory_figure_makes_the_clients_memory_unknown(fake_nvml, sleeper):
+    loader, service = sleeper(), sleeper(GPU_ORCHESTRATOR_CLIENT="alpha")
+    gpu = {**nvml_hosts.HEALTHY_H100, "processes": [[loader.pid, 300 * 1024**2], [service.pid, None]]}
+    nvml_hosts.write(fake_nvml, gpus=[gpu, nvml_hosts.NO_POWER_OR_ECC])
+    owners = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha", "beta"), {"alpha": 1024**3})
+    snapshot = telemetry.take_sample(owners)
+    assert snapshot.client_gpus == {"alpha": {0: None}} and snapshot.clients == {"alpha": None}
+    assert snapshot.over_limit == {} and snapshot.over_limit_unknown == {"alpha": [0]}
+    assert snapshot.client_over_limit("alpha") is None and snapshot.client_over_limit("beta") is False
+
+
+def test_a_gpu_lost_while_a_client_is_over_its_limit_leaves_it_unknown_not_back_under(fake_nvml, sleeper, caplog):
+    loader = sleeper()
+    over = {**nvml_hosts.HEALTHY_H100, "processes": [[loader.pid, 2 * 1024**3]]}
+    nvml_hosts.write(fake_nvml, gpus=[over, nvml_hosts.NO_POWER_OR_ECC])
+    owners = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha",), {"alpha": 1024**3})
+    sampler = telemetry.Sampler(1.0, lambda: owners)  # its thread is never started
+
+    def sample():
+        snapshot = telemetry.take_sample(owners, sampler.seen)
+        sampler.warn_over_limit(snapshot, owners)
+        return snapshot
+    with caplog.at_level(logging.INFO, logger="telemetry"):
+        assert sample().over_limit == {"alpha": [0]}
+        nvml_hosts.write(fake_nvml, gpus=[{**over, "lost": True}, nvml_hosts.NO_POWER_OR_ECC])
+        for _ in range(2):
+            lost = sample()
+        assert lost.gpus[0].error == "GPU is lost" and lost.gpus[0].uuid == over["uuid"]  # its uuid remembered
+        assert lost.client_gpus == {"alpha": {0: None}} and lost.clients == {"alpha": None}
+        assert lost.over_limit == {} and lost.client_over_limit("alpha") is None
+        assert not any("back under" in r.getMessage() for r in caplog.records)
+        nvml_hosts.write(fake_nvml, gpus=[{**over, "processes": [[loader.pid, 100]]}, nvml_hosts.NO_POWER_OR_ECC])
+        back = sample()
+        assert back.clients == {"alpha": 100} and back.client_over_limit("alpha") is False
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("more than its MPS memory limit" in m for m in messages) == 1
+    assert sum("back under its MPS memory limit" in m for m in messages) == 1
+
+
+# ---- a GPU that leaves NVML's device count is still reported, as lost ------------------------------
+
+def test_a_gpu_gone_from_the_device_count_stays_reported_as_lost(fake_nvml, sleeper):
+    loader = sleeper()
+    h100 = {**nvml_hosts.HEALTHY_H100, "processes": [[loader.pid, 100]]}
+    nvml_hosts.write(fake_nvml, gpus=[h100, nvml_hosts.NO_POWER_OR_ECC])
+    seen = telemetry.Seen()
+    owners = telemetry.Owners({loader.pid: "alpha"}, [], ("alpha",))
+    assert [g.uuid for g in telemetry.take_sample(owners, seen).gpus] == [h100["uuid"], nvml_hosts.NO_POWER_OR_ECC["uuid"]]
+    nvml_hosts.write(fake_nvml, gpus=[nvml_hosts.NO_POWER_OR_ECC])  # GPU 0 falls off: the RTX is index 0 now
+    for _ in range(2):
+        snapshot = telemetry.take_sample(owners, seen)
+        rtx, gone = snapshot.gpus
+        assert (rtx.index, rtx.uuid, rtx.error) == (0, nvml_hosts.NO_POWER_OR_ECC["uuid"], None)
+        assert (gone.index, gone.uuid, gone.name) == (0, h100["uuid"], h100["name"])
+        assert gone.error == "GPU no longer in NVML's device count (last seen as GPU 0)"
+        assert snapshot.clients == {"alpha": None}  # its loader was on the GPU that left
+    nvml_hosts.write(fake_nvml, gpus=[h100, nvml_hosts.NO_POWER_OR_ECC])  # back: reported once, answering
+    back = telemetry.take_sample(owners, seen)
+    assert [(g.uuid, g.error) for g in back.gpus] == [(h100["uuid"], None), (nvml_hosts.NO_POWER_OR_ECC["uuid"], None)]
+    assert back.clients == {"alpha": 100}
+
+
+# ---- the process table is read once a sample, not once per loader ---------------------------------
+
+class FakeProcess:
+    def __init__(self, pid, ppid):
+        self.pid, self.info = pid, {"ppid": ppid}
+
+
+def test_loader_children_come_from_one_read_of_the_process_table(monkeypatch):
+    table = [FakeProcess(1, 0), FakeProcess(10, 1), FakeProcess(11, 10), FakeProcess(12, 11), FakeProcess(13, 10),
+             FakeProcess(20, 1), FakeProcess(21, 20), FakeProcess(30, 1), FakeProcess(31, None), FakeProcess(40, 41),
+             FakeProcess(41, 40)]  # 31: its parent could not be read; 40/41: a loop (pid reuse mid-read)
+    reads = []
+
+    def process_iter(attrs):
+        reads.append(attrs)
+        return iter(table)
+    monkeypatch.setattr(telemetry.psutil, "process_iter", process_iter)
+    monkeypatch.setattr(telemetry.psutil.Process, "children", lambda *a, **k: pytest.fail("a /proc scan per loader"))
+    owners = telemetry.Owners({10: "alpha", 20: "beta", 30: "gamma", 40: "delta", 99: "gone"}, [5], ("alpha",))
+    owner = telemetry.attribute(owners)
+    assert reads == [["ppid"]]
+    assert {pid: owner(pid) for pid in (10, 11, 12, 13, 20, 21, 30, 40, 41, 99, 5)} == {
+        10: ("alpha", "loader"), 11: ("alpha", "loader-child"), 12: ("alpha", "loader-child"),
+        13: ("alpha", "loader-child"), 20: ("beta", "loader"), 21: ("beta", "loader-child"),
+        30: ("gamma", "loader"), 40: ("delta", "loader"), 41: ("delta", "loader-child"), 99: ("gone", "loader"),
+        5: (None, "mps-server")}
+    telemetry.attribute(telemetry.Owners(clients=("alpha",)))  # no loaders: no need to read the table
+    assert len(reads) == 1
+
+
+def test_one_sample_with_many_real_loaders_reads_the_process_table_once(fake_nvml, monkeypatch):
+    """The same answer as psutil's children(recursive=True) per loader, for one read a sample."""
+    script = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(30)'])"
+    loaders = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(3)]
+    try:
+        children = {p.pid: wait_for(lambda p=p: psutil.Process(p.pid).children(recursive=True), what="grandchild")
+                    for p in loaders}
+        gpu = {**nvml_hosts.HEALTHY_H100, "processes": [[c.pid, 10] for found in children.values() for c in found]}
+        nvml_hosts.write(fake_nvml, gpus=[gpu])
+        reads = []
+        real = telemetry.psutil.process_iter
+        monkeypatch.setattr(telemetry.psutil, "process_iter", lambda *a, **k: reads.append(a) or real(*a, **k))
+        owners = telemetry.Owners({p.pid: f"client{i}" for i, p in enumerate(loaders)}, [], ())
+        snapshot = telemetry.take_sample(owners)
+        assert len(reads) == 1
+        expected = {c.pid: (f"client{i}", "loader-child") for i, p in enumerate(loaders) for c in children[p.pid]}
+        assert {p.pid: (p.client, p.role) for p in snapshot.gpus[0].processes} == expected
+    finally:
+        for proc in loaders:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()

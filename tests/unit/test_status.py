@@ -4,6 +4,7 @@ allocation file becomes /mps/allocation."""
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from gpu_orchestrator.loaders import states
@@ -259,3 +260,37 @@ def test_the_json_is_the_dict_encoded_byte_for_byte():
     assert list(current["clients"]["fatal"]).index("heartbeat_age_s") == 10  # in its place, after rss_bytes
     empty = Frame((), Warmup())
     assert empty.json([], 0.0) == msgspec.json.encode(empty.current([], 0.0)) and empty.current([], 0.0)["clients"] == {}
+
+
+def test_gpu_memory_that_cannot_be_known_is_null_and_has_no_series(tmp_path):
+    """A client's process without a memory figure (as under MPS), or on a lost GPU: its memory and its
+    over-limit state are null in /gpu/info, and /metrics has no series for them (absent, never 0)."""
+    import time
+
+    from gpu_orchestrator.http.metrics import client_gpu_families
+    from gpu_orchestrator.supervisor.config import Config
+    from gpu_orchestrator.supervisor.status import gpu_info
+    from gpu_orchestrator.supervisor.nvml import GpuProcess, GpuSample
+    from gpu_orchestrator.supervisor.telemetry import Telemetry
+    config = msgspec.structs.replace(allocation_config(alpha=(1.0, None), beta=(1.0, None), gamma=(1.0, None)),
+                                     enable_nvml=True)
+    assert isinstance(config, Config)
+    sample = Telemetry(True, None, time.time(), time.monotonic(), gpus=[
+        GpuSample(0, uuid="GPU-0", processes=[GpuProcess(10, None, "alpha", "loader"), GpuProcess(20, 5, "beta", "loader"),
+                                              GpuProcess(30, 2 * 1024**3, "gamma", "loader")]),
+        GpuSample(1, uuid="GPU-1", error="GPU is lost")],
+        clients={"alpha": None, "beta": None, "gamma": 2 * 1024**3},
+        client_gpus={"alpha": {0: None}, "beta": {0: 5, 1: None}, "gamma": {0: 2 * 1024**3}},
+        over_limit={"gamma": [0]}, over_limit_unknown={"alpha": [0], "beta": [1]})
+    clients = gpu_info(config, None, sample)["clients"]
+    assert clients["alpha"]["gpu_memory_bytes"] is None and clients["alpha"]["gpus"] == {"0": None}
+    assert clients["alpha"]["over_limit"] is None and clients["alpha"]["over_limit_gpus"] == []
+    assert clients["beta"]["gpu_memory_bytes"] is None and clients["beta"]["gpus"] == {"0": 5, "1": None}
+    assert clients["beta"]["over_limit"] is None
+    assert clients["gamma"]["over_limit"] is True and clients["gamma"]["over_limit_gpus"] == [0]
+    info = gpu_info(config, None, sample)
+    status = {"clients": {name: {"memory_limit_bytes": 1024**3} for name in ("alpha", "beta", "gamma")}}
+    memory, over = client_gpu_families(info, status)
+    assert {tuple(s.labels.values()): s.value for s in memory.samples} == {
+        ("beta", "0", "GPU-0"): 5, ("gamma", "0", "GPU-0"): 2 * 1024**3}
+    assert {s.labels["client"]: s.value for s in over.samples} == {"gamma": 1}

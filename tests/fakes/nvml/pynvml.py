@@ -8,7 +8,15 @@ FAKE_NVML_CONFIG names a JSON file:
    "gpus": [{"uuid", "name", "bus", "memory": [total, used], "util": [gpu, mem], "temp",
              "power_mw", "limit_mw", "sm_mhz", "mem_mhz", "mode", "persistence", "ecc": [cur, pending],
              "ecc_errors", "throttle", "unsupported": ["power", ...], "lost": bool,
-             "processes": [[pid, bytes], ...], "children_bytes": N, "pid_file": path, "pid_file_bytes": N}]}
+             "processes": [[pid, bytes], ...], "children_bytes": N, "pid_file": path, "pid_file_bytes": N,
+             "raise": {"processes": "mismatch" | "unknown" | "reset", ...}}],
+   "count_error": "text"}
+The file is read again at every nvmlDeviceGetCount (once a sample), so a test can change the
+host while the orchestrator runs: a GPU lost, gone from the count, back.
+"raise" makes a feature's read fail: "mismatch" as nvidia-ml-py 13 does for a function the
+driver's NVML lacks (NVMLLibraryMismatchError, not an NVMLError), "unknown" and "reset" with
+NVML_ERROR_UNKNOWN and NVML_ERROR_RESET_REQUIRED ("all" for every feature). "count_error"
+makes nvmlDeviceGetCount raise a RuntimeError: a sample that fails as a whole.
 "children_bytes" makes every descendant of the calling process (the supervisor's loaders)
 a compute process using that many bytes, as loaders on a real GPU would appear.
 "pid_file" names a file of pids (read at every call), each a compute process of "pid_file_bytes".
@@ -32,13 +40,16 @@ NVML_COMPUTEMODE_PROHIBITED = 2
 NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 3
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_RESET_REQUIRED = 16
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_UNKNOWN = 999
 
 _config = None
 
 
 class NVMLError(Exception):
-    MESSAGES = {3: "Not Supported", 12: "NVML Shared Library Not Found", 15: "GPU is lost"}
+    MESSAGES = {3: "Not Supported", 12: "NVML Shared Library Not Found", 15: "GPU is lost",
+                16: "GPU requires restart", 999: "Unknown Error"}
 
     def __init__(self, value):
         super().__init__(value)
@@ -63,6 +74,10 @@ class NVMLError_LibraryNotFound(NVMLError):
         super().__init__(NVML_ERROR_LIBRARY_NOT_FOUND)
 
 
+class NVMLLibraryMismatchError(Exception):
+    """nvidia-ml-py 13's error for a versioned function the driver's NVML lacks: not an NVMLError."""
+
+
 def _called(name):
     path = os.environ.get("FAKE_NVML_CALL_LOG")
     if path:
@@ -75,6 +90,12 @@ def _gpu(handle, feature=None):
         raise NVMLError_GpuIsLost()
     if feature is not None and feature in handle.get("unsupported", []):
         raise NVMLError_NotSupported()
+    kind = handle.get("raise", {}).get(feature) or (handle.get("raise", {}).get("all") if feature else None)
+    if kind == "mismatch":
+        raise NVMLLibraryMismatchError("Unversioned function called and the pyNVML version does not match "
+                                       "the NVML lib version.")
+    if kind in ("unknown", "reset"):
+        raise NVMLError(NVML_ERROR_UNKNOWN if kind == "unknown" else NVML_ERROR_RESET_REQUIRED)
     return handle
 
 
@@ -102,7 +123,12 @@ def nvmlSystemGetCudaDriverVersion():
 
 
 def nvmlDeviceGetCount():
+    global _config
     _called("nvmlDeviceGetCount")
+    with open(os.environ["FAKE_NVML_CONFIG"]) as source:
+        _config = json.load(source)
+    if _config.get("count_error"):
+        raise RuntimeError(_config["count_error"])
     return len(_config["gpus"])
 
 
