@@ -161,8 +161,10 @@ class Loader:
 
     def warm_up(self, command: LoadCommand) -> None:
         self.command = None
-        self.state.generation = command.generation
+        # Phase first: no publish (the heartbeat thread's) may pair the new generation with the old
+        # phase, which a reader would take for this generation finished (warmup.finished).
         self.state.phase = WARMING_UP
+        self.state.generation = command.generation
         for model in self.state.models:
             if model.model in command.failed:  # it kept killing this loader: the supervisor says why
                 model.status, model.bytes_done = FAILED, 0

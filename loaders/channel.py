@@ -168,7 +168,8 @@ class Segment:
         try:
             os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
             # Allocate every page now: an ftruncate'd segment on a full tmpfs maps fine and
-            # then kills the first process that touches an unbacked page with SIGBUS.
+            # then kills the first process that touches an unbacked page with SIGBUS. So every
+            # slot, spare ones too, holds RAM from the start (supervisor/slots.py has the figures).
             os.posix_fallocate(fd, 0, size)
             os.pwrite(fd, _HEADER.pack(_MAGIC, _VERSION, slots, slot_size), 0)
         except OSError as exc:

@@ -195,7 +195,7 @@ class Arbiter:
         if self.booted or self.stopping or (self.mps is not None and not self.mps.settled):
             return
         self.booted = True
-        self.spawn_loaders([self.new_loader(client) for client in self.config.clients], now)
+        self.spawn_loaders([(self.new_loader(client), None) for client in self.config.clients])
         if self.config.preload and self.warmups.generation == 0:
             self.start_warmup(refresh=False)
         self.publish()
@@ -212,12 +212,14 @@ class Arbiter:
         return (loader_argv(self.config, client, self.segment.name, slot, self.policy),
                 loader_env(self.config, client, self.mps and self.mps.settings_in_force(), self.gpu_count))
 
-    def spawn_loaders(self, loaders: list[LoaderProcess], now: float, reason: str | None = None) -> None:
-        """Start these loaders, none waiting on another's start (Spawner.popen_all)."""
-        for loader, proc in zip(loaders, self.spawner.popen_all([(l.command(), l.env) for l in loaders])):
+    def spawn_loaders(self, starts: list[tuple[LoaderProcess, str | None]]) -> None:
+        """Start these loaders (each with why, if not the boot), none waiting on another's start
+        (Spawner.popen_all); each run is dated from when its own popen returned, not from the step."""
+        requests = [(loader.command(), loader.env) for loader, _ in starts]
+        for (loader, reason), (proc, born) in zip(starts, self.spawner.popen_all(requests, self.clock)):
             self.loaders[loader.client] = loader
-            loader.begin(proc, now)
-            self.began(loader, now, "loader started", **({"reason": reason} if reason else {}))
+            loader.begin(proc, born)
+            self.began(loader, born, "loader started", **({"reason": reason} if reason else {}))
 
     def began(self, loader: LoaderProcess, now: float, message: str, **fields) -> None:
         """Watch a run that started; one that could not start is a failed start (LoaderProcess.begin)."""
@@ -251,20 +253,23 @@ class Arbiter:
             log.warning(kv("replacing every loader under the new MPS control daemon", loaders=len(self.loaders)))
             self.replace_loaders(list(self.loaders), now, "the MPS control daemon restarted")
 
-    def replace_loaders(self, clients: list[str], now: float, reason: str) -> None:
+    def replace_loaders(self, clients: list[str], now: float, reason: str, added: list[str] = ()) -> None:
         """Stop these clients' loaders and start fresh ones (new arguments and environment): beside the
-        old run in a free slot, so neither waits on the other; in its own slot once it exits when none is."""
-        fresh = []
+        old run in a free slot, so neither waits on the other; in its own slot once it exits when none is.
+        `added` clients start too, taking their free slots first (only they need one). What HTTP serves
+        is published before the spawns, which take seconds for many: never the stopped runs as ready."""
+        starts = [(self.new_loader(client), "added") for client in added]
         for client in clients:
             loader = self.loaders[client]
             if loader.state in states.ALIVE and not self.free_slots:
                 loader.restart_in_place(*self.launch(client, loader.slot), now, reason)
             else:
                 self.retire(self.loaders.pop(client), now)  # a dead one gives its slot back at once
-                fresh.append(self.new_loader(client))
-        self.spawn_loaders(fresh, now, reason)
-        if clients:
+                starts.append((self.new_loader(client), reason))
+        if clients or added:
             self.warmups.reopen()
+        self.publish()
+        self.spawn_loaders(starts)
 
     def check_heartbeats(self, now: float) -> None:
         for loader in self.loaders.values():
@@ -274,10 +279,10 @@ class Arbiter:
         if self.stopping:  # a SIGTERM handled this very step: shutdown() would only stop it again
             return
         for loader in self.loaders.values():
-            if loader.restart_if_due(now):
-                self.began(loader, now, "loader restarted", restarts=loader.restarts)
-            elif (reason := loader.start_again_if_stopped(now)) is not None:
-                self.began(loader, now, "loader started in its own slot", reason=reason)
+            if (born := loader.restart_if_due(now, self.clock)) is not None:
+                self.began(loader, born, "loader restarted", restarts=loader.restarts)
+            elif (again := loader.start_again_if_stopped(self.clock)) is not None:
+                self.began(loader, again[1], "loader started in its own slot", reason=again[0])
 
     def send_commands(self) -> None:
         generation = self.warmups.generation
@@ -368,18 +373,15 @@ class Arbiter:
             self.notifier.reloading()
 
     def apply_config(self, new: Config, now: float):
-        changes = plan(self.config, new, self.segment, self.free_slots, holding=self.loaders.keys())
+        changes = plan(self.config, new, self.segment, self.free_slots, self.loaders.keys(),
+                       self.mps and self.mps.settings, self.gpu_count)
         for client in changes.removed if self.booted else ():
             self.retire(self.loaders.pop(client), now)
         self.warmups.forget_kills(changes.removed + changes.changed)
         self.config = new
         self.overcommit_checked = False
         if self.booted:  # else start_loaders starts the new configuration's clients
-            # Added ones first: only they need a free slot (a changed one without restarts in its own).
-            self.spawn_loaders([self.new_loader(client) for client in changes.added], now, "added")
-            self.replace_loaders(changes.changed, now, "its configuration changed")
-            if changes.added:
-                self.warmups.reopen()
+            self.replace_loaders(changes.changed, now, "its configuration changed", added=changes.added)
         self.wake()
         return changes
 

@@ -114,11 +114,15 @@ class LoaderProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "gpu_orchestrator.loaders", *self.argv]
 
-    def spawn(self, now: float) -> None:
-        self.begin(self.spawner.try_popen(self.command(), self.env), now)
+    def spawn(self, clock) -> float:
+        """Start a run, dated from when its popen returned (`clock()` then); that time."""
+        proc, born = self.spawner.try_popen(self.command(), self.env, clock)
+        self.begin(proc, born)
+        return born
 
     def begin(self, proc: subprocess.Popen | OSError, now: float) -> None:  # from spawn, or Spawner.popen_all
-        """A run started; or it could not be (an OSError): a failed start, judged as a run's exit is."""
+        """A run started at `now` (when its popen returned); or it could not be (an OSError): a
+        failed start, judged as a run's exit is."""
         self.to(states.STARTING)
         if isinstance(proc, OSError):
             self.last_exit, self.last_exit_at, self.last_line = cannot_start(proc), iso_utc(time.time()), None
@@ -160,15 +164,20 @@ class LoaderProcess:
         call (parsing a 100 MB safetensors header takes seconds), but such a loader is working,
         not hung: its CPU time grows. CPU time is read (`cpu_seconds()`) only once the heartbeat
         is half the timeout old, so a healthy loader costs no /proc read; a stopped or
-        deadlocked one uses none and is judged on its heartbeat alone."""
+        deadlocked one uses none and is judged on its heartbeat alone. A first sample has nothing
+        to compare with: when the loop first looks only past the timeout (it was stalled by a long
+        spawn, a reload), the run is not judged idle past the timeout on that look, but at the
+        next, against this sample. A run whose CPU time cannot be read is judged on its heartbeat."""
         silent = self.silent_for(heartbeat, now)
         if silent <= self.policy.heartbeat_timeout / 2:
             self.cpu_seen = self.last_busy = None
             return silent
-        used = cpu_seconds()
-        if used is not None and self.cpu_seen is not None and used > self.cpu_seen:
+        used, first = cpu_seconds(), self.cpu_seen is None
+        if used is not None and not first and used > self.cpu_seen:
             self.last_busy = now
         self.cpu_seen = used
+        if used is not None and first:
+            return min(silent, self.policy.heartbeat_timeout)
         return silent if self.last_busy is None else min(silent, now - self.last_busy)
 
     def kill_if_silent(self, reader, now: float) -> None:
@@ -241,13 +250,13 @@ class LoaderProcess:
         self.stop_deadline = float("inf")
         return True
 
-    def restart_if_due(self, now: float) -> bool:
-        """Start the next run once the backoff delay has passed; whether it tried."""
+    def restart_if_due(self, now: float, clock) -> float | None:
+        """Start the next run once the backoff delay has passed; when it tried (see spawn), else None."""
         if self.state != states.BACKOFF or now < self.restart_at:
-            return False
-        self.spawn(now)
+            return None
+        born = self.spawn(clock)
         self.restarts += 1
-        return True
+        return born
 
     def restart_in_place(self, argv: list[str], env: dict[str, str], now: float, reason: str) -> None:
         """Stop this run and start one with `argv` and `env` in the same slot once it has exited
@@ -255,14 +264,13 @@ class LoaderProcess:
         self.next_launch = (argv, env, reason)
         self.stop_or_end(now)
 
-    def start_again_if_stopped(self, now: float) -> str | None:
+    def start_again_if_stopped(self, clock) -> tuple[str, float] | None:
         """The run restart_in_place stopped has exited: start its successor. Why it was restarted
-        (for the log line) when it tried, else None."""
+        (for the log line) and when it tried (see spawn), else None."""
         if self.state != states.STOPPED or self.next_launch is None:
             return None
         (self.argv, self.env, reason), self.next_launch = self.next_launch, None
-        self.spawn(now)
-        return reason
+        return reason, self.spawn(clock)
 
     def retry_if_fatal(self, now: float) -> None:
         """An operator asked for another try: a FATAL loader restarts at once, its failures forgotten."""

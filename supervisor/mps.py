@@ -162,9 +162,7 @@ class MpsDaemon:
             self.answered(probe, now)
             return True
         if fresh and self.state == states.MPS_CHECKING:
-            self.spawn()
-            self.to(states.MPS_SPAWNED, now)
-            self.poke.set()
+            self.spawn(now)
         elif self.state == states.MPS_SPAWNED and now - self.since > self.settings.start_timeout:
             self.kill()
             self.fail(f"the control daemon did not answer within {self.settings.start_timeout:g} s", now)
@@ -197,11 +195,20 @@ class MpsDaemon:
         """When the loop must look again even if the probe stays silent: a restart due, a hung start."""
         return self.since + self.settings.start_timeout if self.state == states.MPS_SPAWNED else self.restart_at
 
-    def spawn(self) -> None:
-        self.proc = subprocess.Popen([shutil.which(BINARY), "-f"], env={**os.environ, **mps_env(self.settings)},
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, process_group=0)
+    def spawn(self, now: float) -> None:
+        """Start our daemon (SPAWNED). A binary gone (a driver upgrade under way) or not executable is
+        a failed start, retried with backoff, never an exception out of the loop (it would end us)."""
+        try:
+            self.proc = subprocess.Popen([shutil.which(BINARY) or BINARY, "-f"], stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **mps_env(self.settings)}, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, process_group=0)
+        except OSError as exc:
+            self.fail(f"cannot start the control daemon ({exc}); reinstall the NVIDIA driver's {BINARY} "
+                      "(its compute utilities) or fix PATH", now)
+            return
         log.info(kv("started the MPS control daemon", pid=self.proc.pid, pipe_dir=self.settings.pipe_dir))
+        self.to(states.MPS_SPAWNED, now)
+        self.poke.set()
 
     def fail(self, reason: str, now: float) -> None:
         """The daemon or its start failed: say why and schedule a restart with backoff."""

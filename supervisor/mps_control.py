@@ -54,6 +54,9 @@ def query(settings: MpsSettings, command: str, timeout: float | None = None) -> 
     except subprocess.TimeoutExpired:
         raise MpsError(f"'{command}' got no answer within {timeout or settings.command_timeout:g} s: "
                        "the control daemon is hung") from None
+    except OSError as exc:  # removed since which() found it, not executable, no memory or processes left
+        raise MpsError(f"'{command}' could not run {binary} ({exc}); reinstall the NVIDIA driver's {BINARY} "
+                       "or fix PATH") from None
     output = (result.stdout + result.stderr).strip()
     if result.returncode != 0:
         raise MpsError(f"'{command}' failed (exit {result.returncode}): {output or 'no output'}")

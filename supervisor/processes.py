@@ -33,22 +33,26 @@ class Spawner:
         pid, status = os.waitpid(proc.pid, 0 if block else os.WNOHANG)
         return status if pid else None
 
-    def try_popen(self, command: list[str], env: dict[str, str]) -> subprocess.Popen | OSError:
+    def try_popen(self, command: list[str], env: dict[str, str], clock) -> tuple[subprocess.Popen | OSError, float]:
         """popen, or the OSError fork or exec failed with (the interpreter removed by an upgrade, a
-        pids limit, no memory): one client's failed start, never an exception that stops the loop."""
+        pids limit, no memory): one client's failed start, never an exception that stops the loop.
+        With `clock()` read once it returned: a run is dated from its own start, never from before a
+        batch of starts (200 execs take seconds on 2 cores: that is not the loader's silence)."""
         try:
-            return self.popen(command, env)
+            proc = self.popen(command, env)
         except OSError as exc:
-            return exc
+            proc = exc
+        return proc, clock()
 
-    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[subprocess.Popen | OSError]:
+    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]],
+                  clock) -> list[tuple[subprocess.Popen | OSError, float]]:
         """try_popen each (command, env) with their execs overlapping: a popen returns once its child
         has exec'd, on a busy machine after a wait to be scheduled, which one after the other would
         add up per loader. The threads only wait here; the loop alone uses what they return."""
         if len(requests) < 2:
-            return [self.try_popen(*request) for request in requests]
+            return [self.try_popen(*request, clock) for request in requests]
         with ThreadPoolExecutor(min(SPAWN_THREADS, len(requests)), thread_name_prefix="spawn") as pool:
-            return list(pool.map(lambda request: self.try_popen(*request), requests))
+            return list(pool.map(lambda request: self.try_popen(*request, clock), requests))
 
 
 PROCESSES = Spawner()

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpu_orchestrator.loaders.channel import Segment
 from gpu_orchestrator.loaders.logs import kv
@@ -94,6 +94,11 @@ class Reloads:
             for warning in outcome.warnings:
                 log.warning(warning)
             log.info(kv("reloaded", **changes.as_fields()))
+            for client, variables in changes.services.items():
+                unit = outcome.service_pattern.format(client=client)
+                log.warning(kv(f"client {client}'s limits changed: restart its service for them to apply "
+                               f"(systemctl restart '{unit}'); until then it runs under the old ones",
+                               client=client, changed=",".join(variables)))
         return True
 
     def deadline(self) -> float | None:
@@ -110,17 +115,27 @@ class Changes:
     added: list[str]
     removed: list[str]
     changed: list[str]  # what reaches its loader differs (see launched): the loader is replaced
+    # Changed clients whose service's environment (launch.client_env: GPUs, MPS limits) differs, and
+    # the variables that do: the loader is replaced, but a service started with `exec` keeps the old.
+    services: dict[str, list[str]] = field(default_factory=dict)
 
     def as_fields(self) -> dict[str, str]:
         return {"added": ",".join(self.added) or "-", "removed": ",".join(self.removed) or "-",
                 "changed": ",".join(self.changed) or "-"}
 
 
-def diff(old: Config, new: Config) -> Changes:
-    return Changes(
-        added=[c for c in new.clients if c not in old.clients],
-        removed=[c for c in old.clients if c not in new.clients],
-        changed=[c for c in new.clients if c in old.clients and launched(old, c) != launched(new, c)])
+def diff(old: Config, new: Config, mps: MpsSettings | None = None, gpu_count: int = 1) -> Changes:
+    """`mps`: the MPS settings services get their limits under (None: MPS off, they get none)."""
+    changed = [c for c in new.clients if c in old.clients and launched(old, c) != launched(new, c)]
+    services = {c: variables for c in changed if (variables := env_changes(old, new, c, mps, gpu_count))}
+    return Changes(added=[c for c in new.clients if c not in old.clients],
+                   removed=[c for c in old.clients if c not in new.clients], changed=changed, services=services)
+
+
+def env_changes(old: Config, new: Config, client: str, mps: MpsSettings | None, gpu_count: int) -> list[str]:
+    """The variables of a client's service environment (what `env` and `exec` hand it) that differ."""
+    before, after = client_env(old, client, mps, gpu_count), client_env(new, client, mps, gpu_count)
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def launched(config: Config, client: str) -> tuple:
@@ -132,13 +147,14 @@ def launched(config: Config, client: str) -> tuple:
             client_env(config, client, MpsSettings(pipe_dir="", log_dir=""), gpu_count=1))
 
 
-def plan(old: Config, new: Config, segment: Segment, free: FreeSlots, holding: Collection[str]) -> Changes:
+def plan(old: Config, new: Config, segment: Segment, free: FreeSlots, holding: Collection[str],
+         mps: MpsSettings | None = None, gpu_count: int = 1) -> Changes:
     """What `new` changes, or ConfigError when the channel cannot hold it: a slot each for the
     clients not `holding` one yet (added ones; before the loaders are first started, or after a
     reload during the MPS daemon's start, all of them), and every new or changed client's models
     within a slot's size. A changed client holding a slot needs no other: without a free one its
-    loader starts again in its own (Arbiter.replace_loaders)."""
-    changes = diff(old, new)
+    loader starts again in its own (Arbiter.replace_loaders). `mps` and `gpu_count`: see diff."""
+    changes = diff(old, new, mps, gpu_count)
     needing = [c for c in new.clients if c not in holding]
     check_room(segment, free, [len(new.clients[c]) for c in needing], new.model_map_path,
                [len(new.clients[c]) for c in changes.changed])

@@ -11,7 +11,11 @@ from gpu_orchestrator.loaders.wire import slot_size_for
 from gpu_orchestrator.supervisor.config import Config, ConfigError
 
 SPARE_SLOTS = 16  # room for clients a reload adds, and for changed ones to start beside the old run
-MIN_MODELS_PER_SLOT = 32  # so a reload can grow a client; untouched slot pages cost no memory
+# So a reload can grow a client. Every slot costs memory, spare or not: channel.py allocates the
+# whole segment at start (posix_fallocate, so that a full /dev/shm fails then, not with SIGBUS
+# later), and tmpfs pages are RAM. A slot of up to 32 models is 240 KiB (larger for a client with
+# more), and there are max(16, clients) spares: 4 MiB for one client, 47 MiB for 100, 180 MiB for 384.
+MIN_MODELS_PER_SLOT = 32
 
 
 def create_segment(config: Config) -> Segment:

@@ -73,15 +73,21 @@ class FakeProc:
 
 class FakeSpawner(Spawner):
     """Every run it was asked to start, in order; SIGTERM and SIGKILL end a run unless `ignore_term`.
-    A start of a client in `cannot_start` fails with its error, as fork or exec would (try_popen is the real one)."""
+    A start of a client in `cannot_start` fails with its error, as fork or exec would (try_popen is the real one).
+    With a `clock`, each start takes `spawn_seconds` of it (a busy host's exec); `before_spawn()`, when
+    set, is called as each batch of starts begins (what HTTP serves then, say)."""
 
-    def __init__(self):
+    def __init__(self, clock: FakeClock | None = None, spawn_seconds: float = 0.0):
         self.procs: list[FakeProc] = []
         self.ignore_term = False
         self.cannot_start: dict[str, OSError] = {}
         self.refused: list[str] = []  # the client of each start that failed with cannot_start
+        self.clock, self.spawn_seconds = clock, spawn_seconds
+        self.before_spawn = None
 
     def popen(self, command: list[str], env: dict[str, str]) -> FakeProc:
+        if self.clock is not None:
+            self.clock.advance(self.spawn_seconds)
         if (error := self.cannot_start.get(env[CLIENT_VARIABLE])) is not None:
             self.refused.append(env[CLIENT_VARIABLE])
             raise error
@@ -89,8 +95,11 @@ class FakeSpawner(Spawner):
         self.procs.append(proc)
         return proc
 
-    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]]) -> list[FakeProc | OSError]:
-        return [self.try_popen(command, env) for command, env in requests]  # in order, no threads
+    def popen_all(self, requests: list[tuple[list[str], dict[str, str]]],
+                  clock) -> list[tuple[FakeProc | OSError, float]]:
+        if self.before_spawn is not None and requests:
+            self.before_spawn()
+        return [self.try_popen(command, env, clock) for command, env in requests]  # in order, no threads
 
     def signal(self, proc: FakeProc, signum: int) -> None:
         proc.signals.append(signum)

@@ -84,7 +84,7 @@ def test_managed_daemon_limits_status_and_quit(tmp_path, store, mps_setup, mps_e
         assert mps_vars(orch.loader_pid("alpha")) == {**common, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1024M",
                                                       "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}
         assert mps_vars(orch.loader_pid("beta")) == {**common, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=512M,1=512M",
-                                                     "CUDA_VISIBLE_DEVICES": "1,2"}
+                                                     "CUDA_VISIBLE_DEVICES": "1,2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
         assert mps_vars(orch.loader_pid("gamma")) == common
         if shutil.which("jq"):
             out = subprocess.run(["bash", "-c", f"curl -s {orch.url}/gpu/info | jq '{{mps_enabled, mps}}'"],

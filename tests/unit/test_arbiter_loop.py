@@ -142,6 +142,23 @@ def serve_until_done(arbiter, thread: threading.Thread) -> None:
     assert not thread.is_alive(), "the loop did not answer the request"
 
 
+def test_each_run_of_a_long_batch_spawn_is_dated_from_its_own_start(loop):
+    """200 execs on 2 cores take seconds. Every run was dated from the step's clock, taken before
+    the batch: the spawn counted as silence (healthy loaders killed as heartbeat lost, silent_s
+    wrong) and the whole batch was promoted at once (an early crash was no failed start)."""
+    clients = {f"c{i}": [f"org/m{i}"] for i in range(3)}
+    arbiter, _, clock, spawner = loop(clients)
+    spawner.clock, spawner.spawn_seconds = clock, 12.0  # 36 s for the batch: past the 30 s timeout
+    arbiter.tick(0)
+    assert [arbiter.loaders[c].started_at for c in clients] == [1012.0, 1024.0, 1036.0]
+    arbiter.tick(0)  # now 1036: heartbeats are due
+    assert [arbiter.loaders[c].state for c in clients] == [states.RUNNING, states.RUNNING, states.STARTING]
+    assert all(p.signals == [] for p in spawner.procs)
+    spawner.latest("c2").exit(1)
+    arbiter.tick(0)
+    assert arbiter.loaders["c2"].state == states.BACKOFF and len(arbiter.loaders["c2"].failed_starts) == 1
+
+
 def test_a_preload_from_another_thread_is_answered_by_the_loop(loop):
     arbiter, segment, clock, spawner = loop({"alpha": ["org/a1"]}, preload=False)
     running(arbiter, clock)
@@ -515,3 +532,58 @@ def test_a_run_stopped_to_start_again_in_its_slot_no_longer_counts_as_ready(loop
     status = arbiter.answers.models_status()
     assert not status["all_ready"] and status["in_progress"] and status["summary"]["done"] == 0
     assert arbiter.answers.models_summary()["all_ready"] is False and arbiter.warmups.state == states.WARMUP_IN_PROGRESS
+
+
+@pytest.mark.parametrize("why", ["reload", "MPS daemon restarted"])
+def test_replaced_loaders_are_never_served_ready_while_their_successors_spawn(loop, tmp_path, why):
+    """The loop stopped the old runs, then spawned the new ones (seconds for many) before it
+    published: HTTP served the stopped runs' pids as ready, all_ready true, all that while."""
+    arbiter, segment, clock, spawner = loop({"keep": ["org/k"], "grow": ["org/g"]})
+    if why != "reload":
+        arbiter.mps = arbiter.answers.mps = StartingMps()
+        arbiter.mps.healthy = arbiter.mps.settled = True
+    running(arbiter, clock)
+    old = {client: spawner.latest(client).pid for client in arbiter.loaders}
+    for client, loader in arbiter.loaders.items():
+        publish(segment, loader.slot, spawner.latest(client), 1, clock.now, **{f"org/{client[0]}": READY})
+    arbiter.tick(0)
+    assert arbiter.answers.models_status()["all_ready"]
+    seen = []
+    spawner.before_spawn = lambda: seen.append(arbiter.answers.models_status())
+    if why == "reload":
+        reload_to(arbiter, make_config(tmp_path, {"keep": ["org/k"], "grow": ["org/g", "org/h"], "new": ["org/n"]}))
+        replaced = ["grow"]
+    else:
+        arbiter.mps.supervise = lambda now: True
+        arbiter.tick(0)
+        replaced = ["keep", "grow"]
+    status = seen[0]
+    assert sorted(status["clients"]) == sorted(arbiter.config.clients)  # the new configuration's
+    assert not status["all_ready"] and status["in_progress"]
+    for client in replaced:
+        assert not status["clients"][client]["ready"] and status["clients"][client]["pid"] != old[client]
+        assert status["clients"][client]["state"] in (states.STOPPED, states.STOPPING)
+
+
+def test_a_reload_that_changes_a_services_limits_says_to_restart_that_service(loop, tmp_path, caplog):
+    """Its loader restarts under the new limits; a service started with `exec` keeps the old ones."""
+    from gpu_orchestrator.supervisor.allocation import AgentAllocation
+    from gpu_orchestrator.supervisor.mps_control import MpsSettings
+
+    def limits(a: float, b_priority: str) -> Config:
+        allocations = {"a": AgentAllocation(mps_memory_limit_gb=a), "b": AgentAllocation(1.0, priority=b_priority)}
+        return Config(model_store_root=str(tmp_path), model_map_path=str(tmp_path / "map.json"), allocation_path="",
+                      clients={"a": ["org/a"], "b": ["org/b"]}, allocations=allocations, enable_mps=True)
+
+    arbiter, segment, clock, spawner = loop({"a": ["org/a"], "b": ["org/b"]})
+    arbiter.mps = arbiter.answers.mps = StartingMps()
+    arbiter.mps.healthy = arbiter.mps.settled = True
+    arbiter.mps.settings = MpsSettings("/tmp/nvidia-mps", "/var/log/nvidia-mps")
+    reload_to(arbiter, limits(2.0, "high"))
+    running(arbiter, clock)
+    caplog.clear()
+    reload_to(arbiter, limits(4.0, "low"))  # a's limit, b's priority (which reaches no process)
+    warnings = [r.getMessage() for r in caplog.records if "limits changed" in r.getMessage()]
+    assert warnings == ["client a's limits changed: restart its service for them to apply "
+                        "(systemctl restart '*@a.service'); until then it runs under the old ones "
+                        "client=a changed=CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"]

@@ -124,11 +124,45 @@ def test_a_loader_busy_in_one_long_call_is_not_idle_and_a_stopped_one_is():
     assert loader.cpu_seen is None and loader.last_busy is None
 
 
+class OneState:
+    """A SlotReader standing in: the run's slot holds a state with this heartbeat."""
+
+    def __init__(self, heartbeat: float):
+        self.heartbeat = heartbeat
+
+    def read_written_by(self, slot, pid):
+        from gpu_orchestrator.loaders.wire import WARMING_UP, LoaderState
+        return LoaderState("a", pid, 1, WARMING_UP, self.heartbeat, [])
+
+
+@pytest.mark.parametrize("cpu, killed_at_the_next_look", [([5.0, 10.0], False), ([5.0, 5.0], True),
+                                                          ([None, None], None)], ids=["busy", "stopped", "unreadable"])
+def test_a_first_look_past_the_timeout_samples_cpu_time_and_judges_at_the_next(cpu, killed_at_the_next_look):
+    """The loop, stalled by a long spawn or a reload, first looked 31 s after the last heartbeat: a
+    loader burning a core in one long parse was killed without its CPU time compared to anything."""
+    from types import SimpleNamespace
+
+    loader = LoaderProcess("a", 0, [], {}, Policy(heartbeat_timeout=30.0), state=states.RUNNING,
+                           proc=SimpleNamespace(pid=424242))
+    used = iter(cpu)
+    loader.cpu_seconds = lambda: next(used)
+    reader = OneState(heartbeat=100.0)
+    first = loader.heartbeat_lost(reader, 131.0)
+    if killed_at_the_next_look is None:  # its CPU time cannot be read: judged on its heartbeat alone
+        assert first == 31.0
+        return
+    assert first is None  # a first sample: nothing to compare with yet
+    assert (loader.heartbeat_lost(reader, 136.0) == 36.0) is killed_at_the_next_look
+
+
 def test_popen_all_starts_every_process_in_order_and_each_can_be_reaped():
     from gpu_orchestrator.supervisor.processes import PROCESSES
 
     requests = [([sys.executable, "-c", f"import sys; sys.exit({code})"], dict(os.environ)) for code in range(5)]
-    procs = PROCESSES.popen_all(requests)
+    before = time.monotonic()
+    started = PROCESSES.popen_all(requests, time.monotonic)
+    procs = [proc for proc, _ in started]
+    assert all(before <= born <= time.monotonic() for _, born in started)  # each dated by its own popen
     assert len({p.pid for p in procs}) == 5
     assert [os.waitstatus_to_exitcode(PROCESSES.reap(p, block=True)) for p in procs] == list(range(5))
     for proc in procs:

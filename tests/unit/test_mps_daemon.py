@@ -67,3 +67,37 @@ def test_a_probe_that_began_before_the_spawn_names_the_daemon_that_answered_it(s
     monkeypatch.setattr(mps, "query", answer_after_a_spawn)
     assert daemon.record_probe() is False
     assert daemon.report()["control_pid"] == 4242 and daemon.report()["control_process"]
+
+
+@pytest.mark.parametrize("binary", ["gone", "not a program"])
+def test_a_daemon_that_cannot_be_started_is_a_failed_start_retried_with_backoff(settings, monkeypatch, tmp_path,
+                                                                                 binary):
+    """Its binary removed (a driver upgrade) or broken before a restart: Popen was handed None (or
+    raised), the exception left the loop and the supervisor exited; the probe thread ended silently."""
+    import time
+
+    from gpu_orchestrator.supervisor.mps_control import BINARY
+
+    monkeypatch.setenv("PATH", f"{FAKES}:{os.environ['PATH']}")
+    daemon = MpsDaemon(settings)  # found at start-up
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    if binary == "not a program":  # on PATH and executable, but exec fails (ENOEXEC)
+        (folder / BINARY).write_bytes(b"\x00\x01 not a program")
+        (folder / BINARY).chmod(0o755)
+    monkeypatch.setenv("PATH", str(folder))
+    base = time.monotonic() - 10  # before any probe this test's thread makes
+    daemon.to(states.MPS_CHECKING, base)
+    try:
+        assert daemon.record_probe() is True  # a failure recorded, not an exception ending the thread
+        assert daemon.probe.failures == 1 and not daemon.probe.answering
+        assert daemon.supervise(base) is False
+        assert daemon.state == states.MPS_BACKOFF and daemon.proc is None and daemon.next_deadline() == base + 0.5
+        error = daemon.report()["error"]
+        assert "cannot start the control daemon" in error and f"reinstall the NVIDIA driver's {BINARY}" in error
+        # Due: tried again, and (the probe above is newer than this start's check) failed again, later.
+        daemon.supervise(base + 0.5)
+        assert daemon.restarts == 1 and daemon.state == states.MPS_BACKOFF
+        assert daemon.next_deadline() == base + 0.5 + 1.0
+    finally:
+        daemon.stop(1)

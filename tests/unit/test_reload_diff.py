@@ -5,6 +5,7 @@ import threading
 import pytest
 
 from gpu_orchestrator.supervisor.config import Config, ConfigError
+from gpu_orchestrator.supervisor.mps_control import MpsSettings
 from gpu_orchestrator.supervisor.reload import Reloads, diff
 
 
@@ -58,3 +59,32 @@ def test_an_informational_allocation_field_restarts_no_loader(edit):
                                   dict(backend="torch"), dict(warmup=True)])
 def test_what_reaches_the_loader_restarts_it(edit):
     assert diff(allocated(), allocated(**edit)).changed == ["a"]
+
+
+MPS = MpsSettings("/tmp/nvidia-mps", "/var/log/nvidia-mps")
+
+
+@pytest.mark.parametrize("edit, mps, variables", [
+    (dict(mps_memory_limit_gb=4.0), MPS, ["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"]),
+    (dict(active_thread_percentage=50), MPS, ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]),
+    (dict(devices=[1]), MPS, ["CUDA_VISIBLE_DEVICES"]),
+    (dict(devices=[1]), None, ["CUDA_VISIBLE_DEVICES"]),
+    (dict(mps_memory_limit_gb=4.0), None, []),  # without MPS no limit reaches a service
+    (dict(backend="torch"), MPS, []),  # the loader's business only
+])
+def test_a_changed_client_whose_service_environment_changed_is_named_with_the_variables(edit, mps, variables):
+    changes = diff(allocated(), allocated(**edit), mps, gpu_count=1)
+    assert changes.changed == ["a"] and list(changes.services) == (["a"] if variables else [])
+    assert set(variables) <= set(changes.services.get("a", []))  # pinning may set more (CUDA_DEVICE_ORDER)
+
+
+def test_the_reload_log_says_to_restart_each_service_whose_limits_changed(caplog):
+    # Its loader restarted under the new limits; its service, started with `exec`, silently kept the old ones.
+    new, woken = allocated(mps_memory_limit_gb=4.0), threading.Event()
+    reloads = Reloads(woken.set, read=lambda current: new)
+    assert reloads.begin(allocated()) and woken.wait(30)
+    assert reloads.finish(0.0, lambda config: diff(allocated(), config, MPS)) is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["client a's limits changed: restart its service for them to apply (systemctl restart "
+                        "'*@a.service'); until then it runs under the old ones client=a "
+                        "changed=CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"]
