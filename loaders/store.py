@@ -7,7 +7,9 @@ Resolution order for model `org/name` of client `agent` (README, "The model stor
 4. the local Hugging Face cache, read-only, only when not strict
 """
 
+import errno
 import os
+import stat
 from pathlib import Path, PurePosixPath
 
 import msgspec
@@ -87,6 +89,61 @@ def hf_hub_dir(env: dict) -> Path:
     return Path(home) / "hub"
 
 
+def real_path(path: Path) -> Path:
+    """`path.resolve()`, a symlink loop on the way a StoreError: Python 3.11 raises RuntimeError
+    for one (which would reach the loader as an unexpected error), later ones return the path
+    unresolved, so the loop is asked of stat() here for every version alike."""
+    try:
+        real = path.resolve()
+        os.stat(real)
+    except RuntimeError as exc:  # "Symlink loop from ..." (Python < 3.13)
+        raise StoreError(f"symlink loop at {path}; fix or remove the link") from exc
+    except OSError as exc:  # a link that leads nowhere is the caller's to judge; a loop is not
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"symlink loop at {path}; fix or remove the link") from exc
+    return real
+
+
+REF_MAX = 4096  # bytes read of a refs file: a revision is one file name (HF writes 40 hex digits)
+
+
+def read_revision(ref: Path) -> str | None:
+    """The revision a Hugging Face cache's refs file names, or None when there is no such file.
+    It must be one folder name of `snapshots` (HF writes the 40-hex commit hash there, but a
+    revision is whatever name the server gave the commit, so only what could not be a single
+    name is refused: empty, '/', '.', '..', NUL, unprintable, longer than a name can be)."""
+    if not os.path.lexists(ref):
+        return None
+    fix = "the download did not finish or the cache was altered; run the download again or fix it"
+    try:  # non-blocking, so that a FIFO put there cannot hang the loader
+        fd = os.open(ref, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"symlink loop at {ref}; fix or remove the link") from exc
+        if exc.errno == errno.ENOENT:
+            raise StoreError(f"{ref} is a link to nothing; {fix}") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{ref} is not a regular file; {fix}")
+        data = os.read(fd, REF_MAX + 1)  # a regular file gives what it has, up to this, in one read
+    finally:
+        os.close(fd)
+    if len(data) > REF_MAX:
+        raise StoreError(f"{ref} is longer than {REF_MAX} bytes, which no revision is; {fix}")
+    try:
+        revision = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{ref} is not UTF-8 text (a revision such as a 40-hex commit hash); {fix}") from exc
+    if not revision:
+        raise StoreError(f"{ref} is empty; {fix}")
+    if (revision in (".", "..") or "/" in revision or "\0" in revision or not revision.isprintable()
+            or len(revision.encode()) > NAME_MAX):
+        raise StoreError(f"{ref} holds {revision[:80]!r}, which is not a revision: it must be one folder name "
+                         f"of snapshots (no '/', not '.' or '..'); {fix}")
+    return revision
+
+
 class ModelStore:
     def __init__(self, root: str | Path, base_model_dir: str | None = None, strict: bool = False,
                  hf_hub: Path | None = None):
@@ -105,13 +162,13 @@ class ModelStore:
     def resolve(self, agent: str, model_id: str) -> Snapshot:
         check_client_name(agent)
         check_model_id(model_id)
-        real_root = self.root.resolve()
+        real_root = real_path(self.root)
         tried = []
         for source, candidate in self.candidates(agent, model_id):
             tried.append(str(candidate))
             if not os.path.lexists(candidate):
                 continue
-            real = candidate.resolve()
+            real = real_path(candidate)
             if not is_inside(real, real_root):
                 raise StoreError(f"{candidate} resolves to {real}, outside MODEL_STORE_ROOT {real_root}; refused")
             if real.is_dir():
@@ -124,7 +181,8 @@ class ModelStore:
         raise StoreError(f"model {model_id} not found for client {agent}{mode}; tried: {where}")
 
     def _hf_snapshot(self, model_id: str, tried: list[str]) -> Snapshot | None:
-        """The cached snapshot named by refs/main, else the newest one; never downloads."""
+        """The cached snapshot named by refs/main, else (no refs/main at all: a download by
+        commit hash writes none) the newest one; never downloads."""
         if self.hf_hub is None:
             return None
         repo = self.hf_hub / ("models--" + model_id.replace("/", "--"))
@@ -133,12 +191,23 @@ class ModelStore:
         if not snapshots.is_dir():
             return None
         ref = repo / "refs" / "main"
-        revision = ref.read_text().strip() if ref.is_file() else ""
-        chosen = snapshots / revision if revision and (snapshots / revision).is_dir() else None
-        if chosen is None:
+        revision = read_revision(ref)
+        if revision is not None:
+            chosen = snapshots / revision
+        else:
             dirs = [d for d in snapshots.iterdir() if d.is_dir()]
             if not dirs:
                 return None
             chosen = max(dirs, key=lambda d: d.stat().st_mtime)
-        # Cache snapshots are symlinks into ../../blobs: confine them to the repo folder.
-        return Snapshot(chosen.resolve(), repo.resolve(), "hf-cache")
+        # Cache snapshots are symlinks into ../../blobs: confine them to the repo folder. The
+        # snapshot folder itself must be one of the repo's snapshots, not a link elsewhere.
+        real_repo = real_path(repo)
+        real_snapshots = real_repo / "snapshots"
+        real = real_path(chosen)
+        if real == real_snapshots or not is_inside(real, real_snapshots):
+            raise StoreError(f"{chosen} resolves to {real}, not a folder inside {real_snapshots}; refused")
+        if not real.is_dir():
+            named = f"{ref} names revision {revision!r}, but" if revision is not None else "no refs/main, and"
+            raise StoreError(f"{named} its snapshot {chosen} is missing: the download did not finish; "
+                             f"run the download again or fix {ref}")
+        return Snapshot(real, real_repo, "hf-cache")

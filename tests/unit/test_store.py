@@ -96,3 +96,122 @@ def test_agent_current_symlink_escaping_is_refused(root, tmp_path):
     os.symlink(tmp_path / "elsewhere", root / "agent" / "current")
     with pytest.raises(StoreError, match="outside MODEL_STORE_ROOT"):
         ModelStore(root).resolve("agent", "org/m")
+
+
+# The Hugging Face cache: refs/main names one snapshot folder, and that folder is the repo's own.
+
+
+def hf_store(root, tmp_path):
+    return ModelStore(root, hf_hub=tmp_path / "hub")
+
+
+@pytest.fixture
+def outside(tmp_path):
+    folder = mkdir(tmp_path / "outside" / "m")
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("revision", ["../../../outside/m", "ABSOLUTE", "..", ".", "rev1/../../../../outside/m",
+                                      "", "   \n", "a\x01b", "x" * 256])
+def test_hf_ref_must_name_one_snapshot_folder(root, tmp_path, outside, revision):
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "rev1")
+    ref = snapshot.parent.parent / "refs" / "main"
+    ref.write_text(str(outside) if revision == "ABSOLUTE" else revision)
+    with pytest.raises(StoreError, match="refs/main") as caught:
+        hf_store(root, tmp_path).resolve("agent", "org/m")
+    assert "run the download again" in str(caught.value)
+
+
+@pytest.mark.parametrize("revision", ["0123456789abcdef0123456789abcdef01234567", "v1.0", "rev1\n"])
+def test_hf_ref_names_any_single_folder(root, tmp_path, revision):
+    """HF writes the commit's 40 hex digits, but a revision is whatever the server named it."""
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", revision.strip())
+    (snapshot.parent.parent / "refs" / "main").write_text(revision)
+    assert hf_store(root, tmp_path).resolve("agent", "org/m").path == snapshot.resolve()
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_hf_snapshot_linking_outside_the_repo_is_refused(root, tmp_path, outside, with_ref):
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "rev1")
+    repo = snapshot.parent.parent
+    os.symlink(outside, repo / "snapshots" / "rev2")
+    if with_ref:
+        (repo / "refs" / "main").write_text("rev2")
+    else:  # the newest snapshot, there being no refs/main
+        (repo / "refs" / "main").unlink()
+        os.utime(repo / "snapshots" / "rev2", (2**31, 2**31))
+    with pytest.raises(StoreError, match="not a folder inside .*/snapshots; refused"):
+        hf_store(root, tmp_path).resolve("agent", "org/m")
+
+
+@pytest.mark.parametrize("target", ["../blobs", ".", "../../../outside/m"])
+def test_hf_snapshot_must_be_below_the_snapshots_folder(root, tmp_path, outside, target):
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "rev1")
+    repo = snapshot.parent.parent
+    os.symlink(target, repo / "snapshots" / "rev2")
+    (repo / "refs" / "main").write_text("rev2")
+    with pytest.raises(StoreError, match="not a folder inside .*/snapshots; refused"):
+        hf_store(root, tmp_path).resolve("agent", "org/m")
+
+
+def test_hf_snapshot_linking_to_another_snapshot_is_followed(root, tmp_path):
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "rev1")
+    repo = snapshot.parent.parent
+    os.symlink("rev1", repo / "snapshots" / "rev2")
+    (repo / "refs" / "main").write_text("rev2")
+    found = hf_store(root, tmp_path).resolve("agent", "org/m")
+    assert (found.path, found.confined_to) == (snapshot.resolve(), repo.resolve())
+
+
+def test_hf_ref_naming_a_missing_snapshot_fails(root, tmp_path):
+    """Not the newest other revision: that is not what refs/main asks for."""
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "oldrev")
+    (snapshot.parent.parent / "refs" / "main").write_text("newrev")
+    with pytest.raises(StoreError, match="names revision 'newrev'.*missing.*run the download again"):
+        hf_store(root, tmp_path).resolve("agent", "org/m")
+
+
+def test_hf_without_ref_takes_the_newest_snapshot(root, tmp_path):
+    old = make_hf_snapshot(tmp_path / "hub", "org/m", "old")
+    new = mkdir(old.parent / "new")
+    os.utime(old, (1, 1))
+    (old.parent.parent / "refs" / "main").unlink()
+    assert hf_store(root, tmp_path).resolve("agent", "org/m").path == new.resolve()
+
+
+@pytest.mark.parametrize("kind", ["not-utf8", "fifo", "folder", "dangling", "loop", "huge"])
+def test_hf_unreadable_ref_is_a_store_error(root, tmp_path, kind):
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "rev1")
+    ref = snapshot.parent.parent / "refs" / "main"
+    ref.unlink()
+    if kind == "not-utf8":
+        ref.write_bytes(b"\xff\xfe")
+    elif kind == "fifo":  # opened without blocking: nobody will ever write to it
+        os.mkfifo(ref)
+    elif kind == "folder":
+        ref.mkdir()
+    elif kind == "dangling":
+        os.symlink("gone", ref)
+    elif kind == "loop":
+        os.symlink("main", ref)
+    else:
+        ref.write_text("rev1" + " " * 10000)
+    with pytest.raises(StoreError, match=str(ref)):
+        hf_store(root, tmp_path).resolve("agent", "org/m")
+
+
+def test_symlink_loop_at_the_model_folder_is_a_store_error(root):
+    mkdir(root / "org")
+    os.symlink("m", root / "org" / "m")
+    with pytest.raises(StoreError, match=f"symlink loop at {root / 'org' / 'm'}"):
+        ModelStore(root).resolve("agent", "org/m")
+
+
+def test_symlink_loop_at_an_hf_snapshot_is_a_store_error(root, tmp_path):
+    snapshot = make_hf_snapshot(tmp_path / "hub", "org/m", "rev1")
+    repo = snapshot.parent.parent
+    os.symlink("rev2", repo / "snapshots" / "rev2")
+    (repo / "refs" / "main").write_text("rev2")
+    with pytest.raises(StoreError, match="symlink loop at .*rev2"):
+        hf_store(root, tmp_path).resolve("agent", "org/m")
