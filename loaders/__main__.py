@@ -165,15 +165,14 @@ class Loader:
         # phase, which a reader would take for this generation finished (warmup.finished).
         self.state.phase = WARMING_UP
         self.state.generation = command.generation
-        for model in self.state.models:
+        for i, model in enumerate(self.state.models):
+            # A model loaded again starts from a fresh entry: nothing an earlier load found (its path,
+            # format, parameters, bytes, verified, device, seconds) may stand beside this load's outcome.
             if model.model in command.failed:  # it kept killing this loader: the supervisor says why
-                model.status, model.bytes_done = FAILED, 0
-                model.error = cap_text(command.failed[model.model], MAX_ERROR)
+                self.state.models[i] = ModelProgress(model.model, status=FAILED, backend=model.backend,
+                                                     error=cap_text(command.failed[model.model], MAX_ERROR))
             elif command.refresh or model.status != READY:
-                model.status, model.error, model.bytes_done = PENDING, None, 0
-            else:
-                continue
-            model.seconds = 0.0  # a model's seconds are its own load's, never an earlier warm-up's
+                self.state.models[i] = ModelProgress(model.model, status=PENDING, backend=model.backend)
         self.publish()
         for model in self.state.models:
             if model.status == PENDING:

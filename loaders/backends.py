@@ -6,7 +6,7 @@ fits the client's memory limit, matches its manifest when it has one, and every
 byte of it has been read once, so the page cache is hot when the client starts.
 Files are read through one buffer per model: the loader never holds a model copy.
 
-plan() records each file's identity (size, inode, mtime) as it checks it, and warm() reads it
+plan() records each file's identity (size, inode, mtime, ctime) as it checks it, and warm() reads it
 through a descriptor whose identity must still be that one, before and after the read, so the
 bytes read are the bytes checked. No file stays open between the two: a snapshot of thousands
 of files must not need thousands of descriptors (systemd's soft limit is 1024).
@@ -14,6 +14,8 @@ of files must not need thousands of descriptors (systemd's soft limit is 1024).
 A loader keeps what it imports for good: hashlib (OpenSSL) is imported only to verify a manifest,
 zipfile only for a zip checkpoint; the read buffer is unmapped after each model (a freed heap
 block would stay resident).
+
+Every file is opened by snapshot_files.open_regular(): without blocking, and only a regular file.
 """
 
 import json
@@ -26,7 +28,17 @@ from typing import BinaryIO, Callable
 import msgspec
 
 from gpu_orchestrator.loaders.formats import WEIGHT_SUFFIXES, ModelError, check_weight
-from gpu_orchestrator.loaders.store import Snapshot, is_inside
+from gpu_orchestrator.loaders.snapshot_files import (  # identity and check_unchanged_*: imported from here too
+    check_unchanged_after,
+    check_unchanged_before,
+    escaped,
+    identity,
+    list_files,
+    open_checked,
+    open_regular,
+    read_whole,
+)
+from gpu_orchestrator.loaders.store import Snapshot
 
 # One read's size, and the read buffer's. Small enough to stay in the core's L2 cache and to be
 # paged in by a few dozen faults: a fresh 8 MiB buffer took 2048 page faults per model (each a
@@ -55,58 +67,6 @@ class Plan(msgspec.Struct):
     identities: dict[Path, tuple] = {}
 
 
-def identity(handle: BinaryIO) -> tuple:
-    """What changes when a file is written or replaced: size, inode (device too) and mtime."""
-    info = os.fstat(handle.fileno())
-    return info.st_size, info.st_dev, info.st_ino, info.st_mtime_ns
-
-
-def list_files(snapshot: Snapshot) -> list[Path]:
-    """Every regular file of the snapshot, sorted by relative path (the manifest's order),
-    each proven to lie inside its confinement.
-
-    A link to a folder is followed when it stays inside the confinement, as the client that opens
-    the model follows it, so its files are checked, read and hashed like any other; one that leads
-    outside, or to a folder the walk has been through already, is refused: a loop, or a second way
-    to the same files (links two to a level, 30 levels deep, would walk 2**30 folders). Only a link
-    is resolved: every other name's real path is its folder's real path joined with its name (one
-    lstat per name, from the directory entry, instead of one per component of its path)."""
-    files: list[Path] = []
-    walk(Path(snapshot.path), Path(os.path.realpath(snapshot.path)), snapshot.confined_to, files, set())
-    return sorted(files, key=lambda f: os.fsencode(f.relative_to(snapshot.path).as_posix()))
-
-
-def walk(directory: Path, real_directory: Path, confined_to: Path, files: list, visited: set) -> None:
-    """Add the files below `directory` (whose real path is `real_directory`) to `files`; `visited`
-    holds the real paths of every folder walked so far, so that none is walked twice."""
-    visited.add(real_directory)
-    try:
-        with os.scandir(directory) as listing:
-            entries = list(listing)  # closed before going deeper: one descriptor per level at most
-    except FileNotFoundError:
-        return  # gone since its parent listed it: not part of the snapshot
-    for entry in entries:
-        path = directory / entry.name
-        link = entry.is_symlink()
-        real = path.resolve() if link else real_directory / entry.name
-        if link and not is_inside(real, confined_to):
-            raise ModelError(f"{escaped(path)} links to {escaped(real)}, outside {confined_to}; refused: "
-                             "copy what it names into the store instead")
-        if entry.is_dir(follow_symlinks=link):
-            # A link reaches a folder walked before, or one holding it; a plain folder, one a link reached first.
-            if real in visited or (link and any(is_inside(folder, real) for folder in visited)):
-                raise ModelError(f"{escaped(path)} links to {escaped(real)}, a folder already walked (or one "
-                                 "holding it): a loop, or a second way to the same files; remove the link")
-            walk(path, real, confined_to, files, visited)
-        elif entry.is_file(follow_symlinks=link):
-            files.append(path)
-
-
-def escaped(path: Path) -> str:
-    """A path for a message: a name that is not UTF-8 shows its bytes escaped, as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 # The snapshot's JSON files that plan() reads to check the others.
 CHECKED_JSON = ("config.json", "tokenizer_config.json", "modules.json",
                 "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -127,17 +87,19 @@ def plan(snapshot: Snapshot) -> Plan:
     identities, texts, counts = {}, {}, []
     for path in files:
         name = path.relative_to(root).as_posix()
-        with open(path, "rb", buffering=0) as handle:
+        with open_regular(path) as handle:
             identities[path] = identity(handle)
             if name in CHECKED_JSON:
-                texts[name] = handle.read()
+                texts[name] = read_whole(handle, path, identities[path][0])
     check_shard_index(texts, relative)
     check_configs(texts, root, relative)
     for path in weights:  # checked after the configs: a broken config is the first thing to fix
         with open_checked(path, identities[path]) as handle:
             if (count := check_weight(handle, path.name)) is not None:
                 counts.append(count)
-    manifest = read_manifest(root) if len(everything) > len(files) else None
+    # Not only when the walk listed it: a manifest.json that is a FIFO, a folder or a dangling link
+    # is not ignored (the model would pass unverified), it fails the model.
+    manifest = read_manifest(root) if os.path.lexists(root / MANIFEST) else None
     sizes = {path: info[0] for path, info in identities.items()}
     return Plan(
         files=files,
@@ -151,19 +113,12 @@ def plan(snapshot: Snapshot) -> Plan:
     )
 
 
-def open_checked(path: Path, checked: tuple) -> BinaryIO:
-    """`path` open for reading, refused unless it is still the file whose identity() was `checked`."""
-    handle = open(path, "rb", buffering=0)
-    try:
-        check_unchanged_before(handle, path, checked)
-    except BaseException:
-        handle.close()
-        raise
-    return handle
+# Each shard index, and the suffix of the weight files it may name as shards.
+SHARD_INDEXES = {"model.safetensors.index.json": ".safetensors", "pytorch_model.bin.index.json": ".bin"}
 
 
 def check_shard_index(texts: dict, relative: set[str]) -> None:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name, suffix in SHARD_INDEXES.items():
         if index_name not in relative:
             continue
         try:
@@ -171,6 +126,11 @@ def check_shard_index(texts: dict, relative: set[str]) -> None:
             shards = set(weight_map.values())
         except (ModelError, KeyError, TypeError, AttributeError):
             raise ModelError(f"{index_name}: not a valid shard index") from None
+        if not all(isinstance(s, str) for s in shards):
+            raise ModelError(f"{index_name}: not a valid shard index (a shard name that is not a string)")
+        if others := sorted(s for s in shards if PurePosixPath(s).suffix != suffix):
+            raise ModelError(f"{index_name} names files that are not {suffix} weight files as shards: "
+                             f"{', '.join(others)}")
         missing = sorted(s for s in shards if s not in relative)
         if missing:
             raise ModelError(f"{index_name} names shards that are missing: {', '.join(missing)}")
@@ -178,6 +138,16 @@ def check_shard_index(texts: dict, relative: set[str]) -> None:
 
 # sentence-transformers modules that load nothing from their folder, which may then be absent.
 PARAMETERLESS_MODULES = {"sentence_transformers.models.Normalize"}
+# tokenizer_config.json keys that record where the files were when it was saved, which
+# transformers never opens (it opens the snapshot's own): older versions wrote the saver's absolute
+# cache path there, in snapshots that load everywhere.
+RECORDED_ONLY = {"special_tokens_map_file"}
+
+
+def outside(name: str) -> bool:
+    """A path named by a snapshot file that leads out of the snapshot: absolute, or climbing `..`."""
+    inside = PurePosixPath(name)
+    return inside.is_absolute() or ".." in inside.parts
 
 
 def read_json(texts: dict, name: str):
@@ -194,9 +164,13 @@ def check_configs(texts: dict, root: Path, relative: set[str]) -> None:
         raise ModelError("config.json: not a JSON object")
     if "tokenizer_config.json" in relative:
         tokenizer = read_json(texts, "tokenizer_config.json")
-        named = [v for k, v in tokenizer.items() if k.endswith("_file") and isinstance(v, str)] \
+        named = [v for k, v in tokenizer.items()
+                 if k.endswith("_file") and k not in RECORDED_ONLY and isinstance(v, str)] \
             if isinstance(tokenizer, dict) else []
-        missing = sorted(n for n in named if not os.path.isabs(n) and n not in relative)
+        if escaping := sorted(n for n in named if outside(n)):  # the tokenizer would read it from there
+            raise ModelError(f"tokenizer_config.json names files outside the snapshot: {', '.join(escaping)}; "
+                             "its files must be in it")
+        missing = sorted(n for n in named if n not in relative)
         if missing:
             raise ModelError(f"tokenizer_config.json names files that are missing: {', '.join(missing)}")
     if "modules.json" in relative:
@@ -211,7 +185,7 @@ def check_configs(texts: dict, root: Path, relative: set[str]) -> None:
                 continue
             shown = f"modules.json: module {module.get('name', '?')} ({module.get('type')})"
             inside = PurePosixPath(folder)
-            if inside.is_absolute() or ".." in inside.parts:  # sentence-transformers would load it from there
+            if outside(folder):  # sentence-transformers would load it from there
                 raise ModelError(f"{shown} names folder {folder}, outside the snapshot; its files must be in it")
             # A folder of the snapshot's own checked files: its existence alone (is_dir) said nothing
             # of what the client loads from it.
@@ -220,13 +194,22 @@ def check_configs(texts: dict, root: Path, relative: set[str]) -> None:
 
 
 def read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        handle = open_regular(path)
+    except FileNotFoundError:  # a dangling link (or one removed since it was listed)
+        raise ModelError(f"{escaped(path)}: manifest.json is not a regular file (a link to nothing)") from None
+    except ModelError:
+        raise ModelError(f"{escaped(path)}: manifest.json is not a regular file") from None
+    with handle:
+        text = read_whole(handle, path, os.fstat(handle.fileno()).st_size)
+    try:
+        manifest = json.loads(text.decode("utf-8"))
         checksum = manifest["checksum"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{root / MANIFEST}: unreadable manifest ({exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise ModelError(f"{escaped(path)}: unreadable manifest ({exc})") from None
     if not isinstance(checksum, str) or not checksum.removeprefix("sha256:"):
-        raise ModelError(f"{root / MANIFEST}: checksum must be a sha256 hex string")
+        raise ModelError(f"{escaped(path)}: checksum must be a sha256 hex string")
     return manifest
 
 
@@ -248,7 +231,7 @@ def snapshot_checksum(root: Path, store: Path | None = None) -> str:
             relative = path.relative_to(root).as_posix()
             if relative != MANIFEST:
                 add_path_to_digest(digest, relative)
-                with open(path, "rb", buffering=0) as handle:
+                with open_regular(path) as handle:
                     read_file(handle, path, identity(handle), view, digest, lambda n: None)
     return "sha256:" + digest.hexdigest()
 
@@ -298,23 +281,9 @@ def warm(snapshot: Snapshot, model_plan: Plan, progress: Progress, place: Place 
                     done += read_file(handle, path, checked, view, digest, step)
     if digest is not None:
         expected = model_plan.manifest["checksum"].removeprefix("sha256:")
-        if digest.hexdigest() != expected:
+        if digest.hexdigest() != expected.lower():  # hex in either case: the same digest
             raise ModelError(f"manifest checksum mismatch: expected sha256:{expected}, got sha256:{digest.hexdigest()}; the snapshot was altered or is incomplete")
     return digest is not None
-
-
-def changes(checked: tuple, now: tuple, path: Path) -> str:
-    """What differs between the identity() checked and the descriptor's `now`, in words; also
-    whether the path still names that file (the client will open the path)."""
-    current = os.stat(path)
-    if now[1:3] != checked[1:3] or (current.st_dev, current.st_ino) != checked[1:3]:
-        return "the path now names another file"  # its size and mtime say nothing then
-    said = []
-    if now[0] != checked[0]:
-        said.append(f"size changed from {checked[0]} to {now[0]} bytes")
-    if now[3] != checked[3]:
-        said.append("its mtime changed")
-    return ", ".join(said)
 
 
 def read_file(handle: BinaryIO, path: Path, checked: tuple, view: memoryview, digest, progress: Progress) -> int:
@@ -334,19 +303,6 @@ def read_file(handle: BinaryIO, path: Path, checked: tuple, view: memoryview, di
             reported = done
     check_unchanged_after(handle, path, checked, done)
     return done
-
-
-def check_unchanged_before(handle: BinaryIO, path: Path, checked: tuple) -> None:
-    if before := changes(checked, identity(handle), path):
-        raise ModelError(f"{path.name}: changed since it was checked ({before}); the store must be immutable")
-
-
-def check_unchanged_after(handle: BinaryIO, path: Path, checked: tuple, done: int) -> None:
-    during = changes(checked, identity(handle), path)
-    if not during and done != checked[0]:
-        during = f"read {done} of its {checked[0]} bytes"
-    if during:
-        raise ModelError(f"{path.name}: changed while it was being read ({during}); the store must be immutable")
 
 
 def check_fits(model_plan: Plan, used_bytes: int, limit_bytes: int | None) -> None:

@@ -1,5 +1,6 @@
 """How each weight file format is checked, from its header alone: safetensors as the library
-itself validates it, PyTorch zip checkpoints, GGUF and ONNX by how they start. No ML framework.
+itself validates it; PyTorch zip checkpoints, GGUF and ONNX from their directories and headers
+(weight_formats.py). No ML framework.
 """
 
 import gc
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import msgspec
+
+from gpu_orchestrator.loaders.weight_formats import ModelError, check_gguf, check_onnx, check_zip_checkpoint
 
 # The safetensors format's own limit (MAX_HEADER_SIZE in the library's src/tensor.rs):
 # a larger length is refused before a byte of the header is read.
@@ -28,10 +31,6 @@ SAFETENSORS_DTYPE_BITS = {
     "I64": 64, "U64": 64, "F64": 64,
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
-
-
-class ModelError(Exception):
-    """This model cannot be used; the message says why and, where it can, what to do."""
 
 
 def is_usize(value) -> bool:
@@ -245,26 +244,6 @@ def judge_header(name: str, prefix: bytes, text: bytes, data_size: int, with_ten
     return SafetensorsHeader(prefix + text, tensors, parameters)
 
 
-def check_zip_checkpoint(handle: BinaryIO, name: str) -> None:
-    """PyTorch's zip checkpoints: a valid archive with a data.pkl. Never unpickled."""
-    import zipfile  # only here: most stores hold safetensors, and a loader keeps what it imports
-
-    handle.seek(0)
-    try:
-        with zipfile.ZipFile(handle) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelError(f"{name}: not a valid PyTorch zip checkpoint: {exc}") from None
-    if not any(entry.endswith("/data.pkl") or entry == "data.pkl" for entry in names):
-        raise ModelError(f"{name}: PyTorch checkpoint has no data.pkl")
-
-
-def check_magic(handle: BinaryIO, name: str, magic: bytes, what: str) -> None:
-    handle.seek(0)
-    if handle.read(len(magic)) != magic:
-        raise ModelError(f"{name}: does not start the way {what} files do; it is corrupt or not {what}")
-
-
 def check_weight(handle: BinaryIO, name: str) -> int | None:
     """Validate one weight file, open as `handle`, by its format; return its parameter count when known."""
     suffix = Path(name).suffix
@@ -273,8 +252,7 @@ def check_weight(handle: BinaryIO, name: str) -> int | None:
     if suffix in (".bin", ".pt", ".pth"):
         check_zip_checkpoint(handle, name)
     elif suffix == ".gguf":
-        check_magic(handle, name, b"GGUF", "GGUF")
+        check_gguf(handle, name)
     elif suffix == ".onnx":
-        # An ONNX model is a protobuf ModelProto whose first field is ir_version (tag 0x08).
-        check_magic(handle, name, b"\x08", "ONNX")
+        check_onnx(handle, name)
     return None

@@ -62,3 +62,33 @@ def test_truncated_replaced_unreadable_and_removed(tmp_path, record):
         assert recovered["all_ready"], recovered["errors"]
         record("model store faults", faults=4, failed_clearly=len(errors), bystander_ready=True,
                recovered_after_refresh=recovered["all_ready"])
+
+
+def test_a_fifo_renamed_over_a_snapshot_file_mid_read_fails_the_model_not_the_loader(tmp_path):
+    """A FIFO put where a checked file was, while an earlier file is read: the loader's open() of it
+    blocked for good (SIGTERM could not interrupt it, and its heartbeat kept it looking alive). Now
+    the model fails, naming the file, and the loader still stops when told."""
+    store = tmp_path / "store"
+    model = store / "org" / "piped"
+    write_big(model)
+    (model / "zz_notes.txt").write_text("read after model.safetensors")
+    model_map, _ = write_config(tmp_path, {"victim": ["org/piped"]})
+    with Orchestrator(tmp_path, store, model_map, extra_args=("--no-preload",)) as orch:
+        assert orch.post("/models/preload", {"refresh": False})[0] == 202
+
+        def reading():
+            state = orch.status()["clients"]["victim"]["models"][0]
+            return state["status"] == "loading" and 0 < state["bytes"] < BIG // 2
+
+        wait_for(reading, interval=0.001, what="the big read under way")
+        loader = orch.loader_pid("victim")
+        os.kill(loader, signal.SIGSTOP)  # hold it mid-read while the FIFO takes the later file's place
+        os.mkfifo(tmp_path / "fifo")
+        os.rename(tmp_path / "fifo", model / "zz_notes.txt")
+        os.kill(loader, signal.SIGCONT)
+        status = orch.wait_settled(timeout=120)
+        errors = {e["model"]: e["error"] for e in status["errors"]}
+        assert "zz_notes.txt is not a regular file" in errors["org/piped"], errors
+        assert orch.loader_pid("victim") == loader
+        assert orch.stop(timeout=30) == 0
+        assert "loader stopping client=victim" in orch.log_path.read_text(errors="replace")

@@ -246,7 +246,7 @@ def test_config_tokenizer_and_sentence_transformers_modules(tmp_path):
 def test_onnx_must_look_like_a_model_proto(tmp_path):
     path = add_model(tmp_path, "org/m")
     (path / "model.safetensors").unlink()
-    (path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    (path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch:\x00")  # ir_version 7, producer, an (empty) graph
     assert plan(snapshot_of(path)).format == "onnx"
     (path / "model.onnx").write_bytes(b"<html>not a model</html>")
     with pytest.raises(ModelError, match="does not start the way ONNX files do"):
@@ -435,3 +435,86 @@ def test_the_check_agrees_with_the_library_on_generated_headers(tmp_path, tensor
         offset += span
     blob = raw_safetensors(header, max(0, offset + trailing))
     assert we_accept(blob, tmp_path / "model.safetensors") == library_accepts(blob, safetensors)
+
+
+def test_a_same_size_rewrite_that_puts_the_mtime_back_fails_the_model(tmp_path):
+    """cp -p, rsync --inplace -t and tar -x restore the mtime; the ctime, which no writer can set,
+    still tells (a chmod moves it too: the store must be immutable, its modes included)."""
+    path = add_model(tmp_path, "org/m")
+    weights = path / "model.safetensors"
+    checked = os.stat(weights)
+    model_plan = plan(snapshot_of(path))
+    # Rewritten until the ctime differs from the checked one: a coarse file-system clock may give a
+    # write the ctime the file already had (the state decides the loop, not a time).
+    while os.stat(weights).st_ctime_ns == checked.st_ctime_ns:
+        with open(weights, "r+b") as handle:  # same size, same inode: a header that passed is gone
+            handle.seek(8)
+            handle.write(b"\xff" * 64)
+        os.utime(weights, ns=(checked.st_atime_ns, checked.st_mtime_ns))
+    assert os.stat(weights).st_mtime_ns == checked.st_mtime_ns and os.stat(weights).st_size == checked.st_size
+    with pytest.raises(ModelError, match=r"model.safetensors: changed since it was checked \(its ctime changed: "
+                                         r"rewritten with its mtime put back, or its mode or owner changed\)"):
+        warm(snapshot_of(path), model_plan, lambda n: None)
+
+
+def test_a_json_file_over_the_cap_is_refused_from_its_size_before_it_is_read(tmp_path, monkeypatch):
+    """A 1 GiB sparse config.json took 2 GB of the loader's memory to be found invalid."""
+    from gpu_orchestrator.loaders import backends
+    from gpu_orchestrator.loaders.backends import MANIFEST
+    from gpu_orchestrator.loaders.snapshot_files import MAX_JSON_BYTES
+
+    opened = []  # every file the plan opens, counting what is read from it
+    monkeypatch.setattr(backends, "open_regular", lambda p: opened.append(CountingFile(p)) or opened[-1])
+    path = add_model(tmp_path, "org/m")
+    for name in ("config.json", "tokenizer_config.json", "modules.json", "model.safetensors.index.json", MANIFEST):
+        with open(path / name, "wb") as handle:  # sparse: large, no blocks
+            handle.truncate(MAX_JSON_BYTES + 1)
+        with pytest.raises(ModelError, match=f"{re.escape(name)} is {MAX_JSON_BYTES + 1} bytes, over the "
+                                             f"{MAX_JSON_BYTES} bytes a JSON file of a snapshot may hold"):
+            plan(snapshot_of(path))
+        assert [f.read_bytes for f in opened if str(f.name) == str(path / name)] == [0]
+        opened.clear()
+        (path / name).write_text("{}") if name == "config.json" else (path / name).unlink()
+    (path / "config.json").write_bytes(b" " * MAX_JSON_BYTES)  # at the cap: read, and judged as JSON
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        plan(snapshot_of(path))
+
+
+def test_a_shard_index_names_only_weight_files_of_its_own_kind_by_string(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    index = path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": 1, "b": "model.safetensors"}}))  # was: unexpected TypeError
+    with pytest.raises(ModelError, match=r"model.safetensors.index.json: not a valid shard index"):
+        plan(snapshot_of(path))
+    index.write_text(json.dumps({"weight_map": {"a": "config.json", "b": "vocab.txt", "c": "model.safetensors"}}))
+    with pytest.raises(ModelError, match=r"model.safetensors.index.json names files that are not .safetensors "
+                                         r"weight files as shards: config.json, vocab.txt"):
+        plan(snapshot_of(path))
+    index.write_text(json.dumps({"weight_map": {"a": "model.safetensors"}}))
+    assert plan(snapshot_of(path)).format == "safetensors"
+    index.unlink()
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "model.safetensors"}}))
+    with pytest.raises(ModelError, match=r"pytorch_model.bin.index.json names files that are not .bin"):
+        plan(snapshot_of(path))
+
+
+def test_tokenizer_files_outside_the_snapshot_are_refused_as_modules_folders_are(tmp_path):
+    path = add_model(tmp_path, "org/m")
+    tokenizer = path / "tokenizer_config.json"
+    for outside in ("/etc/hostname", "../other/vocab.txt", "sub/../../vocab.txt"):
+        tokenizer.write_text(json.dumps({"vocab_file": outside}))
+        with pytest.raises(ModelError, match=f"tokenizer_config.json names files outside the snapshot: "
+                                             f"{re.escape(outside)}; its files must be in it"):
+            plan(snapshot_of(path))
+    # Where the saver's special tokens map was: written by older transformers, never opened by it.
+    tokenizer.write_text(json.dumps({"vocab_file": "vocab.txt", "tokenizer_file": None,
+                                     "special_tokens_map_file": "/root/.cache/huggingface/special_tokens_map.json"}))
+    assert plan(snapshot_of(path)).format == "safetensors"
+
+
+def test_a_manifest_checksum_in_upper_case_hex_verifies(tmp_path):
+    path = add_model(tmp_path, "org/m", manifest=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["checksum"] = "sha256:" + manifest["checksum"].removeprefix("sha256:").upper()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert warm(snapshot_of(path), plan(snapshot_of(path)), lambda n: None) is True
