@@ -9,10 +9,10 @@ alive to the supervisor.
 
 import errno
 import os
-import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from gpu_orchestrator.loaders import files
 from gpu_orchestrator.loaders.formats import ModelError
 from gpu_orchestrator.loaders.store import Snapshot, is_inside
 
@@ -34,26 +34,13 @@ def identity(handle: BinaryIO) -> tuple:
 
 
 def open_regular(path: Path) -> BinaryIO:
-    """`path` open for reading (unbuffered), refused unless it is a regular file.
-
-    Opened with O_NONBLOCK, so that nothing can hold the open: a FIFO renamed over a snapshot file
-    would block a plain open() until a writer came, for good (a signal interrupts nothing there:
-    PEP 475 retries the call). O_NONBLOCK is then cleared, though a regular file ignores it."""
-    not_regular = f"{escaped(path)} is not a regular file; a snapshot holds only files, folders and links to them"
+    """`path` open for reading (unbuffered), refused unless it is a regular file, without blocking
+    (files.open_regular): a FIFO renamed over a snapshot file would otherwise hold the loader for good."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # a socket, or a device with no driver: nothing to read
-            raise ModelError(not_regular) from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ModelError(not_regular)
-        os.set_blocking(fd, True)
-        return open(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
+        return open(files.open_regular(path), "rb", buffering=0)
+    except files.NotAFile as exc:
+        raise ModelError(f"{escaped(path)} is not a regular file ({exc.kind}); a snapshot holds only files, "
+                         "folders and links to them") from None
 
 
 def read_whole(handle: BinaryIO, path: Path, size: int) -> bytes:

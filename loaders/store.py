@@ -9,11 +9,11 @@ Resolution order for model `org/name` of client `agent` (README, "The model stor
 
 import errno
 import os
-import stat
 from pathlib import Path, PurePosixPath
 
 import msgspec
 
+from gpu_orchestrator.loaders import files
 from gpu_orchestrator.loaders.wire import MAX_MODEL_ID
 
 
@@ -115,21 +115,17 @@ def read_revision(ref: Path) -> str | None:
     if not os.path.lexists(ref):
         return None
     fix = "the download did not finish or the cache was altered; run the download again or fix it"
-    try:  # non-blocking, so that a FIFO put there cannot hang the loader
-        fd = os.open(ref, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:  # without blocking, so that a FIFO put there cannot hang the loader
+        data, whole = files.read_regular(ref, REF_MAX)
+    except files.NotAFile as exc:
+        raise StoreError(f"{ref} is not a regular file ({exc.kind}); {fix}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StoreError(f"symlink loop at {ref}; fix or remove the link") from exc
         if exc.errno == errno.ENOENT:
             raise StoreError(f"{ref} is a link to nothing; {fix}") from exc
         raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StoreError(f"{ref} is not a regular file; {fix}")
-        data = os.read(fd, REF_MAX + 1)  # a regular file gives what it has, up to this, in one read
-    finally:
-        os.close(fd)
-    if len(data) > REF_MAX:
+    if not whole:
         raise StoreError(f"{ref} is longer than {REF_MAX} bytes, which no revision is; {fix}")
     try:
         revision = data.decode("utf-8").strip()

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from gpu_orchestrator.supervisor.files import NotAFile, read_regular
+from gpu_orchestrator.loaders.files import NotAFile, read_regular
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # both files are a few KB; anything near this is not a config
 
@@ -19,7 +19,7 @@ class ConfigError(Exception):
 
 
 def read_config_file(path: str, what: str) -> bytes:
-    """The file's bytes, bounded and without ever blocking (see supervisor/files.py)."""
+    """The file's bytes, bounded and without ever blocking (see loaders/files.py)."""
     try:
         raw, whole = read_regular(path, MAX_CONFIG_BYTES)
     except NotAFile as exc:

@@ -22,7 +22,7 @@ import psutil
 from gpu_orchestrator.loaders import states
 from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor.clients import backoff_delay
-from gpu_orchestrator.supervisor.files import read_pid
+from gpu_orchestrator.loaders.files import read_pid
 from gpu_orchestrator.supervisor.mps_control import (
     BINARY,
     MpsError,

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from gpu_orchestrator.supervisor import mps, mps_control, nvml
-from gpu_orchestrator.supervisor.files import NotAFile, read_pid, read_tail
+from gpu_orchestrator.loaders.files import NotAFile, read_pid, read_tail
 
 LOG_LINES = 200
 LOG_TAIL_BYTES = 256 * 1024  # enough for LOG_LINES lines; a log may be gigabytes

@@ -35,13 +35,7 @@ def test_truncated_replaced_unreadable_and_removed(tmp_path, record):
         shutil.rmtree(store / "org" / "removed")
         assert orch.post("/models/preload", {"refresh": False})[0] == 202
 
-        def swapper_reading():
-            model = orch.status()["clients"]["swapper"]["models"][0]
-            return model["status"] == "loading" and 0 < model["bytes"] < BIG // 2
-
-        wait_for(swapper_reading, interval=0.001, what="the big read under way")
-        swapper = orch.loader_pid("swapper")
-        os.kill(swapper, signal.SIGSTOP)  # hold it mid-read while the file is replaced
+        swapper = stopped_mid_read(orch, "swapper")  # held there while the file is replaced
         write_big(store / "org" / "swapped", fill=b"new")
         os.kill(swapper, signal.SIGCONT)
 
@@ -64,6 +58,18 @@ def test_truncated_replaced_unreadable_and_removed(tmp_path, record):
                recovered_after_refresh=recovered["all_ready"])
 
 
+def stopped_mid_read(orch, client: str) -> int:
+    """The client's loader, SIGSTOPped once it has read part of its first model's BIG file."""
+    def reading():
+        model = orch.status()["clients"][client]["models"][0]
+        return model["status"] == "loading" and 0 < model["bytes"] < BIG // 2
+
+    wait_for(reading, interval=0.001, what="the big read under way")
+    loader = orch.loader_pid(client)
+    os.kill(loader, signal.SIGSTOP)
+    return loader
+
+
 def test_a_fifo_renamed_over_a_snapshot_file_mid_read_fails_the_model_not_the_loader(tmp_path):
     """A FIFO put where a checked file was, while an earlier file is read: the loader's open() of it
     blocked for good (SIGTERM could not interrupt it, and its heartbeat kept it looking alive). Now
@@ -75,14 +81,7 @@ def test_a_fifo_renamed_over_a_snapshot_file_mid_read_fails_the_model_not_the_lo
     model_map, _ = write_config(tmp_path, {"victim": ["org/piped"]})
     with Orchestrator(tmp_path, store, model_map, extra_args=("--no-preload",)) as orch:
         assert orch.post("/models/preload", {"refresh": False})[0] == 202
-
-        def reading():
-            state = orch.status()["clients"]["victim"]["models"][0]
-            return state["status"] == "loading" and 0 < state["bytes"] < BIG // 2
-
-        wait_for(reading, interval=0.001, what="the big read under way")
-        loader = orch.loader_pid("victim")
-        os.kill(loader, signal.SIGSTOP)  # hold it mid-read while the FIFO takes the later file's place
+        loader = stopped_mid_read(orch, "victim")  # held there while the FIFO takes the later file's place
         os.mkfifo(tmp_path / "fifo")
         os.rename(tmp_path / "fifo", model / "zz_notes.txt")
         os.kill(loader, signal.SIGCONT)

@@ -1,10 +1,10 @@
-"""supervisor/files.py: the one way the configuration, MPS and mps-diag read an operator's files."""
+"""loaders/files.py: the one way the configuration, MPS, mps-diag and the loaders open a file that must be a regular one."""
 
 import os
 
 import pytest
 
-from gpu_orchestrator.supervisor.files import NotAFile, read_pid, read_regular, read_tail
+from gpu_orchestrator.loaders.files import NotAFile, read_pid, read_regular, read_tail
 
 
 def test_a_head_read_is_bounded_and_says_whether_it_is_the_whole_file(tmp_path):

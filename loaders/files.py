@@ -1,11 +1,14 @@
-"""Reading a small file an operator points us at, without ever blocking or reading too much.
+"""Opening a file that must be a regular one, without ever blocking: an operator's configuration
+and pid files (the supervisor), a model snapshot's files (the loaders). Reads are bounded.
 
-Opening a FIFO to read waits for a writer, a character device may never end and a folder
-cannot be read: anything but a regular file is refused (NotAFile) before it is opened, and
-again through the descriptor in case the path was swapped meanwhile. Reads are bounded, so a
-1 GiB log costs one read of the bytes asked for.
+Opening a FIFO to read waits for a writer, for good (a signal interrupts nothing there: PEP 475
+retries the call), a character device may never end, and a folder cannot be read: anything but a
+regular file is refused (NotAFile) before it is opened, and again through the descriptor, which
+is opened with O_NONBLOCK, in case the path was swapped meanwhile. A 1 GiB log costs one read of
+the bytes asked for.
 """
 
+import errno
 import os
 import stat
 
@@ -26,14 +29,31 @@ def refuse_unless_regular(path: str | os.PathLike, mode: int) -> None:
         raise NotAFile(path, KINDS.get(stat.S_IFMT(mode), "a special file"))
 
 
+def open_regular(path: str | os.PathLike) -> int:
+    """A descriptor of the regular file `path`, open for reading (blocking again: a regular file
+    ignores it either way). OSError when it cannot be opened, NotAFile when it is not a regular file."""
+    refuse_unless_regular(path, os.stat(path).st_mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # swapped for a socket, or a device without a driver, since the stat
+            raise NotAFile(path, "a socket or a device") from None
+        raise
+    try:
+        refuse_unless_regular(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_regular(path: str | os.PathLike, limit: int, from_end: bool = False) -> tuple[bytes, bool]:
     """At most `limit` bytes of a regular file, its first or (from_end) its last, and whether
     that is all of it. OSError when it cannot be read, NotAFile when it is not a regular file."""
-    refuse_unless_regular(path, os.stat(path).st_mode)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    fd = open_regular(path)
     try:
         info = os.fstat(fd)
-        refuse_unless_regular(path, info.st_mode)
         start = max(0, info.st_size - limit) if from_end else 0
         data = os.pread(fd, limit, start)
         whole = start == 0 and (from_end or len(data) < limit or not os.pread(fd, 1, limit))
