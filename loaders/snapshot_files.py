@@ -98,6 +98,10 @@ def walk(top: Path, real_top: Path, confined_to: Path, files: list) -> None:
                 stack.append((path, real))
             elif entry.is_file(follow_symlinks=link):
                 files.append(path)
+            elif link and not os.path.exists(path):  # a Hugging Face snapshot's link to a blob deleted since
+                raise ModelError(f"{escaped(path)} is a link to nothing ({escaped(real)}): what it named was "
+                                 "removed, or the download did not finish; restore it, or remove the link")
+            # else a FIFO, socket or device: not part of the model, left out and never opened
 
 
 def resolve_link(path: Path) -> Path:
