@@ -138,10 +138,6 @@ def check_shard_index(texts: dict, relative: set[str]) -> None:
 
 # sentence-transformers modules that load nothing from their folder, which may then be absent.
 PARAMETERLESS_MODULES = {"sentence_transformers.models.Normalize"}
-# tokenizer_config.json keys that record where the files were when it was saved, which
-# transformers never opens (it opens the snapshot's own): older versions wrote the saver's absolute
-# cache path there, in snapshots that load everywhere.
-RECORDED_ONLY = {"special_tokens_map_file"}
 
 
 def outside(name: str) -> bool:
@@ -164,13 +160,12 @@ def check_configs(texts: dict, root: Path, relative: set[str]) -> None:
         raise ModelError("config.json: not a JSON object")
     if "tokenizer_config.json" in relative:
         tokenizer = read_json(texts, "tokenizer_config.json")
-        named = [v for k, v in tokenizer.items()
-                 if k.endswith("_file") and k not in RECORDED_ONLY and isinstance(v, str)] \
+        named = [v for k, v in tokenizer.items() if k.endswith("_file") and isinstance(v, str)] \
             if isinstance(tokenizer, dict) else []
-        if escaping := sorted(n for n in named if outside(n)):  # the tokenizer would read it from there
-            raise ModelError(f"tokenizer_config.json names files outside the snapshot: {', '.join(escaping)}; "
-                             "its files must be in it")
-        missing = sorted(n for n in named if n not in relative)
+        # A name outside the snapshot only records where the saver's file was (transformers 4 wrote its
+        # absolute cache path into tokenizer_file, in snapshots that load everywhere): transformers
+        # opens the snapshot's own file by that name, never the path. A name inside must be there.
+        missing = sorted(n for n in named if not outside(n) and n not in relative)
         if missing:
             raise ModelError(f"tokenizer_config.json names files that are missing: {', '.join(missing)}")
     if "modules.json" in relative:
