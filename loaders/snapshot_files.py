@@ -26,11 +26,14 @@ MAX_JSON_BYTES = 32 * 2**20
 
 
 def identity(handle: BinaryIO) -> tuple:
-    """What changes when a file is written or replaced: size, inode (device too), mtime and ctime.
-    The ctime is the one a writer cannot put back: a same-size rewrite that restores the mtime (cp -p,
-    rsync --inplace -t, tar -x) still moves it. A chmod or chown moves it too, and counts as a change."""
+    """What changes when a file is written or replaced: size, inode (device too), mtime and ctime;
+    and what else moves the ctime: links, mode, owner. The ctime is the one a writer cannot put
+    back: a same-size rewrite that restores the mtime (cp -p, rsync --inplace -t, tar -x) still
+    moves it. So does a new hard link (cp -al, rsync --link-dest publishing a version beside this
+    one) or a chmod: changes() tells those apart by the fields that moved with it."""
     info = os.fstat(handle.fileno())
-    return info.st_size, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns
+    return (info.st_size, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns,
+            info.st_nlink, info.st_mode, info.st_uid, info.st_gid)
 
 
 def open_regular(path: Path) -> BinaryIO:
@@ -143,8 +146,9 @@ def changes(checked: tuple, now: tuple, path: Path) -> str:
         said.append(f"size changed from {checked[0]} to {now[0]} bytes")
     if now[3] != checked[3]:
         said.append("its mtime changed")
-    elif now[4] != checked[4]:
-        said.append("its ctime changed: rewritten with its mtime put back, or its mode or owner changed")
+    elif now[4] != checked[4] and now[5:] == checked[5:]:  # a new link, mode or owner moves it too: not a change
+        said.append("its ctime changed with its size, mtime, links, mode and owner as they were: rewritten with "
+                    "its mtime put back (cp -p, rsync --inplace -t), or its attributes set again (restorecon)")
     return ", ".join(said)
 
 

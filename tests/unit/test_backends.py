@@ -439,7 +439,7 @@ def test_the_check_agrees_with_the_library_on_generated_headers(tmp_path, tensor
 
 def test_a_same_size_rewrite_that_puts_the_mtime_back_fails_the_model(tmp_path):
     """cp -p, rsync --inplace -t and tar -x restore the mtime; the ctime, which no writer can set,
-    still tells (a chmod moves it too: the store must be immutable, its modes included)."""
+    still tells."""
     path = add_model(tmp_path, "org/m")
     weights = path / "model.safetensors"
     checked = os.stat(weights)
@@ -452,9 +452,21 @@ def test_a_same_size_rewrite_that_puts_the_mtime_back_fails_the_model(tmp_path):
             handle.write(b"\xff" * 64)
         os.utime(weights, ns=(checked.st_atime_ns, checked.st_mtime_ns))
     assert os.stat(weights).st_mtime_ns == checked.st_mtime_ns and os.stat(weights).st_size == checked.st_size
-    with pytest.raises(ModelError, match=r"model.safetensors: changed since it was checked \(its ctime changed: "
-                                         r"rewritten with its mtime put back, or its mode or owner changed\)"):
+    with pytest.raises(ModelError, match=r"model.safetensors: changed since it was checked \(its ctime changed with "
+                                         r"its size, mtime, links, mode and owner as they were: rewritten"):
         warm(snapshot_of(path), model_plan, lambda n: None)
+
+
+def test_a_hard_link_or_chmod_while_a_model_loads_is_no_change(tmp_path):
+    """Publishing a version beside this one with hard links (cp -al, rsync --link-dest) moves every
+    shared file's ctime, and so does a chmod: the reviewer saw such a model fail, 'rewritten with its
+    mtime put back', though not a byte had changed. The link count or mode moved with the ctime."""
+    path = add_model(tmp_path, "org/m")
+    weights = path / "model.safetensors"
+    model_plan = plan(snapshot_of(path))
+    os.link(weights, tmp_path / "published-copy.safetensors")
+    os.chmod(path / "config.json", 0o600)
+    warm(snapshot_of(path), model_plan, lambda n: None)
 
 
 def test_a_json_file_over_the_cap_is_refused_from_its_size_before_it_is_read(tmp_path, monkeypatch):
