@@ -19,6 +19,7 @@ from gpu_orchestrator.supervisor.config import Config, ConfigError, reload_confi
 from gpu_orchestrator.supervisor.launch import client_env, loader_argv
 from gpu_orchestrator.supervisor.mps_control import MpsSettings
 from gpu_orchestrator.supervisor.slots import FreeSlots, check_room
+from gpu_orchestrator.supervisor.telemetry import service_unit
 
 log = logging.getLogger("supervisor")
 
@@ -95,7 +96,7 @@ class Reloads:
                 log.warning(warning)
             log.info(kv("reloaded", **changes.as_fields()))
             for client, variables in changes.services.items():
-                unit = outcome.service_pattern.format(client=client)
+                unit = service_unit(outcome.service_pattern, client)
                 log.warning(kv(f"client {client}'s limits changed: restart its service for them to apply "
                                f"(systemctl restart '{unit}'); until then it runs under the old ones",
                                client=client, changed=",".join(variables)))

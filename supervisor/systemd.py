@@ -26,6 +26,13 @@ def unit_instance(name: str) -> str:
         return name
 
 
+def unit_form(name: str) -> str:
+    """`name` as it stands in a unit's name: each byte systemd does not keep there (anything but
+    ASCII letters, digits, ':', '_', '.' and '-') written as \\xNN, which unit_instance reads back."""
+    return "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in ":_.-") else f"\\x{b:02x}"
+                   for b in name.encode())
+
+
 def watchdog_interval(env) -> float | None:
     """Half-way safe ping period: a third of WATCHDOG_USEC, if the watchdog is meant for us."""
     usec = env.get("WATCHDOG_USEC", "")

@@ -33,6 +33,7 @@ import psutil
 
 from gpu_orchestrator.loaders.logs import kv
 from gpu_orchestrator.supervisor import nvml
+from gpu_orchestrator.supervisor.systemd import unit_form
 from gpu_orchestrator.supervisor.nvml import GpuSample, sample_gpu
 
 log = logging.getLogger("telemetry")
@@ -115,9 +116,16 @@ def service_client(pid: int, owners: Owners) -> str | None:
     if unit is None:
         return None
     for client in owners.clients:
-        if fnmatch.fnmatchcase(unit, owners.service_pattern.replace("{client}", client)):
+        if fnmatch.fnmatchcase(unit, service_unit(owners.service_pattern, client)):
             return client
     return None
+
+
+def service_unit(pattern: str, client: str) -> str:
+    """The unit name (or glob) of `client`'s service: its name as systemd writes it in unit names
+    (`fact checker` is `gpu-client@fact\\x20checker.service`). Not str.format: the pattern may hold
+    other braces."""
+    return pattern.replace("{client}", unit_form(client))
 
 
 def children_map() -> dict[int, list[int]]:

@@ -88,3 +88,22 @@ def test_the_reload_log_says_to_restart_each_service_whose_limits_changed(caplog
     assert warnings == ["client a's limits changed: restart its service for them to apply (systemctl restart "
                         "'*@a.service'); until then it runs under the old ones client=a "
                         "changed=CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"]
+
+
+def test_the_restart_hint_names_the_unit_as_systemd_writes_it_whatever_braces_the_pattern_holds(caplog):
+    # str.format raised KeyError on a pattern with other braces, which the configuration accepts,
+    # out of the loop after the reload was applied: the supervisor exited.
+    import msgspec
+
+    from gpu_orchestrator.supervisor.allocation import AgentAllocation
+
+    def named(limit: float):
+        return msgspec.structs.replace(config({"fact checker": ["org/x"]},
+                                              {"fact checker": AgentAllocation(mps_memory_limit_gb=limit)}),
+                                       service_pattern="inference-{client}-{role}.service")
+    new, woken = named(4.0), threading.Event()
+    reloads = Reloads(woken.set, read=lambda current: new)
+    assert reloads.begin(named(2.0)) and woken.wait(30)
+    assert reloads.finish(0.0, lambda config: diff(named(2.0), config, MPS)) is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "(systemctl restart 'inference-fact\\x20checker-{role}.service')" in warnings[0]

@@ -152,6 +152,14 @@ def test_a_process_of_a_client_unit_is_its_service(unit_cgroup, sleeper):
     Path("/sys/fs/cgroup/systemd/cgroup.procs").write_text(str(service.pid))
 
 
+def test_a_client_whose_name_systemd_escapes_is_found_by_its_unit(monkeypatch):
+    # The unit is gpu-client@fact\x20checker.service: matched against "*@fact checker.service", never found.
+    monkeypatch.setattr(telemetry, "client_variable", lambda pid: None)  # another user's: environ unreadable
+    monkeypatch.setattr(telemetry, "systemd_unit", lambda pid: "gpu-client@fact\\x20checker.service")
+    owners = telemetry.Owners(clients=("fact", "fact checker"))
+    assert telemetry.service_client(4321, owners) == "fact checker"
+
+
 def test_a_process_started_by_exec_for_a_client_is_its_service(sleeper):
     service = sleeper(GPU_ORCHESTRATOR_CLIENT="beta")
     stranger = sleeper(GPU_ORCHESTRATOR_CLIENT="nobody-we-know")
