@@ -7,14 +7,13 @@ signal reaches it (PEP 475 retries the call), while the loader's heartbeat threa
 alive to the supervisor.
 """
 
-import errno
 import os
 from pathlib import Path
 from typing import BinaryIO
 
 from gpu_orchestrator.loaders import files
 from gpu_orchestrator.loaders.formats import ModelError
-from gpu_orchestrator.loaders.store import Snapshot, is_inside
+from gpu_orchestrator.loaders.store import Snapshot, StoreError, is_inside, real_path
 
 # The most bytes a JSON file that plan() reads whole (backends.CHECKED_JSON, the manifest) may hold, refused
 # from its size before it is read: json.loads of 1 GiB took 2 GB of the loader's memory, of 64 GiB a
@@ -108,15 +107,11 @@ def walk(top: Path, real_top: Path, confined_to: Path, files: list) -> None:
 
 
 def resolve_link(path: Path) -> Path:
-    """The real path a symlink leads to; a loop of links (x -> x) refused."""
+    """The real path a symlink leads to; a loop of links (x -> x) refused, on every Python (store.real_path)."""
     try:
-        return path.resolve()
-    except RuntimeError:  # Python 3.11's "Symlink loop from ..." (later Pythons raise OSError ELOOP)
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-    raise ModelError(f"{escaped(path)} is a loop of symbolic links (it leads back to itself); remove the link")
+        return real_path(path)
+    except StoreError:
+        raise ModelError(f"{escaped(path)} is a loop of symbolic links (it leads back to itself); remove the link") from None
 
 
 def escaped(path: Path) -> str:

@@ -1,7 +1,8 @@
-"""What a snapshot may hold besides files and folders: FIFOs, sockets, links to nothing, loops of links, folders nested
-deeper than Python's recursion limit, a manifest.json that is not a file. Each fails the model with a
-ModelError that names it (never blocks the loader, never an unexpected exception), or, for deep
-folders, loads."""
+"""What a snapshot may hold besides files and folders: FIFOs and sockets (in a checked file's place,
+or as its manifest.json), links to nothing, loops of links, folders nested deeper than Python's
+recursion limit, a manifest.json that is not a file. Each fails the model with a ModelError that
+names it (never blocks the loader, never an unexpected exception), or, for deep folders, loads. A
+FIFO or socket found in the snapshot beside its files is left out (test_backends.py)."""
 
 import os
 import socket
@@ -95,7 +96,8 @@ def test_a_manifest_that_is_not_a_regular_file_fails_the_model(tmp_path, kind):
     with socket.socket(socket.AF_UNIX) as sock:
         if kind == "socket":
             sock.bind(str(manifest))
-        # A folder is walked, then refused by the manifest's own check; the rest by the walk already.
+        # A dangling link is refused by the walk; a FIFO or socket left out by it, and with a folder
+        # refused by the manifest's own check.
         with pytest.raises(ModelError, match=r"manifest.json(: manifest.json)? is (not a regular file|a link to nothing)"):
             plan(snapshot_of(path))
 
