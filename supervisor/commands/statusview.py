@@ -255,7 +255,8 @@ def render_client(url: str, name: str, status: dict, info: dict, style: Style) -
     if client.get("memory_limit_bytes"):
         memory += f", MPS limit {size(client['memory_limit_bytes'])} per process"
         if not info.get("mps", {}).get("enabled"):  # the figure stands, but no daemon holds anyone to it
-            memory += " (not enforced: MPS off)"
+            memory += " (not enforced: MPS down)" if info.get("mps_configured") else \
+                " (not enforced: MPS off)"
     lines = [headline(style, url, status), "", style.fit(f"Client {name}: {loader}", client["state"]),
              style.cut(f"{memory}; RSS {size(client['rss_bytes'])}")]
     if use and use["over_limit"]:

@@ -101,6 +101,8 @@ def test_mps_configured_but_down_refuses_unless_allowed(mps_orchestrator):
                   env={"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=1M"})
         assert ran.returncode == 0
         assert client_part(json.loads(ran.stdout)["env"]) == {"GPU_ORCHESTRATOR_CLIENT": "alpha"}
+        shown = cli("status", "alpha", "--url", orch.url)
+        assert "MPS limit 1024 MiB per process (not enforced: MPS down)" in shown.stdout
 
 
 def test_a_service_started_by_exec_counts_for_its_client_and_over_limit_is_flagged(tmp_path, store):
