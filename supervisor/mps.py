@@ -339,8 +339,8 @@ class MpsDaemon:
             servers = [int(p) for p in query(self.settings, "get_server_list").split() if p.isdigit()]
             percentage = query(self.settings, "get_default_active_thread_percentage")
             failure = None
-        except MpsError as exc:
-            failure = str(exc)
+        except Exception as exc:  # an MpsError; anything else too, or this thread would end, the state frozen
+            failure = str(exc) if isinstance(exc, MpsError) else f"the probe failed: {type(exc).__name__}: {exc}"
         control_pid = self.control_pid()
         with self.lock:
             if failure is None:

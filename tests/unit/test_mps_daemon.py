@@ -101,3 +101,16 @@ def test_a_daemon_that_cannot_be_started_is_a_failed_start_retried_with_backoff(
         assert daemon.next_deadline() == base + 0.5 + 1.0
     finally:
         daemon.stop(1)
+
+
+def test_a_probe_that_raises_anything_is_a_failed_probe_not_the_end_of_the_probe_thread(settings, monkeypatch):
+    # Only MpsError was caught: anything else ended the thread silently, and the MPS state froze.
+    from gpu_orchestrator.supervisor import mps
+
+    def broken(settings, command, timeout=None):
+        raise ValueError("an answer nobody expected")
+
+    monkeypatch.setattr(mps, "query", broken)
+    daemon = MpsDaemon(settings)
+    assert daemon.record_probe() is True
+    assert daemon.report()["error"] == "the probe failed: ValueError: an answer nobody expected"
