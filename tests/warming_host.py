@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from support import free_port
+from waitress import wasyncore
 
 from gpu_orchestrator.http import server
 from gpu_orchestrator.http.app import create_app
@@ -125,5 +126,8 @@ def serving(source):
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        httpd.close()
+        # Closed in the loop's own thread (the trigger runs the thunk there): closing its sockets from
+        # this one could hand the loop's select() a closed descriptor (EBADF, seen once in CI).
+        httpd.trigger.pull_trigger(lambda: wasyncore.close_all(httpd._map))
         thread.join(10)
+        httpd.task_dispatcher.shutdown()
