@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable
 import msgspec
 
 from gpu_orchestrator.loaders.formats import WEIGHT_SUFFIXES, ModelError, check_weight
-from gpu_orchestrator.loaders.snapshot_files import (  # identity and check_unchanged_*: imported from here too
+from gpu_orchestrator.loaders.snapshot_files import (
     check_unchanged_after,
     check_unchanged_before,
     escaped,
@@ -192,8 +192,9 @@ def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     try:
         handle = open_regular(path)
-    except FileNotFoundError:  # a dangling link (or one removed since it was listed)
-        raise ModelError(f"{escaped(path)}: manifest.json is not a regular file (a link to nothing)") from None
+    except FileNotFoundError:  # removed since plan() found it (the walk refuses a link to nothing)
+        raise ModelError(f"{escaped(path)}: manifest.json is gone since the snapshot was listed; "
+                         "the store must be immutable") from None
     except ModelError:
         raise ModelError(f"{escaped(path)}: manifest.json is not a regular file") from None
     with handle:

@@ -54,11 +54,17 @@ def check_model_id(model_id: str) -> None:
 ORCHESTRATOR_NAMES = frozenset({"gpu_orchestrator", "gpu-orchestrator"})
 
 
+def is_one_name(name: str) -> bool:
+    """Whether `name` can only ever be one component of a path: not '.' or '..', no '/', no NUL,
+    nothing unprintable (its length is each caller's to judge)."""
+    return name not in (".", "..") and "/" not in name and "\0" not in name and name.isprintable()
+
+
 def check_client_name(name: str) -> None:
     """Client names become path components and systemd instance names."""
     if not isinstance(name, str) or not name:
         raise StoreError("client name is empty")
-    if name in (".", "..") or "/" in name or "\0" in name or not name.isprintable():
+    if not is_one_name(name):
         raise StoreError(f"client name {name!r} must be a plain name (no '/', not '.' or '..')")
     if "\\" in name:  # so that a unit's instance can be read back unambiguously (systemd.unit_instance)
         raise StoreError(f"client name {name!r} holds '\\', systemd's escape character in unit names; rename it")
@@ -133,8 +139,7 @@ def read_revision(ref: Path) -> str | None:
         raise StoreError(f"{ref} is not UTF-8 text (a revision such as a 40-hex commit hash); {fix}") from exc
     if not revision:
         raise StoreError(f"{ref} is empty; {fix}")
-    if (revision in (".", "..") or "/" in revision or "\0" in revision or not revision.isprintable()
-            or len(revision.encode()) > NAME_MAX):
+    if not is_one_name(revision) or len(revision.encode()) > NAME_MAX:
         raise StoreError(f"{ref} holds {revision[:80]!r}, which is not a revision: it must be one folder name "
                          f"of snapshots (no '/', not '.' or '..'); {fix}")
     return revision

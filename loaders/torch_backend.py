@@ -25,15 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from gpu_orchestrator.loaders.backends import (
-    ModelError,
-    Plan,
-    Progress,
-    check_unchanged_after,
-    check_unchanged_before,
-    warm,
-)
+from gpu_orchestrator.loaders.backends import ModelError, Plan, Progress, warm
 from gpu_orchestrator.loaders.formats import safetensors_header
+from gpu_orchestrator.loaders.snapshot_files import check_unchanged_after, check_unchanged_before
 from gpu_orchestrator.loaders.store import Snapshot
 
 STAGING_BYTES = 16 * 2**20  # per pinned buffer: large enough that a copy's setup cost vanishes

@@ -151,11 +151,12 @@ def sample_gpu(module, index: int, owners: Callable[[int], tuple[str | None, str
     except Exception as exc:  # any error, NVML's or not: this GPU fails, the others are still read
         gpu.error = field_error("identity", exc, module)
         return gpu
-    reads, down = [0], down_codes(module)
+    reads, down = 0, down_codes(module)
     failed_down: list[str] = []
 
     def read(name: str, function, *args):
-        reads[0] += 1
+        nonlocal reads
+        reads += 1
         try:
             return getattr(module, function)(handle, *args)
         except Exception as exc:  # one field's failure, of whatever kind, is that field's alone
@@ -173,7 +174,7 @@ def sample_gpu(module, index: int, owners: Callable[[int], tuple[str | None, str
         return GpuSample(index, uuid=gpu.uuid, name=gpu.name, error=str(lost))
     # Nothing answered, and at least one read said the GPU is broken (the rest may be fields it never
     # had): the GPU is down, not its fields.
-    if failed_down and len(gpu.unsupported) == reads[0]:
+    if failed_down and len(gpu.unsupported) == reads:
         return GpuSample(index, uuid=gpu.uuid, name=gpu.name,
                          error=f"GPU does not answer: every field read failed ({failed_down[0]})")
     return gpu

@@ -79,6 +79,7 @@ def overridden(own: dict[str, str], environment: dict[str, str]) -> list[str]:
             f"{key + '=' + environment[key] if key in environment else '(none: not set for this client)'}"
             for key in sorted(CLIENT_MPS & own.keys()) if own[key] != environment.get(key)]
 
+
 def environment_lines(environment: dict[str, str]) -> str:
     """KEY=value lines; a value with a newline could forge another line, so none is printed."""
     for key, value in environment.items():

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch backend needs the [torch] extra")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="the torch backend needs the [torch] extra")
 
-from gpu_orchestrator.loaders.backends import identity
+from gpu_orchestrator.loaders.snapshot_files import identity
 from gpu_orchestrator.loaders.formats import SAFETENSORS_DTYPE_BITS, ModelError
 from gpu_orchestrator.loaders.torch_backend import Placement, staging_buffers
 
